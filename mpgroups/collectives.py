@@ -1,0 +1,379 @@
+"""Channel collectives as autograd functions. The only module that calls ``torch.distributed``
+collectives.
+
+A channel dimension split over a process group is described by :class:`ChannelShards`: one
+``(start, stop)`` slice per rank of the group, contiguous and in rank order, possibly uneven
+(even empty). Uneven shards are padded to the widest for the collective and trimmed after,
+since gloo has no all-gather of uneven sizes; the padding counts as sent in
+:class:`~mpgroups.counter.CommCounter`.
+
+Every function is the identity (or a plain slice) on a group of one rank and issues no
+collective there. Each public function is an autograd function whose backward is the dual
+collective; the one-line summary of each says which.
+
+Gradient convention: a replicated tensor's gradient is the complete gradient on every rank;
+a sharded tensor's gradient is the complete gradient of the shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mpgroups.counter import record
+from mpgroups.groups import resolve_process_group
+from mpgroups.placement import Slice, shard_slice
+
+__all__ = [
+    "ChannelShards",
+    "all_gather_channels",
+    "all_gather_channels_partial",
+    "gather_channels",
+    "reduce_scatter_channels",
+    "scatter_channels",
+    "slice_channels",
+    "slice_group_channels",
+]
+
+# torch 2.13 renamed the single-tensor collectives; 2.11 has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+_MAX_DIMS = 8
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelShards:
+    """How one tensor dimension is split over a process group.
+
+    Attributes:
+        group: the process group, or ``None`` for a single rank.
+        slices: ``(start, stop)`` per rank of ``group``, starting at 0, contiguous, in rank order.
+        rank: this process's rank in ``group``.
+    """
+
+    group: dist.ProcessGroup | None
+    slices: tuple[Slice, ...]
+    rank: int
+
+    def __post_init__(self) -> None:
+        if self.slices[0][0] != 0 or any(
+            a[1] != b[0] for a, b in zip(self.slices, self.slices[1:], strict=False)
+        ):
+            raise ValueError(f"shard slices must be contiguous from 0, got {self.slices}")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.slices)
+
+    @property
+    def own(self) -> Slice:
+        return self.slices[self.rank]
+
+    @property
+    def total(self) -> int:
+        return self.slices[-1][1]
+
+    @property
+    def widths(self) -> list[int]:
+        return [stop - start for start, stop in self.slices]
+
+    @classmethod
+    def relative(cls, group, slices, rank: int) -> ChannelShards:
+        """Shards from absolute slices, renumbered to start at 0."""
+        offset = slices[0][0]
+        return cls(group, tuple((a - offset, b - offset) for a, b in slices), rank)
+
+
+def _take(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
+    start, stop = shards.own
+    return x.narrow(dim, start, stop - start)
+
+
+def _padded(x: Tensor, width: int, dim: int) -> Tensor:
+    """``x`` widened to ``width`` along ``dim`` with zeros, contiguous."""
+    if x.shape[dim] == width:
+        return x.contiguous()
+    shape = list(x.shape)
+    shape[dim] = width
+    out = x.new_zeros(shape)
+    out.narrow(dim, 0, x.shape[dim]).copy_(x)
+    return out
+
+
+def _all_gather(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
+    """Concatenate every rank's shard along ``dim``; the result is the full tensor."""
+    if shards.world_size == 1:
+        return x
+    widths = shards.widths
+    if x.shape[dim] != widths[shards.rank]:
+        raise ValueError(
+            f"rank {shards.rank} holds {x.shape[dim]} entries along dim {dim}, its shard "
+            f"{shards.own} has {widths[shards.rank]}"
+        )
+    width = max(widths)
+    send = _padded(x, width, dim)
+    recv = send.new_empty((shards.world_size, *send.shape))
+    record("all_gather", shards.world_size, recv.numel() * recv.element_size())
+    _all_gather_single(recv.view(-1), send.view(-1), group=shards.group)
+    # One copy from [P, ..., width, ...] into the full tensor, trimming the padding.
+    return torch.cat([recv[r].narrow(dim, 0, w) for r, w in enumerate(widths)], dim=dim)
+
+
+def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
+    """Sum the full-width ``x`` over ranks; each rank keeps its own shard of the sum."""
+    if shards.world_size == 1:
+        return x
+    if x.shape[dim] != shards.total:
+        raise ValueError(
+            f"reduce-scatter expects {shards.total} entries along dim {dim}, got {x.shape[dim]}"
+        )
+    width = max(shards.widths)
+    send = torch.stack(
+        [_padded(x.narrow(dim, a, b - a), width, dim) for a, b in shards.slices]
+    )
+    recv = send.new_empty(send.shape[1:])
+    record("reduce_scatter", shards.world_size, send.numel() * send.element_size())
+    _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.group)
+    return recv.narrow(dim, 0, shards.widths[shards.rank])
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shards, dim, partial_consumer):
+        ctx.shards, ctx.dim, ctx.partial_consumer = shards, dim, partial_consumer
+        return _all_gather(x, shards, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.partial_consumer:
+            return _reduce_scatter(grad, ctx.shards, ctx.dim), None, None, None
+        return _take(grad, ctx.shards, ctx.dim).contiguous(), None, None, None
+
+
+class _Slice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shards, dim):
+        ctx.shards, ctx.dim = shards, dim
+        return _take(x, shards, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad.contiguous(), ctx.shards, ctx.dim), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shards, dim):
+        ctx.shards, ctx.dim = shards, dim
+        return _reduce_scatter(x, shards, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad.contiguous(), ctx.shards, ctx.dim), None, None
+
+
+class _SliceGroupChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, block, team_shards, shards, dim):
+        ctx.block, ctx.team_shards, ctx.shards, ctx.dim = block, team_shards, shards, dim
+        return x.narrow(dim, block[0], block[1] - block[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        own_piece = _reduce_scatter(grad.contiguous(), ctx.team_shards, ctx.dim)
+        return _all_gather(own_piece, ctx.shards, ctx.dim), None, None, None, None
+
+
+def all_gather_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
+    """Forward: all-gather the shards along ``dim``; backward: take own slice.
+
+    For a result that every rank consumes identically (a replicated activation).
+    ``x`` is this rank's shard ``[N, c_r, *spatial]``; the result is ``[N, C, *spatial]``.
+    """
+    return _AllGather.apply(x, shards, dim, False)
+
+
+def all_gather_channels_partial(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
+    """Forward: all-gather the shards along ``dim``; backward: reduce-scatter.
+
+    For a result that each rank consumes differently (each computes a partial gradient of
+    it), as the members of a filter-split team do with their group's input channels.
+    """
+    return _AllGather.apply(x, shards, dim, True)
+
+
+def slice_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
+    """Forward: take own slice of a replicated ``x``; backward: all-gather the slices' grads."""
+    return _Slice.apply(x, shards, dim)
+
+
+def reduce_scatter_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
+    """Forward: sum ``x`` over ranks and keep own shard; backward: all-gather."""
+    return _ReduceScatter.apply(x, shards, dim)
+
+
+def slice_group_channels(
+    x: Tensor, block: Slice, team_shards: ChannelShards, shards: ChannelShards, dim: int = 1
+) -> Tensor:
+    """Forward: take the channels ``block`` that a whole team reads, with no communication;
+    backward: sum the team's partial grads (reduce-scatter within the team), then all-gather
+    the summed pieces over the whole group.
+
+    Args:
+        x: replicated ``[N, C, *spatial]``.
+        block: ``(start, stop)`` channels of this rank's conv group.
+        team_shards: how ``block`` splits over the team (relative to ``block``).
+        shards: how all ``C`` channels split over the group (the sharded layout).
+    """
+    return _SliceGroupChannels.apply(x, block, team_shards, shards, dim)
+
+
+def _comm_device(process_group: dist.ProcessGroup) -> torch.device:
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_meta(x: Tensor | None, src: int, process_group) -> tuple[torch.Size, torch.dtype, bool]:
+    """Send ``x``'s shape, dtype and ``requires_grad`` from group rank ``src`` to every rank."""
+    meta = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64, device=_comm_device(process_group))
+    if dist.get_rank(process_group) == src:
+        if x is None or x.dim() > _MAX_DIMS:
+            raise ValueError(f"rank {src} must pass a tensor of at most {_MAX_DIMS} dims to scatter")
+        values = [x.dim(), _DTYPES.index(x.dtype), int(x.requires_grad), *x.shape]
+        meta[: len(values)] = torch.tensor(values)
+    record("broadcast", process_group.size(), meta.numel() * meta.element_size(), kind="meta")
+    dist.broadcast(meta, group=process_group, group_src=src)
+    ndim, dtype_index, requires_grad = meta[:3].tolist()
+    return torch.Size(meta[3 : 3 + ndim].tolist()), _DTYPES[dtype_index], bool(requires_grad)
+
+
+def _shards_for(channels: int, groups: int, process_group) -> ChannelShards:
+    world_size = process_group.size()
+    slices = tuple(shard_slice(channels, groups, world_size, r) for r in range(world_size))
+    return ChannelShards(process_group, slices, dist.get_rank(process_group))
+
+
+class _ScatterFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shards, src, shape, dtype, device):
+        ctx.shards, ctx.src = shards, src
+        width = max(shards.widths)
+        recv = torch.empty((shape[0], width, *shape[2:]), dtype=dtype, device=device)
+        chunks = None
+        if shards.rank == src:
+            chunks = [_padded(x.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
+        record("scatter", shards.world_size, recv.numel() * recv.element_size() * shards.world_size)
+        dist.scatter(recv, chunks, group=shards.group, group_src=src)
+        return recv.narrow(1, 0, shards.widths[shards.rank])
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = _gather_to(grad.contiguous(), ctx.shards, ctx.src)
+        return full, None, None, None, None, None
+
+
+def _gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
+    """Gather shards along dim 1 onto group rank ``dst``; other ranks get an empty tensor."""
+    width = max(shards.widths)
+    send = _padded(x, width, 1)
+    recv = None
+    if shards.rank == dst:
+        recv = [torch.empty_like(send) for _ in range(shards.world_size)]
+    record("gather", shards.world_size, send.numel() * send.element_size() * shards.world_size)
+    dist.gather(send, recv, group=shards.group, group_dst=dst)
+    if shards.rank != dst:
+        return x.new_empty(0)
+    return torch.cat([r.narrow(1, 0, w) for r, w in zip(recv, shards.widths, strict=True)], dim=1)
+
+
+class _GatherTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shards, dst):
+        ctx.shards, ctx.dst, ctx.shape = shards, dst, x.shape
+        return _gather_to(x, shards, dst)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shards, dst = ctx.shards, ctx.dst
+        width = max(shards.widths)
+        recv = grad.new_empty((ctx.shape[0], width, *ctx.shape[2:]))
+        chunks = None
+        if shards.rank == dst:
+            grad = grad.contiguous()
+            chunks = [_padded(grad.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
+        record("scatter", shards.world_size, recv.numel() * recv.element_size() * shards.world_size)
+        dist.scatter(recv, chunks, group=shards.group, group_src=dst)
+        return recv.narrow(1, 0, shards.widths[shards.rank]), None, None
+
+
+def scatter_channels(
+    x: Tensor | None, src: int = 0, *, groups: int, process_group=None
+) -> Tensor:
+    """Forward: rank ``src`` sends each rank its channel shard; backward: gather onto ``src``.
+
+    Args:
+        x: ``[N, C, *spatial]`` on group rank ``src``; ignored (may be ``None``) elsewhere.
+        src: the holding rank, numbered within ``process_group``.
+        groups: conv groups that define the sharded layout (see ``placement.shard_slice``).
+        process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group).
+
+    Returns:
+        This rank's shard ``[N, c_r, *spatial]`` in the sharded layout. Shape, dtype and
+        ``requires_grad`` come from ``src`` (one small broadcast). When ``x`` requires grad,
+        every rank must run backward through the result.
+    """
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return x
+    shape, dtype, requires_grad = _broadcast_meta(x, src, pg)
+    shards = _shards_for(shape[1], groups, pg)
+    if shards.rank != src:
+        # A leaf that requires grad on non-source ranks keeps them in the backward gather.
+        x = torch.empty(0, dtype=dtype, device=_comm_device(pg), requires_grad=requires_grad)
+    return _ScatterFrom.apply(x, shards, src, shape, dtype, x.device)
+
+
+def gather_channels(
+    x: Tensor, dst: int | None = None, *, groups: int, process_group=None
+) -> Tensor:
+    """Forward: gather channel shards into the whole tensor; backward: the dual scatter.
+
+    ``dst=None``: every rank gets ``[N, C, *spatial]`` (all-gather; backward takes own slice).
+    ``dst=r``: only group rank ``r`` gets it, the others an empty tensor (gather; backward
+    scatters ``r``'s gradient, so every rank must run backward through the result).
+
+    Args:
+        x: this rank's shard ``[N, c_r, *spatial]`` of the sharded layout for ``groups``.
+    """
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return x
+    rank = dist.get_rank(pg)
+    channels = torch.tensor([x.shape[1]], dtype=torch.int64, device=_comm_device(pg))
+    record("all_reduce", pg.size(), channels.element_size(), kind="meta")
+    dist.all_reduce(channels, group=pg)
+    shards = _shards_for(int(channels.item()), groups, pg)
+    if x.shape[1] != shards.widths[rank]:
+        raise ValueError(
+            f"rank {rank} holds {x.shape[1]} channels; the sharded layout of "
+            f"{shards.total} channels with groups={groups} gives it {shards.widths[rank]}"
+        )
+    if dst is None:
+        return all_gather_channels(x, shards)
+    return _GatherTo.apply(x, shards, dst)

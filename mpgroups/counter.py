@@ -1,0 +1,90 @@
+"""Count what the collectives move: a context manager used by tests and benchmarks."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+__all__ = ["CommCounter", "CommRecord"]
+
+# Process-wide, not a context variable: on CUDA the autograd engine runs backward (and so the
+# backward collectives) on its own threads, which must be counted too.
+_active: list[CommCounter] = []
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    """One collective as this rank issued it.
+
+    ``nbytes`` follows the nccl-tests "size" convention: the whole gathered tensor for an
+    all-gather, the whole input for a reduce-scatter, the tensor for an all-reduce or a
+    broadcast, and all shards for a scatter or a gather. Padding of uneven shards counts
+    as sent. ``kind`` is ``"data"`` for activations, gradients and weights, ``"meta"`` for
+    the small validation records.
+    """
+
+    op: str
+    group_size: int
+    nbytes: int
+    kind: str = "data"
+
+
+class CommCounter:
+    """Record every collective that mpgroups issues on this rank while the context is open.
+
+    Example::
+
+        with CommCounter() as comm:
+            y = layer(x)
+            y.backward(grad)
+        comm.count("all_gather")  # collectives of that op
+        comm.bytes()  # data bytes, validation records excluded
+    """
+
+    def __init__(self) -> None:
+        self.records: list[CommRecord] = []
+
+    def __enter__(self) -> CommCounter:
+        with _lock:
+            _active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _lock:
+            _active.remove(self)
+
+    def _select(self, op: str | None, kind: str | None) -> list[CommRecord]:
+        return [
+            r
+            for r in self.records
+            if (op is None or r.op == op) and (kind is None or r.kind == kind)
+        ]
+
+    def count(self, op: str | None = None, kind: str | None = "data") -> int:
+        """Number of collectives, of one ``op`` or all; ``kind=None`` includes validation."""
+        return len(self._select(op, kind))
+
+    def bytes(self, op: str | None = None, kind: str | None = "data") -> int:
+        """Bytes moved, of one ``op`` or all (see :class:`CommRecord` for the convention)."""
+        return sum(r.nbytes for r in self._select(op, kind))
+
+    def ops(self, kind: str | None = "data") -> Counter:
+        """``Counter`` of op names."""
+        return Counter(r.op for r in self._select(None, kind))
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    def __repr__(self) -> str:
+        return f"CommCounter(data={self.count()} ops/{self.bytes()} B, meta={self.count(kind='meta')} ops)"
+
+
+def record(op: str, group_size: int, nbytes: int, kind: str = "data") -> None:
+    """Add one collective to every open :class:`CommCounter`."""
+    if _active:
+        rec = CommRecord(op, group_size, nbytes, kind)
+        with _lock:
+            for counter in _active:
+                counter.records.append(rec)

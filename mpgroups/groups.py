@@ -1,0 +1,88 @@
+"""Process-group plumbing: resolve what a layer was given, and the team subgroups of a filter split.
+
+Nothing here moves tensor data; the collectives live in :mod:`mpgroups.collectives`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["resolve_process_group", "team_subgroup"]
+
+# A team subgroup is created once per (parent group, team) and shared by every layer that
+# needs it: creating one per layer would open new connections for each conv of a model.
+_team_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def resolve_process_group(process_group=None) -> dist.ProcessGroup | None:
+    """The process group a layer runs over, or ``None`` for a single-device layer.
+
+    Args:
+        process_group: a ``ProcessGroup``, a 1-D ``DeviceMesh``, or ``None`` for the default
+            group when ``torch.distributed`` is initialised (as DDP and SyncBatchNorm do).
+
+    Raises:
+        ValueError: a mesh with more than one dimension, or a group this process is not in.
+    """
+    if not dist.is_available():
+        if process_group is not None:
+            raise ValueError("torch.distributed is not available in this build of PyTorch")
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(process_group, DeviceMesh):
+        if process_group.ndim != 1:
+            raise ValueError(
+                f"process_group must be a 1-D DeviceMesh, got one with {process_group.ndim} "
+                f"dimensions {tuple(process_group.shape)}; pass mesh[dim_name] for one axis"
+            )
+        process_group = process_group.get_group()
+    if process_group is None:
+        return dist.group.WORLD if dist.is_initialized() else None
+    if process_group == dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(process_group) < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process group "
+            f"it was given; build the layer only on the group's ranks"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(
+            f"process_group must be a ProcessGroup, a 1-D DeviceMesh or None, "
+            f"got {type(process_group).__name__}"
+        )
+    return process_group
+
+
+def group_timeout(process_group: dist.ProcessGroup) -> timedelta | None:
+    """The collective timeout of ``process_group``, when its backend exposes one."""
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        try:
+            return process_group._get_backend(device).options._timeout
+        except (RuntimeError, AttributeError):
+            continue
+    return None
+
+
+def team_subgroup(process_group: dist.ProcessGroup, team: tuple[int, int]) -> dist.ProcessGroup:
+    """The subgroup of ``process_group`` made of its ranks ``team = (start, stop)``.
+
+    Only the team's members call this (``use_local_synchronization``), and each member must
+    create its teams in the same order, which layer construction guarantees. The subgroup
+    inherits the parent's backend and timeout, so a hang in it fails as fast as in the parent.
+    """
+    start, stop = team
+    if start == 0 and stop == process_group.size():
+        return process_group
+    ranks = tuple(dist.get_process_group_ranks(process_group)[start:stop])
+    teams = _team_cache.setdefault(process_group, {})
+    if ranks not in teams:
+        teams[ranks] = dist.new_group(
+            list(ranks),
+            timeout=group_timeout(process_group),
+            backend=dist.get_backend(process_group),
+            use_local_synchronization=True,
+        )
+    return teams[ranks]

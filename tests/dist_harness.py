@@ -1,0 +1,183 @@
+"""A pool of gloo worker processes reused across tests.
+
+Four workers form one gloo world; world sizes 1, 2 and 4 run as subgroups of it (ranks
+``[0]``, ``[0, 1]`` and all four), so one pool serves every test. A task is a picklable
+module-level function ``fn(ctx, *args)`` run on every rank of the requested world size;
+its return values come back as a list indexed by rank.
+
+Hangs fail fast at three levels: the process group timeout (``PG_TIMEOUT``), the per-task
+wait here (which dumps every worker's stack and restarts the pool), and ``pytest-timeout``.
+A task that fails on any rank raises with that rank's traceback; a task that ran on no rank
+fails too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import queue
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch.multiprocessing as mp
+
+POOL_SIZE = 4
+PG_TIMEOUT = datetime.timedelta(seconds=30)
+TASK_TIMEOUT = 90.0
+GRACE_AFTER_ERROR = 5.0
+
+
+@dataclass
+class RankContext:
+    """What a task sees: its rank and the process group of the requested world size."""
+
+    rank: int
+    world_size: int
+    group: object  # torch.distributed.ProcessGroup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(rank: int, init_method: str, tasks, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=POOL_SIZE, timeout=PG_TIMEOUT
+    )
+    # A one-rank gloo subgroup breaks later use_local_synchronization subgroups (torch 2.13),
+    # so world size 1 runs with no process group: the single-device layer.
+    groups = {1: None, 2: dist.new_group([0, 1]), POOL_SIZE: dist.group.WORLD}
+    results.put(("ready", rank, None))
+    while True:
+        message = tasks.get()
+        if message is None:
+            break
+        seq, fn, world_size, args = message
+        if rank >= world_size:
+            results.put((seq, rank, ("skip", None)))
+            continue
+        try:
+            value = fn(RankContext(rank, world_size, groups[world_size]), *args)
+            results.put((seq, rank, ("ok", value)))
+        except BaseException:
+            results.put((seq, rank, ("error", traceback.format_exc())))
+    dist.destroy_process_group()
+
+
+class TaskError(AssertionError):
+    pass
+
+
+class WorkerPool:
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._seq = 0
+        self._start()
+
+    def _start(self) -> None:
+        self._tasks = [self._ctx.Queue() for _ in range(POOL_SIZE)]
+        self._results = self._ctx.Queue()
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self._procs = [
+            self._ctx.Process(
+                target=_worker_main,
+                args=(rank, init_method, self._tasks[rank], self._results),
+                daemon=True,
+            )
+            for rank in range(POOL_SIZE)
+        ]
+        for p in self._procs:
+            p.start()
+        ready = set()
+        deadline = time.monotonic() + 120
+        while len(ready) < POOL_SIZE:
+            try:
+                tag, rank, _ = self._results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                raise TaskError("worker pool did not start within 120 s") from None
+            if tag == "ready":
+                ready.add(rank)
+
+    def close(self) -> None:
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self._procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+    def restart(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        self._start()
+
+    def _dump_stacks(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(1.0)
+
+    def run(self, fn, world_size: int, *args, timeout: float = TASK_TIMEOUT) -> list:
+        """Run ``fn(ctx, *args)`` on ranks ``0 .. world_size - 1``; return their values."""
+        if world_size not in (1, 2, POOL_SIZE):
+            raise ValueError(f"world_size must be 1, 2 or {POOL_SIZE}, got {world_size}")
+        self._seq += 1
+        seq = self._seq
+        for q in self._tasks:
+            q.put((seq, fn, world_size, args))
+        outcomes: dict[int, tuple[str, object]] = {}
+        deadline = time.monotonic() + timeout
+        while len(outcomes) < POOL_SIZE:
+            errors = [r for r, (status, _) in outcomes.items() if status == "error"]
+            if errors:
+                deadline = min(deadline, time.monotonic() + GRACE_AFTER_ERROR)
+            try:
+                got_seq, rank, outcome = self._results.get(
+                    timeout=max(0.05, deadline - time.monotonic())
+                )
+            except queue.Empty:
+                break
+            if got_seq == seq:
+                outcomes[rank] = outcome
+        missing = [r for r in range(POOL_SIZE) if r not in outcomes]
+        errors = {r: v for r, (s, v) in outcomes.items() if s == "error"}
+        if missing:
+            if not errors:
+                self._dump_stacks()
+            self.restart()
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise TaskError(
+                f"{fn.__name__}: ranks {missing} did not finish "
+                f"{'after another rank failed' if errors else f'within {timeout:.0f} s'}"
+                f" (pool restarted; stacks dumped to stderr){detail}"
+            )
+        if errors:
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise TaskError(f"{fn.__name__} failed on ranks {sorted(errors)}:{detail}")
+        values = [outcomes[r][1] for r in range(world_size)]
+        ran = [r for r in range(world_size) if outcomes[r][0] == "ok"]
+        if len(ran) != world_size:
+            raise TaskError(f"{fn.__name__} ran on ranks {ran}, expected {world_size} ranks")
+        return values
+
+
