@@ -143,9 +143,7 @@ def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
             f"reduce-scatter expects {shards.total} entries along dim {dim}, got {x.shape[dim]}"
         )
     width = max(shards.widths)
-    send = torch.stack(
-        [_padded(x.narrow(dim, a, b - a), width, dim) for a, b in shards.slices]
-    )
+    send = torch.stack([_padded(x.narrow(dim, a, b - a), width, dim) for a, b in shards.slices])
     recv = send.new_empty(send.shape[1:])
     record("reduce_scatter", shards.world_size, send.numel() * send.element_size())
     _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.group)
@@ -249,12 +247,16 @@ def _comm_device(process_group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def _broadcast_meta(x: Tensor | None, src: int, process_group) -> tuple[torch.Size, torch.dtype, bool]:
+def _broadcast_meta(
+    x: Tensor | None, src: int, process_group
+) -> tuple[torch.Size, torch.dtype, bool]:
     """Send ``x``'s shape, dtype and ``requires_grad`` from group rank ``src`` to every rank."""
     meta = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64, device=_comm_device(process_group))
     if dist.get_rank(process_group) == src:
         if x is None or x.dim() > _MAX_DIMS:
-            raise ValueError(f"rank {src} must pass a tensor of at most {_MAX_DIMS} dims to scatter")
+            raise ValueError(
+                f"rank {src} must pass a tensor of at most {_MAX_DIMS} dims to scatter"
+            )
         values = [x.dim(), _DTYPES.index(x.dtype), int(x.requires_grad), *x.shape]
         meta[: len(values)] = torch.tensor(values)
     record("broadcast", process_group.size(), meta.numel() * meta.element_size(), kind="meta")
@@ -322,9 +324,7 @@ class _GatherTo(torch.autograd.Function):
         return recv.narrow(1, 0, shards.widths[shards.rank]), None, None
 
 
-def scatter_channels(
-    x: Tensor | None, src: int = 0, *, groups: int, process_group=None
-) -> Tensor:
+def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_group=None) -> Tensor:
     """Forward: rank ``src`` sends each rank its channel shard; backward: gather onto ``src``.
 
     Args:

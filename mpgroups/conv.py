@@ -71,9 +71,7 @@ class _GroupParallelConvNd(nn.Module):
         if out_channels % groups != 0:
             raise ValueError(f"out_channels={out_channels} must be divisible by groups={groups}")
         if padding_mode not in _PADDING_MODES:
-            raise ValueError(
-                f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}"
-            )
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
         for name, layout in (("input_layout", input_layout), ("output_layout", output_layout)):
             if layout not in LAYOUTS:
                 raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
@@ -131,13 +129,16 @@ class _GroupParallelConvNd(nn.Module):
         # Output sharded layout: exactly each rank's out_slice.
         self._out_shards = ChannelShards(
             pg,
-            tuple(place(self.in_channels, self.out_channels, groups, world, r).out_slice
-                  for r in range(world)),
+            tuple(
+                place(self.in_channels, self.out_channels, groups, world, r).out_slice
+                for r in range(world)
+            ),
             self.rank,
         )
         # Input sharded layout: the same rule applied to C_in channels.
         self._in_shards = ChannelShards(
-            pg, tuple(shard_slice(self.in_channels, groups, world, r) for r in range(world)),
+            pg,
+            tuple(shard_slice(self.in_channels, groups, world, r) for r in range(world)),
             self.rank,
         )
         self._team_shards = None

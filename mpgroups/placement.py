@@ -111,7 +111,9 @@ def check_placeable(groups: int, world_size: int) -> None:
         )
 
 
-def place(in_channels: int, out_channels: int, groups: int, world_size: int, rank: int) -> Placement:
+def place(
+    in_channels: int, out_channels: int, groups: int, world_size: int, rank: int
+) -> Placement:
     """Apply the placement rule to one rank.
 
     Args:

@@ -179,5 +179,3 @@ class WorkerPool:
         if len(ran) != world_size:
             raise TaskError(f"{fn.__name__} ran on ranks {ran}, expected {world_size} ranks")
         return values
-
-

@@ -21,17 +21,33 @@ LAYOUT_PAIRS = [
     ("sharded", "sharded"),
     ("sharded", "replicated"),
 ]
-PARALLEL = {1: mpgroups.GroupParallelConv1d, 2: mpgroups.GroupParallelConv2d,
-            3: mpgroups.GroupParallelConv3d}
+PARALLEL = {
+    1: mpgroups.GroupParallelConv1d,
+    2: mpgroups.GroupParallelConv2d,
+    3: mpgroups.GroupParallelConv3d,
+}
 REFERENCE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 
 
 def case(**overrides) -> dict:
     """A conv case: defaults overridden by keyword (``spatial`` excludes batch and channels)."""
-    c = dict(dims=2, cin=8, cout=8, groups=4, kernel=3, stride=1, padding=1, dilation=1,
-             padding_mode="zeros", bias=True, batch=3, spatial=(9, 9), memory="contiguous",
-             dtype=torch.float32)
+    c = dict(
+        dims=2,
+        cin=8,
+        cout=8,
+        groups=4,
+        kernel=3,
+        stride=1,
+        padding=1,
+        dilation=1,
+        padding_mode="zeros",
+        bias=True,
+        batch=3,
+        spatial=(9, 9),
+        memory="contiguous",
+        dtype=torch.float32,
+    )
     c.update(overrides)
     return c
 
@@ -56,8 +72,16 @@ def assert_close(actual, expected, tol: float, what: str) -> float:
 def make_reference(c: dict, seed: int = 0):
     torch.manual_seed(seed)
     ref = REFERENCE[c["dims"]](
-        c["cin"], c["cout"], c["kernel"], c["stride"], c["padding"], c["dilation"], c["groups"],
-        c["bias"], c["padding_mode"], dtype=c["dtype"],
+        c["cin"],
+        c["cout"],
+        c["kernel"],
+        c["stride"],
+        c["padding"],
+        c["dilation"],
+        c["groups"],
+        c["bias"],
+        c["padding_mode"],
+        dtype=c["dtype"],
     )
     x = torch.randn(c["batch"], c["cin"], *c["spatial"], dtype=c["dtype"])
     return ref, x
@@ -131,7 +155,9 @@ def check_layer(ctx, c: dict, layout_pairs=LAYOUT_PAIRS) -> dict:
         o0, o1 = layer.out_slice
         errors = {
             "output": assert_close(y, y_ref[:, out_keep], tol, f"{what} output"),
-            "input grad": assert_close(x_in.grad, x_ref.grad[:, in_keep], tol, f"{what} input grad"),
+            "input grad": assert_close(
+                x_in.grad, x_ref.grad[:, in_keep], tol, f"{what} input grad"
+            ),
             "weight grad": assert_close(
                 layer.weight.grad, ref.weight.grad[o0:o1], tol, f"{what} weight grad"
             ),
