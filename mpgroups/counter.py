@@ -78,7 +78,8 @@ class CommCounter:
         self.records.clear()
 
     def __repr__(self) -> str:
-        return f"CommCounter(data={self.count()} ops/{self.bytes()} B, meta={self.count(kind='meta')} ops)"
+        meta = self.count(kind="meta")
+        return f"CommCounter(data={self.count()} ops/{self.bytes()} B, meta={meta} ops)"
 
 
 def record(op: str, group_size: int, nbytes: int, kind: str = "data") -> None:
