@@ -271,18 +271,26 @@ def _shards_for(channels: int, groups: int, process_group) -> ChannelShards:
     return ChannelShards(process_group, slices, dist.get_rank(process_group))
 
 
+def _scatter_from(
+    x: Tensor | None, shards: ChannelShards, src: int, shape, dtype, device
+) -> Tensor:
+    """Scatter ``x`` (whole, on group rank ``src``) along dim 1; every rank gets its shard."""
+    width = max(shards.widths)
+    recv = torch.empty((shape[0], width, *shape[2:]), dtype=dtype, device=device)
+    chunks = None
+    if shards.rank == src:
+        x = x.contiguous()
+        chunks = [_padded(x.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
+    record("scatter", shards.world_size, recv.numel() * recv.element_size() * shards.world_size)
+    dist.scatter(recv, chunks, group=shards.group, group_src=src)
+    return recv.narrow(1, 0, shards.widths[shards.rank])
+
+
 class _ScatterFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shards, src, shape, dtype, device):
         ctx.shards, ctx.src = shards, src
-        width = max(shards.widths)
-        recv = torch.empty((shape[0], width, *shape[2:]), dtype=dtype, device=device)
-        chunks = None
-        if shards.rank == src:
-            chunks = [_padded(x.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
-        record("scatter", shards.world_size, recv.numel() * recv.element_size() * shards.world_size)
-        dist.scatter(recv, chunks, group=shards.group, group_src=src)
-        return recv.narrow(1, 0, shards.widths[shards.rank])
+        return _scatter_from(x, shards, src, shape, dtype, device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -307,21 +315,14 @@ def _gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
 class _GatherTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shards, dst):
-        ctx.shards, ctx.dst, ctx.shape = shards, dst, x.shape
+        ctx.shards, ctx.dst = shards, dst
+        ctx.shape = (x.shape[0], None, *x.shape[2:])
         return _gather_to(x, shards, dst)
 
     @staticmethod
     def backward(ctx, grad):
-        shards, dst = ctx.shards, ctx.dst
-        width = max(shards.widths)
-        recv = grad.new_empty((ctx.shape[0], width, *ctx.shape[2:]))
-        chunks = None
-        if shards.rank == dst:
-            grad = grad.contiguous()
-            chunks = [_padded(grad.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
-        record("scatter", shards.world_size, recv.numel() * recv.element_size() * shards.world_size)
-        dist.scatter(recv, chunks, group=shards.group, group_src=dst)
-        return recv.narrow(1, 0, shards.widths[shards.rank]), None, None
+        shard = _scatter_from(grad, ctx.shards, ctx.dst, ctx.shape, grad.dtype, grad.device)
+        return shard, None, None
 
 
 def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_group=None) -> Tensor:

@@ -179,3 +179,49 @@ class WorkerPool:
         if len(ran) != world_size:
             raise TaskError(f"{fn.__name__} ran on ranks {ran}, expected {world_size} ranks")
         return values
+
+
+def _isolated_main(fn, args, init_method: str, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=0, world_size=1, timeout=PG_TIMEOUT
+        )
+        value = fn(RankContext(0, 1, dist.group.WORLD), *args)
+        results.put(("ok", value))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_in_one_rank_world(fn, *args, timeout: float = TASK_TIMEOUT):
+    """Run ``fn(ctx, *args)`` in a fresh process whose gloo world has one rank.
+
+    Kept apart from :class:`WorkerPool`: a one-rank subgroup inside the pool's world would
+    break the pool's later local-synchronisation subgroups (see ``_worker_main``).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(
+        target=_isolated_main,
+        args=(fn, args, f"tcp://127.0.0.1:{_free_port()}", results),
+        daemon=True,
+    )
+    proc.start()
+    try:
+        status, value = results.get(timeout=timeout)
+    except queue.Empty:
+        raise TaskError(f"{fn.__name__} did not finish within {timeout:.0f} s") from None
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+    if status == "error":
+        raise TaskError(f"{fn.__name__} failed in the one-rank world:\n{value}")
+    return value
