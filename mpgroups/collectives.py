@@ -31,7 +31,10 @@ __all__ = [
     "ChannelShards",
     "all_gather_channels",
     "all_gather_channels_partial",
+    "barrier",
+    "channel_shards",
     "gather_channels",
+    "gather_rows",
     "reduce_scatter_channels",
     "scatter_channels",
     "slice_channels",
@@ -265,10 +268,16 @@ def _broadcast_meta(
     return torch.Size(meta[3 : 3 + ndim].tolist()), _DTYPES[dtype_index], bool(requires_grad)
 
 
-def _shards_for(channels: int, groups: int, process_group) -> ChannelShards:
-    world_size = process_group.size()
+def channel_shards(channels: int, groups: int, process_group=None) -> ChannelShards:
+    """The sharded layout of ``channels`` channels for conv ``groups`` (DESIGN §3).
+
+    ``process_group`` as for the layers (``None``: the default group, or one rank).
+    """
+    pg = resolve_process_group(process_group)
+    world_size = 1 if pg is None else pg.size()
+    rank = 0 if pg is None else dist.get_rank(pg)
     slices = tuple(shard_slice(channels, groups, world_size, r) for r in range(world_size))
-    return ChannelShards(process_group, slices, dist.get_rank(process_group))
+    return ChannelShards(pg, slices, rank)
 
 
 def _scatter_from(
@@ -343,7 +352,7 @@ def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_gro
     if pg is None or pg.size() == 1:
         return x
     shape, dtype, requires_grad = _broadcast_meta(x, src, pg)
-    shards = _shards_for(shape[1], groups, pg)
+    shards = channel_shards(shape[1], groups, pg)
     if shards.rank != src:
         # A leaf that requires grad on non-source ranks keeps them in the backward gather.
         x = torch.empty(0, dtype=dtype, device=_comm_device(pg), requires_grad=requires_grad)
@@ -369,7 +378,7 @@ def gather_channels(
     channels = torch.tensor([x.shape[1]], dtype=torch.int64, device=_comm_device(pg))
     record("all_reduce", pg.size(), channels.element_size(), kind="meta")
     dist.all_reduce(channels, group=pg)
-    shards = _shards_for(int(channels.item()), groups, pg)
+    shards = channel_shards(int(channels.item()), groups, pg)
     if x.shape[1] != shards.widths[rank]:
         raise ValueError(
             f"rank {rank} holds {x.shape[1]} channels; the sharded layout of "
@@ -378,3 +387,30 @@ def gather_channels(
     if dst is None:
         return all_gather_channels(x, shards)
     return _GatherTo.apply(x, shards, dst)
+
+
+def gather_rows(x: Tensor, shards: ChannelShards, dst: int | None = None) -> Tensor | None:
+    """The whole tensor from each rank's rows ``shards.own`` of dim 0 (no autograd).
+
+    For state: parameters, buffers, gradients. ``dst=None``: every rank gets it; otherwise
+    only group rank ``dst`` does, the others get ``None``.
+    """
+    if shards.world_size == 1:
+        return x
+    rows = x.detach().reshape(1, x.shape[0], -1)
+    with torch.no_grad():
+        if dst is None:
+            whole = _all_gather(rows, shards, 1)
+        else:
+            whole = _gather_to(rows.contiguous(), shards, dst)
+            if shards.rank != dst:
+                return None
+    return whole.reshape(shards.total, *x.shape[1:])
+
+
+def barrier(process_group=None) -> None:
+    """Wait until every rank of the group arrives (no-op without a group)."""
+    pg = resolve_process_group(process_group)
+    if pg is not None and pg.size() > 1:
+        record("barrier", pg.size(), 0, kind="meta")
+        dist.barrier(group=pg)

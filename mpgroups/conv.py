@@ -148,6 +148,11 @@ class _GroupParallelConvNd(nn.Module):
             self._team_shards = ChannelShards.relative(team_group, team_slices, pl.team_rank)
 
     @property
+    def _mpgroups_row_shards(self) -> ChannelShards:
+        """How ``weight`` and ``bias`` split along dim 0 (see ``channel_modules.row_shards``)."""
+        return self._out_shards
+
+    @property
     def local_groups(self) -> int:
         """Conv groups of the local op (1 when this rank holds a piece of one group)."""
         return self.placement.local_groups
@@ -207,8 +212,48 @@ class _GroupParallelConvNd(nn.Module):
             x, self.weight, self.bias, self.stride, padding, self.dilation, self.local_groups
         )
 
+    def _check_input(self, x: Tensor) -> None:
+        """Raise before any communication when ``x`` cannot be this rank's input."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(x).__name__}")
+        dims = self._dims
+        if x.dim() not in (dims + 1, dims + 2):
+            raise ValueError(
+                f"{type(self).__name__} expects a {dims + 2}-D input [N, C, *spatial] "
+                f"(or {dims + 1}-D unbatched), got {x.dim()}-D of shape {tuple(x.shape)}"
+            )
+        channels = x.shape[-dims - 1]
+        if self.input_layout == "sharded":
+            start, stop = self.input_shard
+            if channels != stop - start:
+                raise ValueError(
+                    f"rank {self.rank} of {self.world_size}: sharded input has {channels} "
+                    f"channels, the layer expects {stop - start} (its shard {start}..{stop} of "
+                    f"{self.in_channels} channels, groups={self.groups})"
+                )
+        elif channels != self.in_channels:
+            raise ValueError(
+                f"rank {self.rank} of {self.world_size}: input has {channels} channels, the "
+                f"layer expects {self.in_channels} (input_layout='replicated')"
+            )
+        if x.dtype != self.weight.dtype:
+            raise ValueError(
+                f"input dtype {x.dtype} does not match the weight's {self.weight.dtype}"
+            )
+        if x.device != self.weight.device:
+            raise ValueError(f"input is on {x.device}, the weight on {self.weight.device}")
+
     def forward(self, x: Tensor) -> Tensor:
-        """Convolve ``x`` (layout ``input_layout``) into an output of layout ``output_layout``."""
+        """Convolve ``x`` (layout ``input_layout``) into an output of layout ``output_layout``.
+
+        Accepts ``[N, C, *spatial]`` or unbatched ``[C, *spatial]``, as ``nn.ConvNd`` does.
+        """
+        self._check_input(x)
+        if x.dim() == self._dims + 1:
+            return self._forward_batched(x.unsqueeze(0)).squeeze(0)
+        return self._forward_batched(x)
+
+    def _forward_batched(self, x: Tensor) -> Tensor:
         if self.world_size == 1:
             return self._conv_forward(x)
         pl = self.placement

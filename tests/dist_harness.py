@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import io
 import os
 import queue
 import signal
@@ -30,6 +31,7 @@ POOL_SIZE = 4
 PG_TIMEOUT = datetime.timedelta(seconds=30)
 TASK_TIMEOUT = 90.0
 GRACE_AFTER_ERROR = 5.0
+NO_GROUP = "no process group at world size 1 in the pool (use run_in_one_rank_world)"
 
 
 @dataclass
@@ -58,8 +60,10 @@ def _worker_main(rank: int, init_method: str, tasks, results) -> None:
         "gloo", init_method=init_method, rank=rank, world_size=POOL_SIZE, timeout=PG_TIMEOUT
     )
     # A one-rank gloo subgroup breaks later use_local_synchronization subgroups (torch 2.13),
-    # so world size 1 runs with no process group: the single-device layer.
-    groups = {1: None, 2: dist.new_group([0, 1]), POOL_SIZE: dist.group.WORLD}
+    # so world size 1 has no process group here; a task that passes its ``group`` to mpgroups
+    # fails loudly instead of falling back to the 4-rank default group. One-rank runs with a
+    # real process group use ``run_in_one_rank_world``.
+    groups = {1: NO_GROUP, 2: dist.new_group([0, 1]), POOL_SIZE: dist.group.WORLD}
     results.put(("ready", rank, None))
     while True:
         message = tasks.get()
@@ -192,7 +196,10 @@ def _isolated_main(fn, args, init_method: str, results) -> None:
             "gloo", init_method=init_method, rank=0, world_size=1, timeout=PG_TIMEOUT
         )
         value = fn(RankContext(0, 1, dist.group.WORLD), *args)
-        results.put(("ok", value))
+        # As bytes: shared-memory tensors would die with this process before being read.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put(("ok", buffer.getvalue()))
     except BaseException:
         results.put(("error", traceback.format_exc()))
     finally:
@@ -224,4 +231,6 @@ def run_in_one_rank_world(fn, *args, timeout: float = TASK_TIMEOUT):
             proc.kill()
     if status == "error":
         raise TaskError(f"{fn.__name__} failed in the one-rank world:\n{value}")
-    return value
+    import torch
+
+    return torch.load(io.BytesIO(value), weights_only=True)

@@ -1,0 +1,187 @@
+"""Per-channel modules on a channel shard, and the module that ends a sharded chain.
+
+In a sharded chain (DESIGN §3) each rank holds a contiguous slice of the channels. Modules
+that act on each channel alone run unchanged on that slice:
+
+* channel-agnostic modules (activations, pooling, dropout) need nothing at all;
+* per-channel modules with state (BatchNorm, InstanceNorm, GroupNorm with whole norm groups
+  on each rank) keep the rows of their parameters and buffers that belong to the slice:
+  :func:`shard_channel_module` does that, in place, and :func:`unshard_channel_module` gathers
+  them back.
+
+A module whose state is split this way carries ``_mpgroups_row_shards``: every parameter and
+buffer with at least one dimension holds the rows ``row_shards.own`` of the full tensor along
+dim 0 (``num_batches_tracked`` and other scalars are the same on every rank).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mpgroups.collectives import ChannelShards, all_gather_channels, channel_shards
+
+__all__ = [
+    "CHANNEL_AGNOSTIC",
+    "GatherChannels",
+    "is_channel_agnostic",
+    "row_shards",
+    "shard_channel_module",
+    "unshard_channel_module",
+]
+
+# Modules that compute each channel from that channel alone and hold no per-channel state.
+CHANNEL_AGNOSTIC: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,  # only with num_parameters=1, checked in is_channel_agnostic
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def is_channel_agnostic(module: nn.Module) -> bool:
+    """True when ``module`` gives the same result on a channel slice as on the whole tensor."""
+    if isinstance(module, nn.PReLU):
+        return module.num_parameters == 1
+    return isinstance(module, CHANNEL_AGNOSTIC)
+
+
+def row_shards(module: nn.Module) -> ChannelShards | None:
+    """How ``module``'s state is split along dim 0, or ``None`` when it is whole."""
+    return getattr(module, "_mpgroups_row_shards", None)
+
+
+def _num_channels(module: nn.Module) -> int:
+    if isinstance(module, _BATCH_NORMS + _INSTANCE_NORMS):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    raise TypeError(
+        f"{type(module).__name__} is not a per-channel module mpgroups can shard; supported: "
+        f"BatchNorm, InstanceNorm, GroupNorm and channel-agnostic modules"
+    )
+
+
+def _set_channels(module: nn.Module, channels: int, norm_groups: int | None) -> None:
+    if isinstance(module, nn.GroupNorm):
+        module.num_channels = channels
+        module.num_groups = norm_groups
+    else:
+        module.num_features = channels
+
+
+def shard_channel_module(module: nn.Module, shards: ChannelShards) -> nn.Module:
+    """Keep ``shards.own`` of ``module``'s per-channel parameters and buffers, in place.
+
+    Parameters stay parameters (new tensors, same ``requires_grad``); ``training`` is kept.
+    A channel-agnostic module is returned unchanged.
+
+    Raises:
+        ValueError: the module's channel count is not ``shards.total``, or (GroupNorm) a
+            shard boundary falls inside a norm group.
+    """
+    if is_channel_agnostic(module):
+        return module
+    channels = _num_channels(module)
+    if channels != shards.total:
+        raise ValueError(
+            f"{type(module).__name__} has {channels} channels but the sharded activation "
+            f"it receives has {shards.total}"
+        )
+    start, stop = shards.own
+    norm_groups = None
+    if isinstance(module, nn.GroupNorm):
+        per_group = channels // module.num_groups
+        bad = [a for a, _ in shards.slices if a % per_group]
+        if bad:
+            raise ValueError(
+                f"GroupNorm({module.num_groups}, {channels}) cannot run on channel shards "
+                f"{list(shards.slices)}: shard boundaries {bad} fall inside a norm group of "
+                f"{per_group} channels"
+            )
+        norm_groups = (stop - start) // per_group
+    with torch.no_grad():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() >= 1:
+                local = nn.Parameter(param[start:stop].clone(), requires_grad=param.requires_grad)
+                setattr(module, name, local)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.dim() >= 1:
+                setattr(module, name, buffer[start:stop].clone())
+    _set_channels(module, stop - start, norm_groups)
+    module._mpgroups_row_shards = shards
+    module._mpgroups_full_norm_groups = getattr(module, "num_groups", None)
+    return module
+
+
+def unshard_channel_module(module: nn.Module) -> nn.Module:
+    """Gather the whole state back onto every rank, in place (a collective)."""
+    shards = row_shards(module)
+    if shards is None:
+        return module
+    with torch.no_grad():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() >= 1:
+                full = all_gather_channels(param.detach(), shards, dim=0)
+                setattr(module, name, nn.Parameter(full, requires_grad=param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.dim() >= 1:
+                setattr(module, name, all_gather_channels(buffer, shards, dim=0))
+    _set_channels(module, shards.total, module._mpgroups_full_norm_groups)
+    del module._mpgroups_row_shards, module._mpgroups_full_norm_groups
+    return module
+
+
+class GatherChannels(nn.Module):
+    """End of a sharded chain: ``[N, c_r, *spatial]`` shards → ``[N, C, *spatial]`` on every rank.
+
+    Forward: all-gather along channels; backward: take own slice (DESIGN §4). The layout is
+    that of ``channels`` channels for conv ``groups`` over ``process_group``.
+    """
+
+    def __init__(self, channels: int, groups: int, *, process_group=None) -> None:
+        super().__init__()
+        self.channels = channels
+        self.groups = groups
+        self.shards = channel_shards(channels, groups, process_group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        start, stop = self.shards.own
+        if x.dim() < 2 or x.shape[1] != stop - start:
+            raise ValueError(
+                f"rank {self.shards.rank}: expected a channel shard [N, {stop - start}, ...] "
+                f"(channels {start}..{stop} of {self.channels}), got shape {tuple(x.shape)}"
+            )
+        return all_gather_channels(x, self.shards)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, groups={self.groups}, shard={self.shards.own}"

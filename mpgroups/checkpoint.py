@@ -1,0 +1,177 @@
+"""Checkpoint files: atomic writes, loads that never run pickled code, sharded model state.
+
+Every load goes through :func:`safe_load` (``torch.load(weights_only=True)``): a file that
+would run code when unpickled, or one that is truncated or corrupt, raises
+:class:`CheckpointError` and runs nothing.
+
+Sharded layout, one directory per checkpoint::
+
+    shard-00000-of-00002.pt   rank 0: its rows of the sharded entries + every replicated entry
+    shard-00001-of-00002.pt   rank 1: its rows of the sharded entries
+
+Each file holds ``{"format", "rank", "world_size", "keys", "rows", "tensors"}`` where
+``rows[key] = [start, stop, total]`` says which rows of dim 0 the file holds. A directory
+written at P ranks loads at any P (each rank reads the pieces it needs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mpgroups.collectives import barrier
+from mpgroups.state_dict import load_full_state_dict, sharded_keys
+
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "load_sharded_state_dict",
+    "safe_load",
+    "save_sharded_state_dict",
+]
+
+_FORMAT = "mpgroups.sharded.v1"
+_SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded safely: truncated, corrupt, unsafe or incomplete."""
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename.
+
+    A reader sees either the previous file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``; any failure becomes :class:`CheckpointError`.
+
+    Tensors, dicts, lists, numbers and strings load; anything that needs code to rebuild
+    (arbitrary classes, ``__reduce__`` payloads) is refused without running it.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises several types for truncated or unsafe files
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def _group_of(model: nn.Module):
+    for shards in sharded_keys(model).values():
+        if shards.world_size > 1:
+            return shards.group
+    return None
+
+
+def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Each rank writes its own shard of ``model.state_dict()`` (atomically) into ``directory``.
+
+    A collective over the model's process group: returns once every rank's file is written.
+    Shard files of another world size in ``directory`` are removed by rank 0 afterwards.
+    """
+    directory = Path(directory)
+    group = _group_of(model)
+    rank = 0 if group is None else dist.get_rank(group)
+    world_size = 1 if group is None else group.size()
+    sharded = sharded_keys(model)
+    state = model.state_dict()
+    rows, tensors = {}, {}
+    for key, value in state.items():
+        shards = sharded.get(key)
+        if shards is not None and shards.world_size > 1:
+            rows[key] = [*shards.own, shards.total]
+            tensors[key] = value.detach().cpu()
+        elif rank == 0:
+            tensors[key] = value.detach().cpu()
+    record = {
+        "format": _FORMAT,
+        "rank": rank,
+        "world_size": world_size,
+        "keys": list(state),
+        "rows": rows,
+        "tensors": tensors,
+    }
+    atomic_save(record, directory / f"shard-{rank:05d}-of-{world_size:05d}.pt")
+    barrier(group)
+    if rank == 0:
+        for path in directory.iterdir():
+            match = _SHARD_FILE.match(path.name)
+            if match and int(match.group(2)) != world_size:
+                path.unlink()
+    return directory
+
+
+def _read_shards(directory: Path) -> list[dict]:
+    files = sorted(p for p in directory.iterdir() if _SHARD_FILE.match(p.name))
+    sizes = {int(_SHARD_FILE.match(p.name).group(2)) for p in files}
+    if len(sizes) != 1:
+        raise CheckpointError(
+            f"{directory} must hold the shards of one world size, found sizes {sorted(sizes)}"
+        )
+    (world_size,) = sizes
+    ranks = sorted(int(_SHARD_FILE.match(p.name).group(1)) for p in files)
+    if ranks != list(range(world_size)):
+        raise CheckpointError(
+            f"{directory} is incomplete: shards {ranks} of a world of {world_size}"
+        )
+    records = [safe_load(p) for p in files]
+    for path, rec in zip(files, records, strict=True):
+        if not isinstance(rec, dict) or rec.get("format") != _FORMAT:
+            raise CheckpointError(f"{path} is not an mpgroups sharded checkpoint")
+        if rec["world_size"] != world_size or rec["keys"] != records[0]["keys"]:
+            raise CheckpointError(f"{path} does not belong with the other shards in {directory}")
+    return records
+
+
+def _assemble(key: str, records: list[dict]) -> Tensor:
+    if key not in records[0]["rows"]:
+        return records[0]["tensors"][key]
+    pieces = sorted(
+        ((rec["rows"][key], rec["tensors"][key]) for rec in records), key=lambda p: p[0][0]
+    )
+    total = pieces[0][0][2]
+    covered = 0
+    for (start, stop, _), piece in pieces:
+        if start != covered or piece.shape[0] != stop - start:
+            raise CheckpointError(f"shards of '{key}' do not tile its {total} rows")
+        covered = stop
+    if covered != total:
+        raise CheckpointError(f"shards of '{key}' cover {covered} of its {total} rows")
+    return torch.cat([piece for _, piece in pieces])
+
+
+def load_sharded_state_dict(model: nn.Module, directory: str | os.PathLike, strict: bool = True):
+    """Load a directory written by :func:`save_sharded_state_dict` at any world size.
+
+    Every rank reads the shard files it needs and keeps its rows (no collective).
+    """
+    records = _read_shards(Path(directory))
+    full = {key: _assemble(key, records) for key in records[0]["keys"]}
+    return load_full_state_dict(model, full, strict=strict)

@@ -1,0 +1,327 @@
+"""Convert a model's grouped convolutions to group-parallel layers, and back.
+
+``parallelize`` works like ``nn.SyncBatchNorm.convert_sync_batchnorm``: it walks the module
+tree, replaces modules under the same names, and returns the (possibly new) root. Build the
+optimizer after converting: the parallel layers hold new, smaller parameters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from mpgroups.channel_modules import (
+    is_channel_agnostic,
+    row_shards,
+    shard_channel_module,
+    unshard_channel_module,
+)
+from mpgroups.collectives import ChannelShards, all_gather_channels, channel_shards
+from mpgroups.conv import (
+    GroupParallelConv1d,
+    GroupParallelConv2d,
+    GroupParallelConv3d,
+    _GroupParallelConvNd,
+)
+from mpgroups.groups import resolve_process_group
+from mpgroups.plan import ChannelLocal, GroupParallel
+
+__all__ = ["PlanError", "parallelize", "unparallelize"]
+
+_PARALLEL_OF = {
+    nn.Conv1d: GroupParallelConv1d,
+    nn.Conv2d: GroupParallelConv2d,
+    nn.Conv3d: GroupParallelConv3d,
+}
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied, or a sharded activation where a whole tensor is needed."""
+
+
+@dataclass
+class _Sharded:
+    shards: ChannelShards
+    producer: str
+
+
+@dataclass
+class _Tracker:
+    """Which live tensors are channel shards, and who produced them (weakly held)."""
+
+    live: dict[int, tuple[weakref.ref, _Sharded]] = field(default_factory=dict)
+    handles: list = field(default_factory=list)
+
+    def mark(self, tensor, info: _Sharded) -> None:
+        if isinstance(tensor, Tensor):
+            key = id(tensor)
+            self.live[key] = (weakref.ref(tensor, lambda _, k=key: self.live.pop(k, None)), info)
+
+    def lookup(self, tensor) -> _Sharded | None:
+        entry = self.live.get(id(tensor)) if isinstance(tensor, Tensor) else None
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1]
+
+    def first_sharded(self, args) -> _Sharded | None:
+        for a in args:
+            info = self.lookup(a)
+            if info is not None:
+                return info
+        return None
+
+
+def _describe(info: _Sharded) -> str:
+    s = info.shards
+    return (
+        f"an activation sharded by channel (channels {s.own[0]}..{s.own[1]} of {s.total} on "
+        f"rank {s.rank} of {s.world_size}, from '{info.producer}')"
+    )
+
+
+def _needs_whole(tracker: _Tracker, name: str):
+    def hook(module, args):
+        info = tracker.first_sharded(args)
+        if info is not None:
+            raise PlanError(
+                f"module '{name}' ({type(module).__name__}) received {_describe(info)}, but it "
+                f"needs the whole tensor: end the chain before it (output_layout='replicated' "
+                f"on '{info.producer}' or a ChannelLocal(output_layout='replicated') entry), "
+                f"or add '{name}' to the plan"
+            )
+
+    return hook
+
+
+def _expects_shards(tracker: _Tracker, name: str, shards: ChannelShards):
+    def hook(module, args):
+        info = tracker.first_sharded(args)
+        if info is not None and info.shards.slices != shards.slices:
+            raise PlanError(
+                f"module '{name}' ({type(module).__name__}) expects channel shards "
+                f"{list(shards.slices)} but received {_describe(info)} with shards "
+                f"{list(info.shards.slices)}"
+            )
+
+    return hook
+
+
+def _marks_output(tracker: _Tracker, name: str, shards: ChannelShards | None):
+    def hook(module, args, output):
+        info = _Sharded(shards, name) if shards is not None else tracker.first_sharded(args)
+        if info is not None:
+            tracker.mark(output, info)
+
+    return hook
+
+
+def _gathers_output(shards: ChannelShards):
+    def hook(module, args, output):
+        return all_gather_channels(output, shards)
+
+    return hook
+
+
+def _style_for(name: str, module: nn.Module, plan: dict) -> object | None:
+    if name in plan:
+        return plan[name]
+    for pattern, style in plan.items():
+        if any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return style
+    if type(module) in _PARALLEL_OF and module.groups > 1:
+        return GroupParallel()
+    return None
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` under ``root`` (``""`` is the root itself); return the root."""
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[child] = new
+    return root
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Hand ``old``'s hook dicts to ``new``: users' hooks and their handles keep working."""
+    for attr in _HOOK_DICTS:
+        setattr(new, attr, getattr(old, attr))
+    new._is_full_backward_hook = old._is_full_backward_hook
+
+
+def parallelize(model: nn.Module, process_group=None, *, plan: dict | None = None) -> nn.Module:
+    """Replace ``model``'s grouped convolutions by group-parallel layers, in place.
+
+    Every ``nn.Conv1d/2d/3d`` with ``groups > 1`` becomes the matching
+    ``GroupParallelConvNd`` with its weights (replicated → replicated: same inputs and outputs
+    as before); ``training``, device, dtype, ``requires_grad`` and registered hooks are kept.
+    ``plan`` maps module names (or ``fnmatch`` patterns) to :class:`~mpgroups.plan.GroupParallel`
+    or :class:`~mpgroups.plan.ChannelLocal` to keep activations sharded along a chain.
+    While a plan keeps anything sharded, a module outside the plan that receives a sharded
+    activation raises :class:`PlanError` naming itself (channel-agnostic modules such as
+    ``nn.ReLU`` or ``nn.MaxPool2d`` pass it on). Tensors that leave modules through
+    functional code (``torch.flatten``, ``x + y``) are not followed.
+
+    Args:
+        model: the module tree to convert.
+        process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group, or a
+            single-device layer when ``torch.distributed`` is not initialised).
+        plan: ``{module name or pattern: style}``.
+
+    Returns:
+        The converted root (a new module only when ``model`` itself is a grouped conv).
+
+    Raises:
+        PlanError: a plan entry that names no module, a style on a module it cannot apply to,
+            neighbouring sharded layers whose channel shards disagree.
+        PlacementError: a grouped conv whose groups cannot be placed on the group's size.
+    """
+    if getattr(model, "_mpgroups_tracker", None) is not None:
+        raise PlanError("model is already parallelized; call unparallelize(model) first")
+    pg = resolve_process_group(process_group)
+    plan = dict(plan or {})
+    modules = list(model.named_modules())
+    names = {name for name, _ in modules}
+    for key, style in plan.items():
+        if not isinstance(style, GroupParallel | ChannelLocal):
+            raise PlanError(
+                f"plan['{key}'] must be GroupParallel or ChannelLocal, got {type(style).__name__}"
+            )
+        if key not in names and not any(fnmatch.fnmatchcase(n, key) for n in names):
+            raise PlanError(f"plan entry '{key}' matches no module of {type(model).__name__}")
+
+    tracker = _Tracker()
+    producer: tuple[str, ChannelShards] | None = None  # last sharded output, in module order
+    styled: dict[str, object] = {}
+    for name, module in modules:
+        style = _style_for(name, module, plan)
+        if isinstance(module, _GroupParallelConvNd):
+            raise PlanError(f"module '{name}' is already a {type(module).__name__}")
+        if isinstance(style, GroupParallel):
+            if type(module) not in _PARALLEL_OF:
+                raise PlanError(
+                    f"plan gives GroupParallel to '{name}', a {type(module).__name__}; "
+                    f"it applies to nn.Conv1d/2d/3d"
+                )
+            layer = _PARALLEL_OF[type(module)].from_conv(
+                module,
+                pg,
+                input_layout=style.input_layout,
+                output_layout=style.output_layout,
+            )
+            _move_hooks(module, layer)
+            if style.input_layout == "sharded":
+                if producer is not None and producer[1].slices != layer._in_shards.slices:
+                    raise PlanError(
+                        f"'{name}' takes a sharded input with channel shards "
+                        f"{list(layer._in_shards.slices)}, but '{producer[0]}' before it "
+                        f"produces {list(producer[1].slices)}"
+                    )
+                layer.register_forward_pre_hook(_expects_shards(tracker, name, layer._in_shards))
+            else:
+                layer.register_forward_pre_hook(_needs_whole(tracker, name))
+            if style.output_layout == "sharded":
+                producer = (name, layer._out_shards)
+                layer.register_forward_hook(_marks_output(tracker, name, layer._out_shards))
+            model = _replace(model, name, layer)
+            styled[name] = style
+        elif isinstance(style, ChannelLocal):
+            shards = _channel_local_shards(name, module, style, producer, pg)
+            try:
+                shard_channel_module(module, shards)
+            except (TypeError, ValueError) as err:
+                raise PlanError(f"plan entry for '{name}': {err}") from err
+            module.register_forward_pre_hook(_expects_shards(tracker, name, shards))
+            if style.output_layout == "replicated":
+                module.register_forward_hook(_gathers_output(shards))
+            else:
+                module.register_forward_hook(_marks_output(tracker, name, shards))
+            styled[name] = style
+    # Guards on the modules outside the plan, only when something is kept sharded.
+    if any(getattr(s, "output_layout", None) == "sharded" for s in styled.values()):
+        for name, module in model.named_modules():
+            if name in styled or next(module.children(), None) is not None:
+                continue
+            if is_channel_agnostic(module):
+                handle = module.register_forward_hook(_marks_output(tracker, name, None))
+            else:
+                handle = module.register_forward_pre_hook(_needs_whole(tracker, name))
+            tracker.handles.append(handle)
+    model._mpgroups_tracker = tracker
+    model._mpgroups_styled = styled
+    return model
+
+
+def _channel_local_shards(name, module, style: ChannelLocal, producer, pg) -> ChannelShards:
+    if style.groups is not None:
+        channels = style.channels
+        if channels is None:
+            channels = getattr(module, "num_features", None) or getattr(
+                module, "num_channels", None
+            )
+        if channels is None:
+            raise PlanError(
+                f"ChannelLocal on '{name}' ({type(module).__name__}) has groups but no channel "
+                f"count; give ChannelLocal(channels=..., groups=...)"
+            )
+        return channel_shards(channels, style.groups, pg)
+    if producer is None:
+        raise PlanError(
+            f"ChannelLocal on '{name}' has no sharded-output conv before it to take the "
+            f"channel layout from; give ChannelLocal(channels=..., groups=...)"
+        )
+    if style.channels is not None and style.channels != producer[1].total:
+        raise PlanError(
+            f"ChannelLocal on '{name}' says channels={style.channels}, but '{producer[0]}' "
+            f"before it produces {producer[1].total}"
+        )
+    return producer[1]
+
+
+def unparallelize(model: nn.Module) -> nn.Module:
+    """Gather every group-parallel layer back into plain ``torch.nn`` modules (a collective).
+
+    Returns the root with full weights on every rank: ``unparallelize(parallelize(m))`` has
+    ``m``'s ``state_dict``, bit for bit.
+    """
+    tracker = getattr(model, "_mpgroups_tracker", None)
+    if tracker is not None:
+        for handle in tracker.handles:
+            handle.remove()
+    styled = getattr(model, "_mpgroups_styled", {})
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _GroupParallelConvNd):
+            _drop_plan_hooks(module)
+            conv = module.to_conv()
+            _move_hooks(module, conv)
+            model = _replace(model, name, conv)
+        elif row_shards(module) is not None or name in styled:
+            _drop_plan_hooks(module)
+            unshard_channel_module(module)
+    for attr in ("_mpgroups_tracker", "_mpgroups_styled"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return model
+
+
+def _drop_plan_hooks(module: nn.Module) -> None:
+    """Remove the hooks ``parallelize`` added (they are closures defined in this module)."""
+    for attr in ("_forward_hooks", "_forward_pre_hooks"):
+        hooks = getattr(module, attr)
+        for key in [k for k, fn in hooks.items() if fn.__module__ == __name__]:
+            del hooks[key]
+            for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                getattr(module, extra).pop(key, None)

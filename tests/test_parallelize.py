@@ -1,0 +1,285 @@
+"""Drop-in conversion of real model structures: parallelize, state dicts, checkpoints,
+the two-tower AlexNet, and plan errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from dist_harness import run_in_one_rank_world
+from models import TinyConvNeXt, TinyMobileNet, TinyResNeXt
+from parity import assert_close
+from torch import nn
+
+import mpgroups
+from mpgroups import ChannelLocal, GroupParallel
+from mpgroups.conv import _GroupParallelConvNd
+
+ALEXNET_SMALL = dict(num_classes=10, in_channels=3, channels=(16, 32, 48, 48, 32), hidden=64)
+
+
+def resnext_tower_plan() -> dict:
+    return {
+        "layer1.*.conv2": GroupParallel(output_layout="sharded"),
+        "layer1.*.bn2": ChannelLocal(),
+        "layer1.*.relu2": ChannelLocal(output_layout="replicated"),
+    }
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    """Trained-looking BatchNorm state, so a misplaced shard of it cannot go unnoticed."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(3)
+
+
+def build(kind: str, group, *, parallel: bool = True):
+    """A seeded model of ``kind`` and its input, parallelized over ``group`` or plain."""
+    torch.manual_seed(0)
+    if kind.startswith("alexnet"):
+        options = dict(batch_norm=kind == "alexnet_bn", **ALEXNET_SMALL)
+        model = mpgroups.models.AlexNet(parallel=False, **options)
+        _randomize_norms(model)
+        if parallel:
+            state = model.state_dict()
+            torch.manual_seed(0)
+            model = mpgroups.models.AlexNet(process_group=group, **options)
+            mpgroups.load_full_state_dict(model, state)
+        size = 32
+    else:
+        classes = {
+            "resnext": TinyResNeXt,
+            "resnext_plan": TinyResNeXt,
+            "mobilenet": TinyMobileNet,
+            "convnext": TinyConvNeXt,
+        }
+        model = classes[kind]()
+        _randomize_norms(model)
+        size = 16
+        if parallel:
+            plan = resnext_tower_plan() if kind == "resnext_plan" else None
+            model = mpgroups.parallelize(model, group, plan=plan)
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, size, size)
+    return model, x
+
+
+def _alexnet_init(ctx) -> None:
+    """Same seed: the parallel AlexNet starts from exactly the single-device weights."""
+    torch.manual_seed(0)
+    reference = mpgroups.models.AlexNet(parallel=False, batch_norm=True, **ALEXNET_SMALL)
+    torch.manual_seed(0)
+    model = mpgroups.models.AlexNet(process_group=ctx.group, batch_norm=True, **ALEXNET_SMALL)
+    full = mpgroups.full_state_dict(model)
+    assert list(full) == list(reference.state_dict())
+    assert all(torch.equal(full[k], v) for k, v in reference.state_dict().items())
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_alexnet_initialises_like_the_single_device_model(pool, world_size):
+    pool.run(_alexnet_init, world_size)
+
+
+def _forward_backward(model, x, seed: int):
+    torch.manual_seed(seed)
+    out = model(x)
+    torch.manual_seed(seed + 1)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    return out
+
+
+def _model_parity(ctx, kind: str) -> dict:
+    reference, x = build(kind, None, parallel=False)
+    model, _ = build(kind, ctx.group)
+    tol = 1e-5
+    assert list(mpgroups.full_state_dict(model)) == list(reference.state_dict())
+    errors = {}
+    for mode in ("train", "eval"):
+        reference.train(mode == "train")
+        model.train(mode == "train")
+        reference.zero_grad()
+        model.zero_grad()
+        out_ref = _forward_backward(reference, x, seed=5)
+        out = _forward_backward(model, x, seed=5)
+        errors[f"{mode} output"] = assert_close(out, out_ref, tol, f"{kind} {mode} output")
+        grads = mpgroups.full_grad_dict(model)
+        assert list(grads) == [n for n, _ in reference.named_parameters()]
+        for name, p in reference.named_parameters():
+            errors[f"{mode} {name}"] = assert_close(grads[name], p.grad, tol, f"{kind} {name}")
+    # BatchNorm buffers (running stats, num_batches_tracked) follow too.
+    full = mpgroups.full_state_dict(model)
+    for key, value in reference.state_dict().items():
+        if value.is_floating_point():
+            assert_close(full[key], value, tol, f"{kind} state {key}")
+        else:
+            assert torch.equal(full[key], value), key
+    return errors
+
+
+MODELS = ["resnext", "resnext_plan", "mobilenet", "convnext", "alexnet", "alexnet_bn"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("kind", MODELS)
+def test_parallelized_model_equals_unconverted(pool, kind, world_size):
+    errors = pool.run(_model_parity, world_size, kind, timeout=120)
+    assert all(max(e.values()) <= 1e-5 for e in errors)
+
+
+def _train(ctx, kind: str, parallel: bool, steps: int = 20):
+    group = ctx.group if parallel else None
+    model, _ = build(kind, group, parallel=parallel)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    torch.manual_seed(2)
+    size = 32 if kind.startswith("alexnet") else 16
+    data = torch.randn(steps, 8, 3, size, size)
+    labels = torch.randint(0, 10, (steps, 8))
+    losses = []
+    torch.manual_seed(3)  # dropout masks: the same stream on every rank and every P
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(data[step]), labels[step])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, mpgroups.full_state_dict(model)
+
+
+@pytest.mark.parametrize("kind", ["alexnet", "resnext_plan"])
+def test_training_matches_single_device(pool, kind):
+    (ref_losses, ref_state) = pool.run(_train, 1, kind, False)[0]
+    assert ref_losses[-1] < ref_losses[0], "the reference run must learn something"
+    for world_size in (1, 2, 4):
+        if world_size == 1:
+            results = [run_in_one_rank_world(_train, kind, True, timeout=180)]
+        else:
+            results = pool.run(_train, world_size, kind, True, timeout=180)
+        for rank, (losses, state) in enumerate(results):
+            rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)]
+            assert max(rel) <= 1e-4, (world_size, rank, max(rel))
+            assert list(state) == list(ref_state)
+            for key, value in ref_state.items():
+                if value.is_floating_point():
+                    assert_close(state[key], value, 1e-4, f"P={world_size} {key}")
+                else:
+                    assert torch.equal(state[key], value)
+
+
+def _round_trip(ctx, kind: str) -> None:
+    plain, x = build(kind, None, parallel=False)
+    state = copy.deepcopy(plain.state_dict())
+    plan = resnext_tower_plan() if kind == "resnext_plan" else None
+    model = mpgroups.parallelize(plain, ctx.group, plan=plan)
+    assert any(isinstance(m, _GroupParallelConvNd) for m in model.modules())
+    restored = mpgroups.unparallelize(model)
+    assert not any(isinstance(m, _GroupParallelConvNd) for m in restored.modules())
+    after = restored.state_dict()
+    assert list(after) == list(state)
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    # No hook of parallelize is left behind: the restored model runs anywhere.
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in restored.modules())
+
+
+@pytest.mark.parametrize("kind", ["resnext", "resnext_plan", "mobilenet", "convnext"])
+def test_unparallelize_restores_the_state_dict_bitwise(pool, kind):
+    pool.run(_round_trip, 4, kind)
+
+
+def _save_at_two(ctx, directory: str) -> list:
+    model, x = build("alexnet_bn", ctx.group)
+    model.train()
+    _forward_backward(model, x, seed=0)  # moves the BatchNorm running stats
+    full = mpgroups.full_state_dict(model, rank0_only=True)
+    if ctx.rank == 0:
+        mpgroups.atomic_save(full, f"{directory}/full.pt")
+    else:
+        assert full == {}
+    mpgroups.save_sharded_state_dict(model, f"{directory}/sharded")
+    model.eval()
+    return model(x).tolist()
+
+
+def _load_elsewhere(ctx, directory: str) -> list:
+    outputs = []
+    full = mpgroups.safe_load(f"{directory}/full.pt")
+    plain, x = build("alexnet_bn", None, parallel=False)
+    plain.load_state_dict(full, strict=True)
+    outputs.append(plain.eval()(x))
+    model, _ = build("alexnet_bn", ctx.group)
+    torch.nn.init.zeros_(model.features.conv2.weight)  # so loading has to restore it
+    mpgroups.load_full_state_dict(model, full)
+    outputs.append(model.eval()(x))
+    resharded, _ = build("alexnet_bn", ctx.group)
+    mpgroups.load_sharded_state_dict(resharded, f"{directory}/sharded")
+    outputs.append(resharded.eval()(x))
+    return [o.tolist() for o in outputs]
+
+
+def test_checkpoints_written_at_two_load_at_four_and_one(pool, tmp_path):
+    expected = torch.tensor(pool.run(_save_at_two, 2, str(tmp_path))[0])
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
+        "shard-00000-of-00002.pt",
+        "shard-00001-of-00002.pt",
+    ]
+    at_four = pool.run(_load_elsewhere, 4, str(tmp_path))
+    at_one = run_in_one_rank_world(_load_elsewhere, str(tmp_path))
+    for world_size, results in ((4, at_four), (1, [at_one])):
+        for rank, outs in enumerate(results):
+            for what, out in zip(["plain nn", "full", "sharded"], outs, strict=True):
+                assert_close(torch.tensor(out), expected, 1e-5, f"P={world_size} r{rank} {what}")
+
+
+def _parameter_counts(ctx) -> dict:
+    model, _ = build("alexnet", ctx.group)
+    plain, _ = build("alexnet", None, parallel=False)
+    for name, module in model.named_modules():
+        if isinstance(module, _GroupParallelConvNd):
+            full = plain.get_submodule(name)
+            full_count = sum(p.numel() for p in full.parameters())
+            local_count = sum(p.numel() for p in module.parameters())
+            assert local_count * ctx.world_size == full_count, (name, local_count, full_count)
+    return {"bytes": mpgroups.local_parameter_bytes(model), "repr": repr(model)}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_grouped_layers_hold_one_pth_of_their_parameters(pool, world_size):
+    results = pool.run(_parameter_counts, world_size)
+    for r in results:
+        count = r["bytes"] // 4
+        assert f"parameters on this rank: {count:,} ({r['bytes'] / 2**20:.1f} MiB)" in r["repr"]
+    assert len({r["bytes"] for r in results}) == 1
+
+
+def _plan_mistakes(ctx) -> None:
+    model, x = build("resnext", None, parallel=False)
+    bad = mpgroups.parallelize(
+        model, ctx.group, plan={"layer1.0.conv2": GroupParallel(output_layout="sharded")}
+    )
+    with pytest.raises(mpgroups.PlanError, match=r"module 'layer1.0.bn2' \(BatchNorm2d\)"):
+        bad(x)
+    alex = nn.Sequential(
+        nn.Conv2d(8, 8, 3, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 3),
+    )
+    alex = mpgroups.parallelize(alex, ctx.group, plan={"0": GroupParallel(output_layout="sharded")})
+    with pytest.raises(mpgroups.PlanError, match=r"module '2' \(Flatten\) received an activation"):
+        alex(torch.randn(2, 8, 6, 6))
+    with pytest.raises(mpgroups.PlanError, match="matches no module"):
+        mpgroups.parallelize(TinyResNeXt(), ctx.group, plan={"layer9.conv": GroupParallel()})
+    with pytest.raises(mpgroups.PlanError, match="it applies to nn.Conv1d/2d/3d"):
+        mpgroups.parallelize(TinyResNeXt(), ctx.group, plan={"fc": GroupParallel()})
+    with pytest.raises(mpgroups.PlanError, match="no sharded-output conv before it"):
+        mpgroups.parallelize(TinyResNeXt(), ctx.group, plan={"stem.1": ChannelLocal()})
+
+
+def test_plan_mistakes_raise_naming_the_module(pool):
+    pool.run(_plan_mistakes, 2)
