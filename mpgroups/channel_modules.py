@@ -137,9 +137,9 @@ def shard_channel_module(module: nn.Module, shards: ChannelShards) -> nn.Module:
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.dim() >= 1:
                 setattr(module, name, buffer[start:stop].clone())
+    module._mpgroups_full_norm_groups = getattr(module, "num_groups", None)
     _set_channels(module, stop - start, norm_groups)
     module._mpgroups_row_shards = shards
-    module._mpgroups_full_norm_groups = getattr(module, "num_groups", None)
     return module
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "all_gather_channels",
     "all_gather_channels_partial",
     "barrier",
+    "broadcast_tensors_",
     "channel_shards",
     "gather_channels",
     "gather_rows",
@@ -414,3 +415,22 @@ def barrier(process_group=None) -> None:
     if pg is not None and pg.size() > 1:
         record("barrier", pg.size(), 0, kind="meta")
         dist.barrier(group=pg)
+
+
+def broadcast_tensors_(tensors: list[Tensor], process_group=None, src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with group rank ``src``'s values (one call per dtype)."""
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1 or not tensors:
+        return
+    by_kind: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    with torch.no_grad():
+        for same in by_kind.values():
+            flat = torch.cat([t.reshape(-1) for t in same])
+            record("broadcast", pg.size(), flat.numel() * flat.element_size())
+            dist.broadcast(flat, group=pg, group_src=src)
+            offset = 0
+            for t in same:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()

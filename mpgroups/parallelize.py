@@ -19,7 +19,12 @@ from mpgroups.channel_modules import (
     shard_channel_module,
     unshard_channel_module,
 )
-from mpgroups.collectives import ChannelShards, all_gather_channels, channel_shards
+from mpgroups.collectives import (
+    ChannelShards,
+    all_gather_channels,
+    broadcast_tensors_,
+    channel_shards,
+)
 from mpgroups.conv import (
     GroupParallelConv1d,
     GroupParallelConv2d,
@@ -162,7 +167,13 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
     new._is_full_backward_hook = old._is_full_backward_hook
 
 
-def parallelize(model: nn.Module, process_group=None, *, plan: dict | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    process_group=None,
+    *,
+    plan: dict | None = None,
+    sync_module_states: bool = True,
+) -> nn.Module:
     """Replace ``model``'s grouped convolutions by group-parallel layers, in place.
 
     Every ``nn.Conv1d/2d/3d`` with ``groups > 1`` becomes the matching
@@ -180,6 +191,9 @@ def parallelize(model: nn.Module, process_group=None, *, plan: dict | None = Non
         process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group, or a
             single-device layer when ``torch.distributed`` is not initialised).
         plan: ``{module name or pattern: style}``.
+        sync_module_states: first copy every parameter and buffer from rank 0 of the group
+            (one broadcast per dtype), as DDP does, so ranks that initialised differently
+            still hold one model. ``False`` trusts that every rank holds the same values.
 
     Returns:
         The converted root (a new module only when ``model`` itself is a grouped conv).
@@ -202,6 +216,9 @@ def parallelize(model: nn.Module, process_group=None, *, plan: dict | None = Non
             )
         if key not in names and not any(fnmatch.fnmatchcase(n, key) for n in names):
             raise PlanError(f"plan entry '{key}' matches no module of {type(model).__name__}")
+
+    if sync_module_states:
+        broadcast_tensors_([*model.parameters(), *model.buffers()], pg)
 
     tracker = _Tracker()
     producer: tuple[str, ChannelShards] | None = None  # last sharded output, in module order

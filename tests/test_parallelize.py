@@ -283,3 +283,59 @@ def _plan_mistakes(ctx) -> None:
 
 def test_plan_mistakes_raise_naming_the_module(pool):
     pool.run(_plan_mistakes, 2)
+
+
+def _conversion_keeps(ctx) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1, groups=4, dtype=torch.float64),
+        nn.GroupNorm(4, 16, dtype=torch.float64),
+        nn.Conv2d(16, 8, 1, dtype=torch.float64),
+    ).eval()
+    model[0].bias.requires_grad_(False)
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    plan = {"0": GroupParallel(output_layout="sharded"), "1": ChannelLocal("replicated")}
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    reference = model(x)
+    seen.clear()
+    converted = mpgroups.parallelize(model, ctx.group, plan=plan)
+    conv = converted[0]
+    assert isinstance(conv, mpgroups.GroupParallelConv2d) and not conv.training
+    assert conv.weight.dtype == torch.float64 and not conv.bias.requires_grad
+    assert converted[1].num_groups * ctx.world_size == 4  # whole norm groups per rank
+    assert_close(converted(x), reference, 1e-12, "GroupNorm chain")
+    assert seen == [(2, 16 // ctx.world_size, 5, 5)], "the user's hook still fires"
+    handle.remove()
+    converted(x)
+    assert len(seen) == 1, "and its handle still removes it"
+    restored = mpgroups.unparallelize(converted)
+    assert isinstance(restored[0], nn.Conv2d) and restored[1].num_groups == 4
+    assert_close(restored(x), reference, 1e-12, "restored")
+
+    split_norm = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.GroupNorm(2, 8))
+    with pytest.raises(mpgroups.PlanError, match="fall inside a norm group"):
+        mpgroups.parallelize(
+            split_norm,
+            ctx.group,
+            plan={"0": GroupParallel(output_layout="sharded"), "1": ChannelLocal()},
+        )
+
+
+def test_conversion_keeps_dtype_mode_requires_grad_and_hooks(pool):
+    pool.run(_conversion_keeps, 2)
+    pool.run(_conversion_keeps, 4)
+
+
+def _sync_from_rank0(ctx) -> None:
+    torch.manual_seed(ctx.rank)  # every rank initialises differently
+    model = TinyResNeXt()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = mpgroups.parallelize(model, ctx.group)
+    torch.manual_seed(0)  # rank 0's initialisation
+    assert_close(model.eval()(x), TinyResNeXt().eval()(x), 1e-5, "synchronised from rank 0")
+
+
+def test_parallelize_synchronises_module_states_from_rank0(pool):
+    pool.run(_sync_from_rank0, 2)
