@@ -313,7 +313,7 @@ def _conversion_keeps(ctx) -> None:
     assert isinstance(restored[0], nn.Conv2d) and restored[1].num_groups == 4
     assert_close(restored(x), reference, 1e-12, "restored")
 
-    split_norm = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.GroupNorm(2, 8))
+    split_norm = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.GroupNorm(1, 8))
     with pytest.raises(mpgroups.PlanError, match="fall inside a norm group"):
         mpgroups.parallelize(
             split_norm,
