@@ -2,7 +2,10 @@
 
 Every load goes through :func:`safe_load` (``torch.load(weights_only=True)``): a file that
 would run code when unpickled, or one that is truncated or corrupt, raises
-:class:`CheckpointError` and runs nothing.
+:class:`CheckpointError` and runs nothing. ``torch.load`` alone does not notice flipped bytes
+inside tensor data, so :func:`atomic_save` wraps the serialized object with its SHA-256
+(``{"format": "mpgroups.checked.v1", "sha256", "payload": bytes}``, itself loadable with
+``weights_only=True``) and :func:`safe_load` verifies it.
 
 Sharded layout, one directory per checkpoint::
 
@@ -16,20 +19,26 @@ written at P ranks loads at any P (each rank reads the pieces it needs).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mpgroups.collectives import barrier
+from mpgroups.collectives import all_ranks_agree, barrier, broadcast_ints
+from mpgroups.groups import resolve_process_group
 from mpgroups.state_dict import load_full_state_dict, sharded_keys
 
 __all__ = [
     "CheckpointError",
+    "CheckpointManager",
     "atomic_save",
     "load_sharded_state_dict",
     "safe_load",
@@ -37,6 +46,7 @@ __all__ = [
 ]
 
 _FORMAT = "mpgroups.sharded.v1"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
 _SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.pt$")
 
 
@@ -44,13 +54,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded safely: truncated, corrupt, unsafe or incomplete."""
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
+_CHECKED = "mpgroups.checked.v1"
+
+
+def atomic_save(obj, path: str | os.PathLike, *, checksum: bool = True) -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename.
 
     A reader sees either the previous file or the complete new one, never a partial write.
+    With ``checksum`` (the default) the file carries the SHA-256 of the serialized object,
+    which :func:`safe_load` checks.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if checksum:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        payload = buffer.getvalue()
+        obj = {
+            "format": _CHECKED,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": payload,
+        }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -70,17 +94,30 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
 
 def safe_load(path: str | os.PathLike, map_location="cpu"):
-    """``torch.load(path, weights_only=True)``; any failure becomes :class:`CheckpointError`.
+    """Load with ``torch.load(weights_only=True)``, verifying the checksum when there is one.
 
     Tensors, dicts, lists, numbers and strings load; anything that needs code to rebuild
     (arbitrary classes, ``__reduce__`` payloads) is refused without running it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: truncated, corrupt (checksum mismatch) or unsafe.
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises several types for truncated or unsafe files
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+    if isinstance(obj, dict) and obj.get("format") == _CHECKED:
+        payload = obj["payload"]
+        if hashlib.sha256(payload).hexdigest() != obj["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match")
+        try:
+            obj = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+    return obj
 
 
 def _group_of(model: nn.Module):
@@ -175,3 +212,72 @@ def load_sharded_state_dict(model: nn.Module, directory: str | os.PathLike, stri
     records = _read_shards(Path(directory))
     full = {key: _assemble(key, records) for key in records[0]["keys"]}
     return load_full_state_dict(model, full, strict=strict)
+
+
+class CheckpointManager:
+    """Periodic training checkpoints, one file per rank per step, resumable after a crash.
+
+    Layout: ``directory/step-00000120/rank-00001-of-00002.pt``. :meth:`save` is a collective
+    (every rank writes its own file atomically, then all wait, then rank 0 keeps only the
+    newest ``keep`` steps). :meth:`load_latest` returns this rank's state of the newest step
+    that *every* rank can read; a truncated or corrupt file makes all ranks skip that step,
+    with a warning, and fall back to the one before.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, process_group=None):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.process_group = resolve_process_group(process_group)
+        pg = self.process_group
+        self.rank = 0 if pg is None else dist.get_rank(pg)
+        self.world_size = 1 if pg is None else pg.size()
+
+    def _file(self, step: int) -> Path:
+        name = f"rank-{self.rank:05d}-of-{self.world_size:05d}.pt"
+        return self.directory / f"step-{step:08d}" / name
+
+    def steps(self) -> list[int]:
+        """Steps with a checkpoint directory, newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = (_STEP_DIR.match(p.name) for p in self.directory.iterdir())
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+    def save(self, step: int, state: dict) -> Path:
+        path = self._file(step)
+        atomic_save({"step": step, "world_size": self.world_size, "state": state}, path)
+        barrier(self.process_group)
+        if self.rank == 0:
+            for old in self.steps()[self.keep :]:
+                shutil.rmtree(self.directory / f"step-{old:08d}", ignore_errors=True)
+        return path
+
+    def load_latest(self) -> dict | None:
+        """This rank's state of the newest step all ranks can read, or ``None``."""
+        # Every rank walks the same list, rank 0's view of the directory.
+        for step in broadcast_ints(self.steps(), self.process_group):
+            state, problem = None, None
+            try:
+                record = safe_load(self._file(step))
+                if record.get("step") != step or record.get("world_size") != self.world_size:
+                    problem = (
+                        f"it belongs to step {record.get('step')} at P={record.get('world_size')}"
+                    )
+                else:
+                    state = record["state"]
+            except FileNotFoundError:
+                problem = "this rank's file is missing"
+            except CheckpointError as err:
+                problem = str(err)
+            if all_ranks_agree(problem is None, self.process_group):
+                return state
+            if problem is not None:
+                warnings.warn(
+                    f"rank {self.rank}: skipping checkpoint step {step}: {problem}; "
+                    f"falling back to the previous one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return None

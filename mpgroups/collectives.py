@@ -31,7 +31,9 @@ __all__ = [
     "ChannelShards",
     "all_gather_channels",
     "all_gather_channels_partial",
+    "all_ranks_agree",
     "barrier",
+    "broadcast_ints",
     "broadcast_tensors_",
     "channel_shards",
     "gather_channels",
@@ -434,3 +436,31 @@ def broadcast_tensors_(tensors: list[Tensor], process_group=None, src: int = 0) 
             for t in same:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def all_ranks_agree(flag: bool, process_group=None) -> bool:
+    """``True`` on every rank when ``flag`` is true on every rank (one tiny all-reduce)."""
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=_comm_device(pg))
+    record("all_reduce", pg.size(), value.element_size(), kind="meta")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=pg)
+    return bool(value.item())
+
+
+def broadcast_ints(values: list[int], process_group=None, src: int = 0) -> list[int]:
+    """Group rank ``src``'s list of integers, on every rank (two tiny broadcasts)."""
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return list(values)
+    device = _comm_device(pg)
+    length = torch.tensor([len(values)], dtype=torch.int64, device=device)
+    record("broadcast", pg.size(), length.element_size(), kind="meta")
+    dist.broadcast(length, group=pg, group_src=src)
+    data = torch.zeros(int(length.item()), dtype=torch.int64, device=device)
+    if dist.get_rank(pg) == src:
+        data.copy_(torch.tensor(values, dtype=torch.int64))
+    record("broadcast", pg.size(), data.numel() * data.element_size(), kind="meta")
+    dist.broadcast(data, group=pg, group_src=src)
+    return data.tolist()

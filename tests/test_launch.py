@@ -1,0 +1,101 @@
+"""The launch scripts and the training entry point, run as a user would (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
+SMALL_RUN = ["--", "--epochs", "1", "--samples", "300", "--no-progress"]
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+
+
+def _run(args, timeout: float = 180, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=_env(**extra), cwd=ROOT
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multi_node.sh", "slurm.sbatch"])
+def test_help(script):
+    result = _run(["bash", LAUNCH / script, "--help"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage:")
+    assert "--pg-timeout" in result.stdout or "multi_node.sh --help" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["multi_node.sh", "--node-rank", "0", "--rdzv-endpoint", "h:1"], "missing --nnodes"),
+        (["multi_node.sh", "--nnodes", "2", "--rdzv-endpoint", "h:1"], "missing --node-rank"),
+        (["multi_node.sh", "--nnodes", "2", "--node-rank", "0"], "missing --rdzv-endpoint"),
+        (["multi_node.sh", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "0..1"),
+        (["single_node.sh", "--nproc-per-node"], "option --nproc-per-node needs a value"),
+        (["single_node.sh", "--nproc-per-node", "zero"], "must be a positive integer"),
+        (["single_node.sh", "--frobnicate"], "unknown option --frobnicate"),
+        (["slurm.sbatch"], "not inside a Slurm job"),
+    ],
+)
+def test_missing_or_bad_arguments_fail_clearly(args, message):
+    result = _run(["bash", LAUNCH / args[0], *args[1:]], SLURM_JOB_ID="")
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 4])
+def test_single_node_runs_the_training_entry_point(nproc):
+    result = _run(["bash", LAUNCH / "single_node.sh", "--nproc-per-node", str(nproc), *SMALL_RUN])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"trained on {nproc} process(es), gloo, cpu" in result.stdout
+    assert "held-out accuracy: " in result.stdout
+    if nproc > 1:
+        assert "(equal)" in result.stdout
+
+
+def test_multi_node_runs_two_nodes_on_loopback():
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [
+        subprocess.Popen(
+            ["bash", LAUNCH / "multi_node.sh", "--nnodes", "2", "--node-rank", str(rank),
+             "--rdzv-endpoint", endpoint, "--nproc-per-node", "1", *SMALL_RUN],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    combined = "\n".join(outputs)
+    assert "trained on 2 process(es), gloo, cpu" in combined
+    assert "(equal)" in combined
+
+
+def test_exception_in_one_rank_ends_the_job_with_its_traceback():
+    start = time.monotonic()
+    result = _run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "tests" / "scripts" / "raise_on_rank.py")],
+        timeout=60, MPGROUPS_PG_TIMEOUT="300",
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
+    output = result.stdout + result.stderr
+    assert "ValueError: boom from rank 1, in user code" in output
+    assert "rank      : 1" in output
