@@ -4,7 +4,7 @@ Every load goes through :func:`safe_load` (``torch.load(weights_only=True)``): a
 would run code when unpickled, or one that is truncated or corrupt, raises
 :class:`CheckpointError` and runs nothing. ``torch.load`` alone does not notice flipped bytes
 inside tensor data, so :func:`atomic_save` wraps the serialized object with its SHA-256
-(``{"format": "mpgroups.checked.v1", "sha256", "payload": bytes}``, itself loadable with
+(``{"format": "mpgroups.checked.v1", "sha256", "payload": uint8 tensor}``, itself loadable with
 ``weights_only=True``) and :func:`safe_load` verifies it.
 
 Sharded layout, one directory per checkpoint::
@@ -19,6 +19,7 @@ written at P ranks loads at any P (each rank reads the pieces it needs).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
@@ -73,7 +74,8 @@ def atomic_save(obj, path: str | os.PathLike, *, checksum: bool = True) -> None:
         obj = {
             "format": _CHECKED,
             "sha256": hashlib.sha256(payload).hexdigest(),
-            "payload": payload,
+            # A uint8 tensor is stored verbatim (pickle protocol 2 re-encodes a bytes object).
+            "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
         }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -93,6 +95,14 @@ def atomic_save(obj, path: str | os.PathLike, *, checksum: bool = True) -> None:
         os.close(dir_fd)
 
 
+def _cpu_bytes(tensor) -> bytes:
+    """A copy of the bytes of a 1-D uint8 tensor (one memcpy, no numpy needed)."""
+    if not isinstance(tensor, Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise CheckpointError("checkpoint payload is not a byte tensor")
+    tensor = tensor.cpu().contiguous()
+    return bytes((ctypes.c_ubyte * tensor.numel()).from_address(tensor.data_ptr()))
+
+
 def safe_load(path: str | os.PathLike, map_location="cpu"):
     """Load with ``torch.load(weights_only=True)``, verifying the checksum when there is one.
 
@@ -110,7 +120,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
     except Exception as err:  # torch raises several types for truncated or unsafe files
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
     if isinstance(obj, dict) and obj.get("format") == _CHECKED:
-        payload = obj["payload"]
+        payload = _cpu_bytes(obj["payload"])
         if hashlib.sha256(payload).hexdigest() != obj["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match")
         try:

@@ -85,8 +85,37 @@ def init_distributed(
     dev, backend = _choose(device, backend, local_rank, local_world_size)
     if not dist.is_initialized():
         options = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **options)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            **options,
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, dev)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, the agent's store still holds the
+    previous attempt's keys, and the new ranks can read a dead rank's address from them
+    (seen with gloo on torch 2.13: "connectFullMesh failed ... Connection refused"). A prefix
+    per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps each attempt's keys apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"mpgroups/attempt-{attempt}", store)
 
 
 def shutdown() -> None:
