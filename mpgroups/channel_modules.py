@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mpgroups.collectives import ChannelShards, all_gather_channels, channel_shards
+from mpgroups.validation import BAD_CHANNELS, check_across_ranks, checks_enabled, fingerprint
 
 __all__ = [
     "CHANNEL_AGNOSTIC",
@@ -168,20 +169,45 @@ class GatherChannels(nn.Module):
     that of ``channels`` channels for conv ``groups`` over ``process_group``.
     """
 
-    def __init__(self, channels: int, groups: int, *, process_group=None) -> None:
+    def __init__(
+        self, channels: int, groups: int, *, process_group=None, checks: bool | None = None
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.groups = groups
+        self.checks = checks
+        self._calls = 0
         self.shards = channel_shards(channels, groups, process_group)
 
     def forward(self, x: Tensor) -> Tensor:
-        start, stop = self.shards.own
+        shards = self.shards
+        start, stop = shards.own
+        problem = None
         if x.dim() < 2 or x.shape[1] != stop - start:
-            raise ValueError(
-                f"rank {self.shards.rank}: expected a channel shard [N, {stop - start}, ...] "
-                f"(channels {start}..{stop} of {self.channels}), got shape {tuple(x.shape)}"
+            problem = (
+                BAD_CHANNELS,
+                (
+                    f"expected a channel shard [N, {stop - start}, ...] (channels {start}..{stop} "
+                    f"of {self.channels}), got shape {tuple(x.shape)}"
+                ),
             )
-        return all_gather_channels(x, self.shards)
+        if shards.world_size > 1 and checks_enabled(self.checks):
+            self._calls += 1
+            check_across_ranks(
+                x,
+                process_group=shards.group,
+                rank=shards.rank,
+                layer=f"GatherChannels({self.channels}, groups={self.groups})",
+                layer_id=fingerprint("GatherChannels", self.channels, self.groups),
+                call=self._calls,
+                problem=problem,
+                channel_dim=1,
+                expected_channels=shards.widths,
+                channels_note=[f"shard {a}..{b} of {self.channels}" for a, b in shards.slices],
+            )
+        elif problem is not None:
+            raise ValueError(f"GatherChannels on rank {shards.rank}: {problem[1]}")
+        return all_gather_channels(x, shards)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, groups={self.groups}, shard={self.shards.own}"

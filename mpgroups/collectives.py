@@ -31,6 +31,7 @@ __all__ = [
     "ChannelShards",
     "all_gather_channels",
     "all_gather_channels_partial",
+    "all_gather_records",
     "all_ranks_agree",
     "barrier",
     "broadcast_ints",
@@ -377,11 +378,35 @@ def gather_channels(
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
+    from mpgroups import validation  # validation builds on this module
+
     rank = dist.get_rank(pg)
-    channels = torch.tensor([x.shape[1]], dtype=torch.int64, device=_comm_device(pg))
-    record("all_reduce", pg.size(), channels.element_size(), kind="meta")
-    dist.all_reduce(channels, group=pg)
-    shards = channel_shards(int(channels.item()), groups, pg)
+    if validation.checks_enabled():
+
+        def layout(sent: list[int]) -> list[int]:
+            return channel_shards(sum(sent), groups, pg).widths
+
+        records = validation.check_across_ranks(
+            x,
+            process_group=pg,
+            rank=rank,
+            layer=f"gather_channels(groups={groups}, dst={dst})",
+            layer_id=validation.fingerprint("gather_channels", groups, dst),
+            call=0,
+            problem=None
+            if x.dim() >= 2
+            else (validation.BAD_DIMS, f"expects [N, C, ...], got shape {tuple(x.shape)}"),
+            channel_dim=1,
+            expected_channels=layout,
+            channels_note=lambda sent: [f"the sharded layout of {sum(sent)} channels"] * len(sent),
+        )
+        total = sum(validation.channel_counts(records))
+    else:
+        channels = torch.tensor([x.shape[1]], dtype=torch.int64, device=_comm_device(pg))
+        record("all_reduce", pg.size(), channels.element_size(), kind="meta")
+        dist.all_reduce(channels, group=pg)
+        total = int(channels.item())
+    shards = channel_shards(total, groups, pg)
     if x.shape[1] != shards.widths[rank]:
         raise ValueError(
             f"rank {rank} holds {x.shape[1]} channels; the sharded layout of "
@@ -464,3 +489,15 @@ def broadcast_ints(values: list[int], process_group=None, src: int = 0) -> list[
     record("broadcast", pg.size(), data.numel() * data.element_size(), kind="meta")
     dist.broadcast(data, group=pg, group_src=src)
     return data.tolist()
+
+
+def all_gather_records(values: Tensor, process_group) -> Tensor:
+    """``[P, K]``: every rank's int64 ``values`` of length ``K`` (one tiny all-gather)."""
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return values.unsqueeze(0)
+    send = values.to(_comm_device(pg))
+    recv = send.new_empty((pg.size(), send.numel()))
+    record("all_gather", pg.size(), recv.numel() * recv.element_size(), kind="meta")
+    _all_gather_single(recv.view(-1), send, group=pg)
+    return recv.cpu()

@@ -31,6 +31,16 @@ from mpgroups.collectives import (
 )
 from mpgroups.groups import resolve_process_group, team_subgroup
 from mpgroups.placement import Placement, place, shard_slice
+from mpgroups.validation import (
+    BAD_CHANNELS,
+    BAD_DEVICE,
+    BAD_DIMS,
+    BAD_DTYPE,
+    NO_TENSOR,
+    check_across_ranks,
+    checks_enabled,
+    fingerprint,
+)
 
 __all__ = ["GroupParallelConv1d", "GroupParallelConv2d", "GroupParallelConv3d", "LAYOUTS"]
 
@@ -59,6 +69,7 @@ class _GroupParallelConvNd(nn.Module):
         process_group=None,
         input_layout: str = "replicated",
         output_layout: str = "replicated",
+        checks: bool | None = None,
         _init_weights: bool = True,
     ) -> None:
         super().__init__()
@@ -96,6 +107,8 @@ class _GroupParallelConvNd(nn.Module):
         self.padding_mode = padding_mode
         self.input_layout = input_layout
         self.output_layout = output_layout
+        self.checks = checks
+        self._calls = 0
         self._reversed_padding_repeated_twice = _reversed_padding(padding, kernel_size, dilation)
 
         self.process_group = resolve_process_group(process_group)
@@ -106,6 +119,18 @@ class _GroupParallelConvNd(nn.Module):
             in_channels, out_channels, groups, self.world_size, self.rank
         )
         self._build_shards()
+        self._fingerprint = fingerprint(
+            type(self).__name__,
+            in_channels,
+            out_channels,
+            groups,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            input_layout,
+            output_layout,
+        )
 
         self.weight = nn.Parameter(
             torch.empty(
@@ -212,36 +237,78 @@ class _GroupParallelConvNd(nn.Module):
             x, self.weight, self.bias, self.stride, padding, self.dilation, self.local_groups
         )
 
-    def _check_input(self, x: Tensor) -> None:
-        """Raise before any communication when ``x`` cannot be this rank's input."""
+    def _local_problem(self, x) -> tuple[int, str] | None:
+        """``(code, message)`` when ``x`` cannot be this rank's input, found without
+        communication; ``None`` when it can."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(x).__name__}")
+            return NO_TENSOR, f"expects a Tensor, got {type(x).__name__}"
         dims = self._dims
         if x.dim() not in (dims + 1, dims + 2):
-            raise ValueError(
-                f"{type(self).__name__} expects a {dims + 2}-D input [N, C, *spatial] "
-                f"(or {dims + 1}-D unbatched), got {x.dim()}-D of shape {tuple(x.shape)}"
+            return BAD_DIMS, (
+                f"expects a {dims + 2}-D input [N, C, *spatial] (or {dims + 1}-D unbatched), "
+                f"got {x.dim()}-D of shape {tuple(x.shape)}"
             )
         channels = x.shape[-dims - 1]
-        if self.input_layout == "sharded":
-            start, stop = self.input_shard
-            if channels != stop - start:
-                raise ValueError(
-                    f"rank {self.rank} of {self.world_size}: sharded input has {channels} "
-                    f"channels, the layer expects {stop - start} (its shard {start}..{stop} of "
-                    f"{self.in_channels} channels, groups={self.groups})"
-                )
-        elif channels != self.in_channels:
-            raise ValueError(
-                f"rank {self.rank} of {self.world_size}: input has {channels} channels, the "
-                f"layer expects {self.in_channels} (input_layout='replicated')"
+        expected = self._expected_channels(self.rank)
+        if channels != expected:
+            return BAD_CHANNELS, (
+                f"input has {channels} channels, the layer expects {expected} "
+                f"({self._channels_note(self.rank)})"
             )
         if x.dtype != self.weight.dtype:
-            raise ValueError(
+            return BAD_DTYPE, (
                 f"input dtype {x.dtype} does not match the weight's {self.weight.dtype}"
             )
         if x.device != self.weight.device:
-            raise ValueError(f"input is on {x.device}, the weight on {self.weight.device}")
+            return BAD_DEVICE, f"input is on {x.device}, the weight on {self.weight.device}"
+        return None
+
+    def _expected_channels(self, rank: int) -> int:
+        if self.input_layout == "sharded":
+            start, stop = self._in_shards.slices[rank]
+            return stop - start
+        return self.in_channels
+
+    def _channels_note(self, rank: int) -> str:
+        if self.input_layout == "sharded":
+            start, stop = self._in_shards.slices[rank]
+            return (
+                f"sharded input: its shard {start}..{stop} of {self.in_channels} channels, "
+                f"groups={self.groups}"
+            )
+        return "replicated input"
+
+    def _check_input(self, x) -> None:
+        """Raise before any data moves when ``x`` cannot be this rank's input.
+
+        With checks on and more than one rank, every rank first exchanges a record of its
+        input (see :mod:`mpgroups.validation`), so a problem on any rank raises on all.
+        """
+        problem = self._local_problem(x)
+        if self.world_size > 1 and checks_enabled(self.checks):
+            self._calls += 1
+            check_across_ranks(
+                x,
+                process_group=self.process_group,
+                rank=self.rank,
+                layer=self._name(),
+                layer_id=self._fingerprint,
+                call=self._calls,
+                problem=problem,
+                channel_dim=x.dim() - self._dims - 1 if isinstance(x, Tensor) else 1,
+                expected_channels=[self._expected_channels(r) for r in range(self.world_size)],
+                channels_note=[self._channels_note(r) for r in range(self.world_size)],
+                weight=self.weight,
+            )
+        elif problem is not None:
+            error = TypeError if not isinstance(x, Tensor) else ValueError
+            raise error(f"{self._name()} on rank {self.rank} of {self.world_size}: {problem[1]}")
+
+    def _name(self) -> str:
+        return (
+            f"{type(self).__name__}({self.in_channels}, {self.out_channels}, "
+            f"groups={self.groups}, {self.input_layout}->{self.output_layout})"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve ``x`` (layout ``input_layout``) into an output of layout ``output_layout``.
@@ -300,6 +367,7 @@ class _GroupParallelConvNd(nn.Module):
         *,
         input_layout: str = "replicated",
         output_layout: str = "replicated",
+        checks: bool | None = None,
     ):
         """Shard an existing ``nn.ConvNd``: this rank keeps its rows of the weight and bias.
 
@@ -326,6 +394,7 @@ class _GroupParallelConvNd(nn.Module):
             process_group=process_group,
             input_layout=input_layout,
             output_layout=output_layout,
+            checks=checks,
             _init_weights=False,
         )
         start, stop = layer.out_slice
@@ -406,6 +475,9 @@ class GroupParallelConv2d(_GroupParallelConvNd):
             when ``torch.distributed`` is initialised (else a single-device layer).
         input_layout, output_layout: ``"replicated"`` (every rank holds the whole activation)
             or ``"sharded"`` (each rank holds its channels, see ``input_shard``/``output_shard``).
+        checks: exchange a small record of every input between the ranks before the data
+            moves, so that a mismatch raises on every rank instead of hanging (default:
+            ``MPGROUPS_CHECKS``, on unless set to ``0``).
 
     Raises:
         ValueError: bad conv arguments, as ``nn.Conv2d``; ``PlacementError`` (a ``ValueError``)

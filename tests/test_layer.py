@@ -12,6 +12,7 @@ from torch import nn
 
 import mpgroups
 from mpgroups.conv import GroupParallelConv2d
+from mpgroups.validation import RECORD_SIZE
 
 SINGLE_DEVICE_CASES = [
     case(),
@@ -130,9 +131,15 @@ def _comm_counts(ctx) -> None:
             y = layer(x)
         with mpgroups.CommCounter() as backward:
             y.backward(torch.ones_like(y))
+        # The validation record: one tiny all-gather per call, counted apart from data.
+        record_bytes = ctx.world_size * RECORD_SIZE * 8
+        assert [(r.op, r.nbytes) for r in forward.records if r.kind == "meta"] == [
+            ("all_gather", record_bytes)
+        ]
+        assert backward.count(kind="meta") == 0
         return (
-            [(r.op, r.group_size, r.nbytes) for r in forward.records],
-            [(r.op, r.group_size, r.nbytes) for r in backward.records],
+            [(r.op, r.group_size, r.nbytes) for r in forward.records if r.kind == "data"],
+            [(r.op, r.group_size, r.nbytes) for r in backward.records if r.kind == "data"],
         )
 
     world = ctx.world_size
