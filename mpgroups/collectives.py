@@ -49,16 +49,20 @@ __all__ = [
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-_DTYPES = (
+# Dtypes as small integers in the metadata records ranks exchange (index = code).
+WIRE_DTYPES = (
     torch.float32,
     torch.float64,
     torch.float16,
     torch.bfloat16,
     torch.int64,
     torch.int32,
+    torch.int16,
     torch.int8,
     torch.uint8,
     torch.bool,
+    torch.complex64,
+    torch.complex128,
 )
 _MAX_DIMS = 8
 
@@ -264,12 +268,12 @@ def _broadcast_meta(
             raise ValueError(
                 f"rank {src} must pass a tensor of at most {_MAX_DIMS} dims to scatter"
             )
-        values = [x.dim(), _DTYPES.index(x.dtype), int(x.requires_grad), *x.shape]
+        values = [x.dim(), WIRE_DTYPES.index(x.dtype), int(x.requires_grad), *x.shape]
         meta[: len(values)] = torch.tensor(values)
     record("broadcast", process_group.size(), meta.numel() * meta.element_size(), kind="meta")
     dist.broadcast(meta, group=process_group, group_src=src)
     ndim, dtype_index, requires_grad = meta[:3].tolist()
-    return torch.Size(meta[3 : 3 + ndim].tolist()), _DTYPES[dtype_index], bool(requires_grad)
+    return torch.Size(meta[3 : 3 + ndim].tolist()), WIRE_DTYPES[dtype_index], bool(requires_grad)
 
 
 def channel_shards(channels: int, groups: int, process_group=None) -> ChannelShards:

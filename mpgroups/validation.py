@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mpgroups.collectives import all_gather_records
+from mpgroups.collectives import WIRE_DTYPES, all_gather_records
 
 __all__ = [
     "RECORD_SIZE",
@@ -31,20 +31,7 @@ __all__ = [
     "fingerprint",
 ]
 
-_DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-    torch.complex64,
-    torch.complex128,
-)
+_DTYPES = WIRE_DTYPES
 _DEVICE_TYPES = ("cpu", "cuda", "meta")
 _MAX_DIMS = 5
 # layout of a record: fingerprint, call, local problem, dtype, device, ndim, shape[_MAX_DIMS]
