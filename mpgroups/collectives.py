@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mpgroups.counter import record
+from mpgroups.counter import counted, record
 from mpgroups.groups import resolve_process_group
 from mpgroups.placement import Slice, shard_slice
 
@@ -139,8 +139,8 @@ def _all_gather(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     width = max(widths)
     send = _padded(x, width, dim)
     recv = send.new_empty((shards.world_size, *send.shape))
-    record("all_gather", shards.world_size, recv.numel() * recv.element_size())
-    _all_gather_single(recv.view(-1), send.view(-1), group=shards.group)
+    with counted("all_gather", shards.world_size, recv.numel() * recv.element_size()):
+        _all_gather_single(recv.view(-1), send.view(-1), group=shards.group)
     # One copy from [P, ..., width, ...] into the full tensor, trimming the padding.
     return torch.cat([recv[r].narrow(dim, 0, w) for r, w in enumerate(widths)], dim=dim)
 
@@ -156,8 +156,8 @@ def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     width = max(shards.widths)
     send = torch.stack([_padded(x.narrow(dim, a, b - a), width, dim) for a, b in shards.slices])
     recv = send.new_empty(send.shape[1:])
-    record("reduce_scatter", shards.world_size, send.numel() * send.element_size())
-    _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.group)
+    with counted("reduce_scatter", shards.world_size, send.numel() * send.element_size()):
+        _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.group)
     return recv.narrow(dim, 0, shards.widths[shards.rank])
 
 
@@ -298,8 +298,9 @@ def _scatter_from(
     if shards.rank == src:
         x = x.contiguous()
         chunks = [_padded(x.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
-    record("scatter", shards.world_size, recv.numel() * recv.element_size() * shards.world_size)
-    dist.scatter(recv, chunks, group=shards.group, group_src=src)
+    nbytes = recv.numel() * recv.element_size() * shards.world_size
+    with counted("scatter", shards.world_size, nbytes):
+        dist.scatter(recv, chunks, group=shards.group, group_src=src)
     return recv.narrow(1, 0, shards.widths[shards.rank])
 
 
@@ -322,8 +323,9 @@ def _gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
     recv = None
     if shards.rank == dst:
         recv = [torch.empty_like(send) for _ in range(shards.world_size)]
-    record("gather", shards.world_size, send.numel() * send.element_size() * shards.world_size)
-    dist.gather(send, recv, group=shards.group, group_dst=dst)
+    nbytes = send.numel() * send.element_size() * shards.world_size
+    with counted("gather", shards.world_size, nbytes):
+        dist.gather(send, recv, group=shards.group, group_dst=dst)
     if shards.rank != dst:
         return x.new_empty(0)
     return torch.cat([r.narrow(1, 0, w) for r, w in zip(recv, shards.widths, strict=True)], dim=1)
@@ -459,8 +461,8 @@ def broadcast_tensors_(tensors: list[Tensor], process_group=None, src: int = 0) 
     with torch.no_grad():
         for same in by_kind.values():
             flat = torch.cat([t.reshape(-1) for t in same])
-            record("broadcast", pg.size(), flat.numel() * flat.element_size())
-            dist.broadcast(flat, group=pg, group_src=src)
+            with counted("broadcast", pg.size(), flat.numel() * flat.element_size()):
+                dist.broadcast(flat, group=pg, group_src=src)
             offset = 0
             for t in same:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -502,6 +504,6 @@ def all_gather_records(values: Tensor, process_group) -> Tensor:
         return values.unsqueeze(0)
     send = values.to(_comm_device(pg))
     recv = send.new_empty((pg.size(), send.numel()))
-    record("all_gather", pg.size(), recv.numel() * recv.element_size(), kind="meta")
-    _all_gather_single(recv.view(-1), send, group=pg)
+    with counted("all_gather", pg.size(), recv.numel() * recv.element_size(), kind="meta"):
+        _all_gather_single(recv.view(-1), send, group=pg)
     return recv.cpu()

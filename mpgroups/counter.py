@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 __all__ = ["CommCounter", "CommRecord"]
@@ -22,13 +25,15 @@ class CommRecord:
     all-gather, the whole input for a reduce-scatter, the tensor for an all-reduce or a
     broadcast, and all shards for a scatter or a gather. Padding of uneven shards counts
     as sent. ``kind`` is ``"data"`` for activations, gradients and weights, ``"meta"`` for
-    the small validation records.
+    the small validation records. ``seconds`` is the wall time of the call on this rank
+    (for a synchronous backend such as gloo, the time the collective took; 0 where not timed).
     """
 
     op: str
     group_size: int
     nbytes: int
     kind: str = "data"
+    seconds: float = 0.0
 
 
 class CommCounter:
@@ -66,6 +71,10 @@ class CommCounter:
         """Number of collectives, of one ``op`` or all; ``kind=None`` includes validation."""
         return len(self._select(op, kind))
 
+    def seconds(self, op: str | None = None, kind: str | None = "data") -> float:
+        """Wall time spent in the collectives (see :class:`CommRecord`)."""
+        return sum(r.seconds for r in self._select(op, kind))
+
     def bytes(self, op: str | None = None, kind: str | None = "data") -> int:
         """Bytes moved, of one ``op`` or all (see :class:`CommRecord` for the convention)."""
         return sum(r.nbytes for r in self._select(op, kind))
@@ -82,10 +91,21 @@ class CommCounter:
         return f"CommCounter(data={self.count()} ops/{self.bytes()} B, meta={meta} ops)"
 
 
-def record(op: str, group_size: int, nbytes: int, kind: str = "data") -> None:
+def record(op: str, group_size: int, nbytes: int, kind: str = "data", seconds: float = 0.0) -> None:
     """Add one collective to every open :class:`CommCounter`."""
     if _active:
-        rec = CommRecord(op, group_size, nbytes, kind)
+        rec = CommRecord(op, group_size, nbytes, kind, seconds)
         with _lock:
             for counter in _active:
                 counter.records.append(rec)
+
+
+@contextmanager
+def counted(op: str, group_size: int, nbytes: int, kind: str = "data") -> Iterator[None]:
+    """Record the collective run inside the block, with its wall time."""
+    if not _active:
+        yield
+        return
+    start = time.perf_counter()
+    yield
+    record(op, group_size, nbytes, kind, time.perf_counter() - start)
