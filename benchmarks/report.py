@@ -1,0 +1,151 @@
+"""Markdown table and plots from ``scaling.json`` (see ``scaling.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f}"
+
+
+def write_table(result: dict, path: Path) -> str:
+    """The per-case table (times are medians over interleaved repetitions)."""
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']['cores']} cores, {result['machine']['platform']}, "
+        f"torch {result['machine']['torch']}; {result['reps']} timed repetitions after "
+        f"{result['warmup']} warm-up, variants interleaved.",
+        "",
+        "Step = forward + backward (input grad included; AlexNet: + SGD step). Speedups are "
+        "ratios of medians from the same run. `1p×t`: one process with one rank's threads; "
+        "`1p×P·t`: one process with all ranks' threads. Bytes per step per rank, "
+        "CommCounter's convention (nccl-tests size).",
+        "",
+        "| case | P | thr/rank | GP fwd ms | GP step ms (p25–p75) | 1p×t step ms | GP vs 1p×t "
+        "| GP vs 1p×P·t | DDP step ms | GP vs DDP | bytes measured | bytes analytic "
+        "| comm share | params+opt MiB GP | DDP | GP/DDP |",
+        "|" + "---|" * 16,
+    ]
+    worlds = sorted(result["runs"], key=int)
+    names = list(result["runs"][worlds[0]]["cases"])
+    for name in names:
+        for world in worlds:
+            run = result["runs"][world]
+            c = run["cases"].get(name)
+            if c is None:
+                continue
+            t = c["times"]
+            gp = t["group_parallel"]["step"]
+            single = t["single_t"]["step"]["median"]
+            total = t.get("single_T", t["single_t"])["step"]["median"]
+            ddp = t.get("ddp", {}).get("step", {}).get("median")
+            mem = c["param_and_optimizer_bytes"]
+            threads = f"{run['threads_per_rank']}" + ("*" if run["oversubscribed"] else "")
+            row = [
+                name,
+                world,
+                threads,
+                _ms(t["group_parallel"]["forward"]["median"]),
+                f"{_ms(gp['median'])} ({_ms(gp['p25'])}–{_ms(gp['p75'])})",
+                _ms(single),
+                f"{single / gp['median']:.2f}×",
+                f"{total / gp['median']:.2f}×",
+                _ms(ddp) if ddp else "–",
+                f"{ddp / gp['median']:.2f}×" if ddp else "–",
+                f"{c['comm']['measured_bytes']:,}",
+                f"{c['comm']['analytic_bytes']:,}",
+                f"{c['comm']['share_of_step']:.0%}",
+                _mb(mem["group_parallel"]),
+                _mb(mem["ddp"]) if "ddp" in mem else "–",
+                f"{mem['group_parallel'] / mem['ddp']:.0%}" if "ddp" in mem else "–",
+            ]
+            lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    lines.append("")
+    lines.append("`*`: ranks × threads exceed the cores, so ranks share cores.")
+    checks = []
+    for world in worlds:
+        for name in names:
+            times = result["runs"][world]["cases"].get(name, {}).get("times", {})
+            if "group_parallel_nochecks" in times:
+                checks.append((world, times))
+    if checks:
+        lines += ["", "Cost of the validation exchange (AlexNet step, checks on vs off):", ""]
+        for world, times in checks:
+            on = times["group_parallel"]["step"]["median"]
+            off = times["group_parallel_nochecks"]["step"]["median"]
+            lines.append(f"- P={world}: {_ms(on)} ms vs {_ms(off)} ms: {on / off - 1:+.1%}")
+    projection = result.get("projection", {}).get("cases", {})
+    if projection:
+        lines += [
+            "",
+            "Projection (α–β fit of gloo on this machine) vs measured group-parallel step:",
+            "",
+            "| case | P | compute ms | comm ms | predicted ms | measured ms | error |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, by_world in projection.items():
+            for world, p in sorted(by_world.items(), key=lambda kv: int(kv[0])):
+                lines.append(
+                    f"| {name} | {world} | {_ms(p['compute'])} | {_ms(p['comm'])} | "
+                    f"{_ms(p['step'])} | {_ms(p['measured'])} | {p['error']:+.0%} |"
+                )
+        for world, link in sorted(result["projection"]["links"].items()):
+            lines.append(
+                f"\nFitted gloo link at P={world}: α = {link['latency_s'] * 1e6:.0f} µs per step, "
+                f"busbw = {link['busbw_bytes_per_s'] / 1e9:.2f} GB/s."
+            )
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def write_plots(result: dict, out: Path) -> list[Path]:
+    """``scaling.png`` (speedup vs P) and ``comm_share.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = sorted(result["runs"], key=int)
+    names = list(result["runs"][worlds[0]]["cases"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for variant, style in (("group_parallel", "o-"), ("ddp", "s--")):
+            xs, ys = [], []
+            for world in worlds:
+                t = result["runs"][world]["cases"][name]["times"]
+                if variant in t:
+                    xs.append(int(world))
+                    ys.append(t["single_t"]["step"]["median"] / t[variant]["step"]["median"])
+            if xs:
+                ax.plot(xs, ys, style, label=variant.replace("_", " "))
+        ax.plot([1, int(worlds[-1])], [1, int(worlds[-1])], ":", color="grey", label="ideal")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("processes")
+        ax.set_xticks([int(w) for w in worlds])
+    axes[0][0].set_ylabel("speedup vs 1 process × t threads")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / "scaling.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / max(1, len(worlds) - 1)
+    for i, world in enumerate(w for w in worlds if w != "1"):
+        shares = [result["runs"][world]["cases"][n]["comm"]["share_of_step"] for n in names]
+        ax.bar([j + i * width for j in range(len(names))], shares, width, label=f"P={world}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=20, fontsize=7)
+    ax.set_ylabel("share of step in collectives")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "comm_share.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,341 @@
+"""Scaling study: group-parallel grouped convolution vs one process and vs data parallel.
+
+Usage (from the repository root, in the environment of ``pip install -e '.[test]'``)::
+
+    python benchmarks/scaling.py                       # all cases, world sizes 1 2 4
+    python benchmarks/scaling.py --cases alexnet_towers --world-sizes 1 2 --reps 9
+    python benchmarks/scaling.py --quick --out /tmp/r  # tiny sizes: checks that it runs
+
+For each world size P the script spawns P gloo processes on this machine with
+``max(1, cores // P)`` threads each. In every case the variants run interleaved, repetition by
+repetition, so that noise on the machine hits all of them alike:
+
+* ``single_t``: one process with the threads of one rank (rank 0 while the others wait);
+* ``single_T``: one process with the threads of all ranks together;
+* ``group_parallel``: the case's layers built with mpgroups over the P ranks;
+* ``ddp``: ``DistributedDataParallel`` around the single-device model, global batch split;
+* ``group_parallel_nochecks`` (AlexNet step): the same with ``MPGROUPS_CHECKS=0``.
+
+Writes ``OUT/scaling.json``, ``OUT/table.md``, ``OUT/scaling.png`` and ``OUT/comm_share.png``,
+and prints the table and the projection's predicted vs measured step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cases import CASES, QUICK, Case, analytic_collectives, build_parallel, build_single  # noqa: E402
+from cases import make_input  # noqa: E402
+
+import mpgroups  # noqa: E402
+
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+LINK_SIZES = (4_096, 65_536, 524_288, 2_097_152, 8_388_608)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _max_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _summary(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "runs": len(times)}
+
+
+def _optimizer_state_bytes(model, step) -> int:
+    """Parameters + SGD momentum on this rank, after one real optimizer step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    step()
+    optimizer.step()
+    state = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+    return mpgroups.local_parameter_bytes(model) + state
+
+
+def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args) -> dict:
+    group = dist.group.WORLD if world > 1 else None
+    is_step = case.alexnet is not None
+    single = build_single(case)
+    gp = build_parallel(case, group)
+    x_full = make_input(case, case.batch)
+    labels = torch.randint(0, case.alexnet["num_classes"], (case.batch,)) if is_step else None
+
+    def runner(model, x, y):
+        x = x.detach().requires_grad_(not is_step)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if is_step else None
+
+        def step():
+            out = model(x)
+            loss = F.cross_entropy(out, y) if is_step else out.float().pow(2).mean()
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+            model.zero_grad(set_to_none=True)
+
+        def forward():
+            with torch.no_grad():
+                model(x)
+
+        return step, forward
+
+    variants = {}  # name -> (all ranks?, threads, step, forward)
+    variants["single_t"] = (False, threads, *runner(single, x_full, labels))
+    total = min(cores, world * threads)
+    if total != threads:
+        variants["single_T"] = (False, total, *runner(single, x_full, labels))
+    x_gp = make_input(case, case.batch, gp)
+    variants["group_parallel"] = (True, threads, *runner(gp, x_gp, labels))
+    if is_step and world > 1:
+        gp_step, gp_forward = variants["group_parallel"][2:]
+
+        def without_checks(fn):
+            def run():
+                os.environ["MPGROUPS_CHECKS"] = "0"
+                try:
+                    fn()
+                finally:
+                    os.environ.pop("MPGROUPS_CHECKS")
+
+            return run
+
+        variants["group_parallel_nochecks"] = (
+            True, threads, without_checks(gp_step), without_checks(gp_forward),
+        )  # fmt: skip
+    if world > 1:
+        local = case.batch // world
+        ddp = DistributedDataParallel(build_single(case))
+        y_local = labels[rank * local : (rank + 1) * local] if is_step else None
+        variants["ddp"] = (
+            True,
+            threads,
+            *runner(ddp, x_full[rank * local : (rank + 1) * local], y_local),
+        )
+
+    times = {name: {"step": [], "forward": []} for name in variants}
+    names = list(variants)
+    for phase, index in (("step", 2), ("forward", 3)):
+        for rep in range(args.warmup + args.reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in order:
+                everywhere, nthreads, *fns = variants[name]
+                _barrier(world)
+                elapsed = 0.0
+                if everywhere or rank == 0:
+                    torch.set_num_threads(nthreads)
+                    start = time.perf_counter()
+                    fns[index - 2]()
+                    elapsed = time.perf_counter() - start
+                    torch.set_num_threads(threads)
+                elapsed = _max_over_ranks(elapsed, world)
+                if rep >= args.warmup:
+                    times[name][phase].append(elapsed)
+
+    result = {
+        "description": case.description,
+        "batch": case.batch,
+        "times": {n: {p: _summary(v) for p, v in t.items()} for n, t in times.items()},
+    }
+    # Communication of the group-parallel model: bytes per step, time in collectives.
+    gp_step = variants["group_parallel"][2]
+    comm_share = []
+    for _ in range(3):
+        _barrier(world)
+        with mpgroups.CommCounter() as comm:
+            start = time.perf_counter()
+            gp_step()
+            elapsed = time.perf_counter() - start
+        comm_share.append(comm.seconds() / elapsed)
+    analytic = analytic_collectives(case, world, rank)
+    result["comm"] = {
+        "measured_bytes": comm.bytes(),
+        "analytic_bytes": sum(c.nbytes for c in analytic),
+        "collectives": [c.__dict__ for c in analytic],
+        "meta_ops_per_step": comm.count(kind="meta"),
+        "share_of_step": statistics.median(comm_share),
+    }
+    # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
+    memory = {"group_parallel": _optimizer_state_bytes(gp, gp_step)}
+    if world > 1:
+        memory["ddp"] = _optimizer_state_bytes(ddp.module, variants["ddp"][2])
+    memory["single"] = _optimizer_state_bytes(single, variants["single_t"][2])
+    result["param_and_optimizer_bytes"] = memory
+    result["rss_bytes"] = psutil.Process().memory_info().rss
+    result["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(single) if world > 1 else 0
+    if is_step and rank == 0:
+        result["classifier_step_1thread"] = _classifier_step_time(single, x_full, labels, args)
+    return result
+
+
+def _classifier_step_time(model, x, labels, args) -> float:
+    """1-thread time of the replicated part of an AlexNet step (classifier fwd + bwd + SGD)."""
+    with torch.no_grad():
+        features = torch.flatten(model.features(x), 1)
+    optimizer = torch.optim.SGD(model.classifier.parameters(), lr=1e-4, momentum=0.9)
+    torch.set_num_threads(1)
+    times = []
+    for rep in range(args.warmup + args.reps):
+        start = time.perf_counter()
+        F.cross_entropy(model.classifier(features), labels).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if rep >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure_link(world: int) -> dict:
+    """gloo all-gather time by size on this machine, for the α–β fit."""
+    points = []
+    for nbytes in LINK_SIZES:
+        send = torch.zeros(max(1, nbytes // (4 * world)))
+        recv = send.new_empty(world * send.numel())
+        runs = []
+        for rep in range(9):
+            dist.barrier()
+            start = time.perf_counter()
+            all_gather_single(recv, send)
+            runs.append(_max_over_ranks(time.perf_counter() - start, world))
+        points.append((recv.numel() * 4, statistics.median(runs[2:])))
+    return {"points": points}
+
+
+def _worker(rank: int, world: int, port: int, args, queue) -> None:
+    try:
+        cores = args.cores
+        threads = max(1, cores // world)
+        torch.set_num_threads(threads)
+        if world > 1:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+            )
+        cases = QUICK if args.quick else CASES
+        out = {"threads_per_rank": threads, "oversubscribed": world * threads > cores, "cases": {}}
+        for name in args.cases or list(cases):
+            out["cases"][name] = _run_case(cases[name], world, rank, threads, cores, args)
+            if rank == 0:
+                print(f"  P={world} {name} done", file=sys.stderr, flush=True)
+        if world > 1:
+            out["link"] = _measure_link(world)
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if rank == 0:
+            queue.put(("ok", out))
+        if world > 1:
+            dist.destroy_process_group()
+    except BaseException:
+        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+
+
+def run_world(world: int, args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    status, value = queue.get(timeout=args.timeout)
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    if status != "ok":
+        raise RuntimeError(f"benchmark at world size {world} failed:\n{value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--cases", nargs="+", default=None, help=f"of {', '.join(CASES)}")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repetitions")
+    parser.add_argument("--cores", type=int, default=psutil.cpu_count(logical=False) or 1)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup = 2, 1
+    known = QUICK if args.quick else CASES
+    unknown = [c for c in args.cases or [] if c not in known]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(known)}")
+    if 1 not in args.world_sizes:
+        parser.error("--world-sizes must include 1 (the reference for the projection)")
+
+    from projection import validate
+    from report import write_plots, write_table
+
+    started = time.time()
+    runs = {}
+    for world in args.world_sizes:
+        note = " (ranks outnumber cores: they share them)" if world > args.cores else ""
+        print(f"world size {world}: {max(1, args.cores // world)} thread(s) per rank{note}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        runs[world] = run_world(world, args)
+    result = {
+        "command": "python "
+        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {
+            "cores": args.cores,
+            "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "mpgroups": mpgroups.__version__,
+        },
+        "quick": args.quick,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "runs": {str(k): v for k, v in runs.items()},
+        "seconds": time.time() - started,
+    }
+    result["projection"] = validate(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(result, indent=1))
+    table = write_table(result, out / "table.md")
+    write_plots(result, out)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
