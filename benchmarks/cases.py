@@ -69,7 +69,8 @@ CASES = {
         (Conv(384, 384, 3, 1, 384),),
     ),
     "alexnet_step": Case(
-        "alexnet_step", "mpgroups.models.AlexNet training step (SGD), 127x127, 100 classes", 32, 127,
+        "alexnet_step", "mpgroups.models.AlexNet training step (SGD), 127x127, 100 classes",
+        32, 127,
         alexnet={"num_classes": 100, "in_channels": 3},
     ),
 }  # fmt: skip

@@ -43,8 +43,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import CASES, QUICK, Case, analytic_collectives, build_parallel, build_single  # noqa: E402
-from cases import make_input  # noqa: E402
+from cases import (  # noqa: E402
+    CASES,
+    QUICK,
+    Case,
+    analytic_collectives,
+    build_parallel,
+    build_single,
+    make_input,
+)
 
 import mpgroups  # noqa: E402
 
@@ -228,7 +235,7 @@ def _measure_link(world: int) -> dict:
         send = torch.zeros(max(1, nbytes // (4 * world)))
         recv = send.new_empty(world * send.numel())
         runs = []
-        for rep in range(9):
+        for _ in range(9):
             dist.barrier()
             start = time.perf_counter()
             all_gather_single(recv, send)
