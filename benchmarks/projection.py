@@ -7,9 +7,11 @@ Usage::
 
 Step time at P ranks = compute + communication, where
 
-* compute = (T_shard / P + T_replicated) × max(1, P·t / cores): T_shard is the measured
-  one-thread time of the layers that group parallelism splits, T_replicated of what every rank
-  repeats (AlexNet's classifier); ranks that outnumber the cores share them;
+* compute = T_local(P) × max(1, P·t / cores), ranks that outnumber the cores sharing them.
+  For a block of layers T_local(P) is measured at one thread in one process: rank 0's local
+  convolutions at P with the copies its layouts make (``scaling._local_compute_time``). For the
+  AlexNet step, T_shard / P + T_replicated: T_shard is the one-thread time of what group
+  parallelism splits, T_replicated of what every rank repeats (the classifier);
 * communication = Σ over the collectives the placement rule prescribes (``mpgroups.comm_model``)
   of (P-1)·α + bytes·(P-1)/P / busbw (nccl-tests' bus-bandwidth convention), plus the
   per-call validation exchanges.
@@ -34,13 +36,19 @@ from mpgroups.validation import RECORD_SIZE  # noqa: E402
 
 
 def fit_link(points: list[tuple[int, float]], world: int) -> Link:
-    """Least-squares fit of t = (P-1)·α + bytes·(P-1)/P / busbw to measured all-gathers."""
+    """Fit t = (P-1)·α + bytes·(P-1)/P / busbw to measured all-gathers.
+
+    Weighted least squares with weights 1/t², i.e. relative errors, so that the small sizes
+    (which set α) count as much as the large ones (which set the bandwidth).
+    """
     xs = [nbytes * (world - 1) / world for nbytes, _ in points]
     ys = [t for _, t in points]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
+    ws = [1 / t**2 for t in ys]
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / sw
+    my = sum(w * y for w, y in zip(ws, ys, strict=True)) / sw
+    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys, strict=True)) / sum(
+        w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True)
     )
     intercept = max(0.0, my - slope * mx)
     return Link(f"gloo loopback (fit at P={world})", intercept / (world - 1), 1 / slope)
@@ -61,11 +69,15 @@ def predict(
     result: dict, case: str, world: int, link: Link, cores: int | None = None
 ) -> dict[str, float]:
     cases = QUICK if result.get("quick") else CASES
-    shard, replicated, _ = _compute_basis(result, case)
     cores = cores or result["machine"]["cores"]
     threads = max(1, cores // world)
     oversubscribe = max(1.0, world * threads / cores)
-    compute = (shard / world + replicated) * oversubscribe
+    local = result["runs"]["1"]["cases"][case].get("local_compute_1thread", {})
+    if str(world) in local:
+        compute = local[str(world)] * oversubscribe
+    else:
+        shard, replicated, _ = _compute_basis(result, case)
+        compute = (shard / world + replicated) * oversubscribe
     collectives = analytic_collectives(cases[case], world, 0)
     comm = sum(collective_seconds(c.op, c.group_size, c.nbytes, link) for c in collectives)
     runs = result["runs"].get(str(world), {}).get("cases", {})

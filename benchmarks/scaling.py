@@ -56,7 +56,8 @@ from cases import (  # noqa: E402
 import mpgroups  # noqa: E402
 
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-LINK_SIZES = (4_096, 65_536, 524_288, 2_097_152, 8_388_608)
+LINK_SIZES = (4_096, 65_536, 524_288, 2_097_152, 8_388_608, 33_554_432)
+PROJECTED_WORLD_SIZES = (2, 4, 8)
 
 
 def _free_port() -> int:
@@ -182,14 +183,15 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
     }
     # Communication of the group-parallel model: bytes per step, time in collectives.
     gp_step = variants["group_parallel"][2]
-    comm_share = []
-    for _ in range(3):
+    comm_share, check_share = [], []
+    for _ in range(5):
         _barrier(world)
         with mpgroups.CommCounter() as comm:
             start = time.perf_counter()
             gp_step()
             elapsed = time.perf_counter() - start
         comm_share.append(comm.seconds() / elapsed)
+        check_share.append(_max_over_ranks(comm.seconds(kind="check") / elapsed, world))
     analytic = analytic_collectives(case, world, rank)
     result["comm"] = {
         "measured_bytes": comm.bytes(),
@@ -197,7 +199,12 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
         "collectives": [c.__dict__ for c in analytic],
         "meta_ops_per_step": comm.count(kind="meta"),
         "share_of_step": statistics.median(comm_share),
+        "checks_share_of_step": statistics.median(check_share),
     }
+    if world == 1 and rank == 0 and not is_step:
+        result["local_compute_1thread"] = {
+            str(p): _local_compute_time(case, p, args) for p in PROJECTED_WORLD_SIZES
+        }
     # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
     memory = {"group_parallel": _optimizer_state_bytes(gp, gp_step)}
     if world > 1:
@@ -209,6 +216,50 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
     if is_step and rank == 0:
         result["classifier_step_1thread"] = _classifier_step_time(single, x_full, labels, args)
     return result
+
+
+def _local_compute_time(case: Case, world: int, args) -> float:
+    """One thread, no communication: rank 0's share of a step at ``world`` ranks.
+
+    Rank 0's local convolutions (the shapes the placement rule gives it) with the copies its
+    layouts make around them: the channel slice of a replicated input, the concatenation
+    that assembles a gathered output or team input, and the full-size input gradient.
+    """
+    torch.manual_seed(0)
+    size, layers = case.size, []
+    for c in case.convs:
+        pl = mpgroups.place(c.cin, c.cout, c.groups, world, 0)
+        conv = torch.nn.Conv2d(
+            pl.local_in_channels, pl.local_out_channels, c.kernel, padding=c.padding,
+            groups=pl.local_groups,
+        )  # fmt: skip
+        shard = mpgroups.placement.shard_slice(c.cin, c.groups, world, 0)
+        layers.append((c, pl, conv, shard))
+    first, pl0, _, shard0 = layers[0]
+    width = first.cin if first.layouts[0] == "replicated" else shard0[1] - shard0[0]
+    x = torch.randn(case.batch, width, size, size, requires_grad=True)
+
+    def step():
+        h = x
+        for c, pl, conv, _ in layers:
+            if c.layouts[0] == "replicated":
+                h = h[:, pl.in_slice[0] : pl.in_slice[1]]
+            elif pl.filter_split:
+                h = torch.cat([h] * pl.team_size, dim=1)[:, : pl.local_in_channels]
+            h = conv(h)
+            if c.layouts[1] == "replicated":
+                h = torch.cat([h] * world, dim=1)[:, : c.cout]
+        h.pow(2).mean().backward()
+
+    torch.set_num_threads(1)
+    times = []
+    for rep in range(args.warmup + args.reps):
+        start = time.perf_counter()
+        step()
+        x.grad = None
+        if rep >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _classifier_step_time(model, x, labels, args) -> float:

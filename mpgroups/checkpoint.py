@@ -48,6 +48,7 @@ __all__ = [
 
 _FORMAT = "mpgroups.sharded.v1"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_RANK_FILE = re.compile(r"^rank-(\d{5})-of-(\d{5})\.pt$")
 _SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.pt$")
 
 
@@ -255,6 +256,22 @@ class CheckpointManager:
         found = (_STEP_DIR.match(p.name) for p in self.directory.iterdir())
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
+    def _check_world_size(self) -> None:
+        """Refuse checkpoints written by a job of another size (same answer on every rank)."""
+        sizes = set()
+        for step in self.steps():
+            for path in (self.directory / f"step-{step:08d}").iterdir():
+                match = _RANK_FILE.match(path.name)
+                if match:
+                    sizes.add(int(match.group(2)))
+        if sizes and self.world_size not in sizes:
+            raise ValueError(
+                f"{self.directory} holds training checkpoints of a job with "
+                f"{sorted(sizes)} processes; this job has {self.world_size}. Resume with the "
+                f"same number of processes, or reshard the model with save_sharded_state_dict "
+                f"/ load_sharded_state_dict"
+            )
+
     def save(self, step: int, state: dict) -> Path:
         path = self._file(step)
         atomic_save({"step": step, "world_size": self.world_size, "state": state}, path)
@@ -266,6 +283,7 @@ class CheckpointManager:
 
     def load_latest(self) -> dict | None:
         """This rank's state of the newest step all ranks can read, or ``None``."""
+        self._check_world_size()
         # Every rank walks the same list, rank 0's view of the directory.
         for step in broadcast_ints(self.steps(), self.process_group):
             state, problem = None, None

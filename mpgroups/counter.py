@@ -25,8 +25,9 @@ class CommRecord:
     all-gather, the whole input for a reduce-scatter, the tensor for an all-reduce or a
     broadcast, and all shards for a scatter or a gather. Padding of uneven shards counts
     as sent. ``kind`` is ``"data"`` for activations, gradients and weights, ``"meta"`` for
-    the small validation records. ``seconds`` is the wall time of the call on this rank
-    (for a synchronous backend such as gloo, the time the collective took; 0 where not timed).
+    the small validation records, ``"check"`` for a whole input check (exchange included).
+    ``seconds`` is the wall time of the call on this rank (for a synchronous backend such as
+    gloo, the time the collective took; 0 where not timed).
     """
 
     op: str

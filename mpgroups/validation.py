@@ -14,6 +14,7 @@ process group's timeout instead.
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mpgroups.collectives import WIRE_DTYPES, all_gather_records
+from mpgroups.counter import record
 
 __all__ = [
     "RECORD_SIZE",
@@ -92,7 +94,20 @@ def _describe(record: list[int]) -> str:
     return f"{list(shape)} {str(dtype).replace('torch.', '')} on {device}"
 
 
-def check_across_ranks(
+def check_across_ranks(x, **kwargs) -> list[list[int]]:
+    """See :func:`_check_across_ranks`; the whole check (records, exchange, comparison) is
+    recorded in open :class:`~mpgroups.CommCounter` s as op ``"input_check"``, kind
+    ``"check"``, with its wall time: the cost of the checks."""
+    start = time.perf_counter()
+    try:
+        return _check_across_ranks(x, **kwargs)
+    finally:
+        group = kwargs["process_group"]
+        size = group.size() if group is not None else 1
+        record("input_check", size, 0, kind="check", seconds=time.perf_counter() - start)
+
+
+def _check_across_ranks(
     x,
     *,
     process_group,

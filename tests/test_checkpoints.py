@@ -169,3 +169,14 @@ def test_killed_rank_resumes_to_the_same_final_state(tmp_path):
     assert list(final_killed) == list(final_clean)
     for key, value in final_clean.items():
         assert torch.equal(final_killed[key], value), f"{key} differs after the resume"
+
+
+def _resume_at_another_size(ctx, directory: str) -> None:
+    manager = CheckpointManager(directory, process_group=ctx.group)
+    with pytest.raises(ValueError, match=r"a job with \[1\] processes; this job has 2"):
+        manager.load_latest()
+
+
+def test_training_checkpoints_of_another_world_size_are_refused_clearly(pool, tmp_path):
+    CheckpointManager(tmp_path).save(3, {"step": 3})
+    pool.run(_resume_at_another_size, 2, str(tmp_path))

@@ -1,0 +1,74 @@
+"""The benchmark runs and writes valid output (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from parity import case, expected_comm
+
+from mpgroups.comm_model import LINKS, collective_seconds, layer_collectives
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "c",
+    [case(), case(cin=6, cout=9, groups=3), case(cin=4, cout=6, groups=1), case(cin=4, cout=6)],
+    ids=["g4", "uneven", "filter-split", "g2"],
+)
+@pytest.mark.parametrize("world", [2, 4])
+def test_comm_model_agrees_with_the_tests_derivation(c, world):
+    layouts = [("replicated", "replicated"), ("sharded", "sharded"), ("replicated", "sharded")]
+    for layout in layouts:
+        for rank in range(world):
+            try:
+                expected = expected_comm(c, world, rank, layout, (9, 9), (9, 9))
+            except ValueError:
+                continue
+            model = layer_collectives(
+                c["cin"], c["cout"], c["groups"], world, rank, layout, c["batch"], 81, 81, 4
+            )
+            assert sorted((m.op, m.nbytes) for m in model) == sorted(expected.elements())
+
+
+def test_alpha_beta_model():
+    link = LINKS["pcie5"]
+    one_gb = collective_seconds("all_gather", 4, 10**9, link)
+    assert one_gb == pytest.approx(3 * link.latency_s + 0.75e9 / link.busbw_bytes_per_s)
+    reduce = collective_seconds("all_reduce", 4, 10**9, link)
+    assert reduce == pytest.approx(6 * link.latency_s + 1.5e9 / link.busbw_bytes_per_s)
+    assert collective_seconds("all_gather", 1, 10**9, link) == 0.0
+
+
+def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick",
+        "--world-sizes", "1", "2", "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    assert set(data["runs"]) == {"1", "2"}
+    for world, run in data["runs"].items():
+        assert set(run["cases"]) == {"alexnet_towers", "resnext50_stage3", "alexnet_step"}
+        for name, c in run["cases"].items():
+            assert c["comm"]["measured_bytes"] == c["comm"]["analytic_bytes"], (world, name)
+            times = c["times"]["group_parallel"]["step"]
+            assert times["runs"] == 2 and 0 < times["p25"] <= times["median"] <= times["p75"]
+            if world == "2":
+                assert {"ddp", "single_t", "single_T"} <= set(c["times"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| alexnet_towers | 2 |" in table and "Projection" in table
+    for png in ("scaling.png", "comm_share.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    projected = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "projection.py"), "--results",
+         str(tmp_path / "scaling.json"), "--link", "nvlink4"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert projected.returncode == 0, projected.stderr
+    assert "alexnet_towers" in projected.stdout and "NVLink" in projected.stdout
