@@ -7,9 +7,10 @@ Usage::
 
 Step time at P ranks = compute + communication, where
 
-* compute = T_local(P) × max(1, P·t / cores), ranks that outnumber the cores sharing them.
-  For a block of layers T_local(P) is measured at one thread in one process: rank 0's local
-  convolutions at P with the copies its layouts make (``scaling._local_compute_time``). For the
+* compute: for a block of layers, rank 0's local work at P (its convolutions with the copies
+  its layouts make, ``scaling._local_compute_time``), measured without communication on all
+  P ranks at once where a run at P exists (so that sharing cores and memory bandwidth is in
+  it), else measured alone at one thread × max(1, P·t / cores). For the
   AlexNet step, T_shard / P + T_replicated: T_shard is the one-thread time of what group
   parallelism splits, T_replicated of what every rank repeats (the classifier);
 * communication = Σ over the collectives the placement rule prescribes (``mpgroups.comm_model``)
@@ -73,7 +74,10 @@ def predict(
     threads = max(1, cores // world)
     oversubscribe = max(1.0, world * threads / cores)
     local = result["runs"]["1"]["cases"][case].get("local_compute_1thread", {})
-    if str(world) in local:
+    measured_run = result["runs"].get(str(world), {}).get("cases", {}).get(case, {})
+    if "local_compute_concurrent" in measured_run and cores == result["machine"]["cores"]:
+        compute = measured_run["local_compute_concurrent"]
+    elif str(world) in local:
         compute = local[str(world)] * oversubscribe
     else:
         shard, replicated, _ = _compute_basis(result, case)

@@ -72,21 +72,27 @@ def write_table(result: dict, path: Path) -> str:
         for name in names:
             data = result["runs"][world]["cases"].get(name, {})
             if "group_parallel_nochecks" in data.get("times", {}):
-                checks.append((world, data["times"], data["comm"]["checks_share_of_step"]))
+                checks.append((world, data))
     if checks:
         lines += [
             "",
-            "Cost of the input checks in the AlexNet step: measured inside the step (time in "
-            "the checks, exchange included, slowest rank), and the interleaved on/off "
-            "difference (noisier: it is the difference of two medians):",
+            "Cost of the input checks in the AlexNet step. *Cost*: one check timed with the "
+            "ranks in step × checks per step / step time. *In-step*: time inside the checks "
+            "during real steps, an upper bound (it also holds the wait for a slower rank, "
+            "which without checks moves to the next collective). *On/off*: difference of the "
+            "interleaved medians with and without checks (noisy).",
             "",
         ]
-        for world, times, share in checks:
+        for world, data in checks:
+            times = data["times"]
             on = times["group_parallel"]["step"]["median"]
             off = times["group_parallel_nochecks"]["step"]["median"]
+            cost = data["check_seconds"] * data["comm"]["meta_ops_per_step"] / on
             lines.append(
-                f"- P={world}: checks take {share:.2%} of the step; step with checks "
-                f"{_ms(on)} ms, without {_ms(off)} ms ({on / off - 1:+.1%})"
+                f"- P={world}: cost {cost:.2%} ({data['comm']['meta_ops_per_step']} checks of "
+                f"{data['check_seconds'] * 1e3:.2f} ms); in-step "
+                f"{data['comm']['checks_share_of_step']:.2%}; on/off {_ms(on)} vs {_ms(off)} ms "
+                f"({on / off - 1:+.1%})"
             )
     projection = result.get("projection", {}).get("cases", {})
     if projection:

@@ -205,6 +205,16 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
         result["local_compute_1thread"] = {
             str(p): _local_compute_time(case, p, args) for p in PROJECTED_WORLD_SIZES
         }
+    if world > 1 and not is_step:
+        # The same local work on every rank at once, no communication: what the ranks' compute
+        # costs when they share this machine's cores and memory bandwidth.
+        _barrier(world)
+        result["local_compute_concurrent"] = _max_over_ranks(
+            _local_compute_time(case, world, args), world
+        )
+        torch.set_num_threads(threads)
+    if world > 1:
+        result["check_seconds"] = _check_seconds(gp, x_gp, world)
     # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
     memory = {"group_parallel": _optimizer_state_bytes(gp, gp_step)}
     if world > 1:
@@ -216,6 +226,24 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
     if is_step and rank == 0:
         result["classifier_step_1thread"] = _classifier_step_time(single, x_full, labels, args)
     return result
+
+
+def _check_seconds(model, x, world: int, calls: int = 30) -> float:
+    """Seconds of one input check of the model's first layer, ranks in step (slowest rank).
+
+    Inside a step the time in the checks also absorbs waiting for a slower rank, which
+    without the checks would be spent in the next collective instead; this measures the
+    check itself.
+    """
+    layer = next(m for m in model.modules() if isinstance(m, mpgroups.GroupParallelConv2d))
+    x = x.detach()
+    if x.shape[1] != layer._expected_channels(layer.rank):  # AlexNet's conv1 takes the image
+        x = torch.randn(x.shape[0], layer._expected_channels(layer.rank), 8, 8)
+    _barrier(world)
+    start = time.perf_counter()
+    for _ in range(calls):
+        layer._check_input(x)
+    return _max_over_ranks((time.perf_counter() - start) / calls, world)
 
 
 def _local_compute_time(case: Case, world: int, args) -> float:
