@@ -281,11 +281,11 @@ class _GroupParallelConvNd(nn.Module):
     def _check_input(self, x) -> None:
         """Raise before any data moves when ``x`` cannot be this rank's input.
 
-        With checks on and more than one rank, every rank first exchanges a record of its
+        With checks on and a collective to come, every rank first exchanges a record of its
         input (see :mod:`mpgroups.validation`), so a problem on any rank raises on all.
         """
         problem = self._local_problem(x)
-        if self.world_size > 1 and checks_enabled(self.checks):
+        if self._communicates(x) and checks_enabled(self.checks):
             self._calls += 1
             check_across_ranks(
                 x,
@@ -303,6 +303,21 @@ class _GroupParallelConvNd(nn.Module):
         elif problem is not None:
             error = TypeError if not isinstance(x, Tensor) else ValueError
             raise error(f"{self._name()} on rank {self.rank} of {self.world_size}: {problem[1]}")
+
+    def _communicates(self, x) -> bool:
+        """Whether this call issues a collective, forward or backward (DESIGN §3's table).
+
+        Only then can ranks that disagree hang, so only then do they exchange records; a
+        sharded → sharded layer holding whole groups computes alone and checks locally.
+        """
+        if self.world_size == 1:
+            return False
+        if self.output_layout == "replicated":
+            return True
+        if self.input_layout == "sharded":
+            return self.placement.filter_split
+        # Replicated input: the backward gathers the input grad when there is one to gather.
+        return not isinstance(x, Tensor) or (x.requires_grad and torch.is_grad_enabled())
 
     def _name(self) -> str:
         return (

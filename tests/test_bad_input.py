@@ -163,3 +163,23 @@ def _checks_switch(ctx) -> dict:
 
 def test_checks_can_be_switched_off(pool):
     assert pool.run(_checks_switch, 2) == [{"1": 1, "0": 0, "argument": 0}] * 2
+
+
+def _mismatch_through_a_local_layer(ctx):
+    """A layer that computes alone checks locally; the next collective catches the rest."""
+    local = GroupParallelConv2d(
+        8, 8, 3, padding=1, groups=4, process_group=ctx.group,
+        input_layout="sharded", output_layout="sharded",
+    )  # fmt: skip
+    gather = GroupParallelConv2d(8, 8, 1, groups=4, process_group=ctx.group, input_layout="sharded")
+    start, stop = local.input_shard
+    x = torch.randn(3 if ctx.rank == 1 else 4, stop - start, 5, 5)  # batch differs on rank 1
+    with mpgroups.CommCounter() as comm:
+        y = local(x)
+    assert comm.count(kind=None) == 0, "no exchange where no collective follows"
+    with pytest.raises(InputMismatchError, match=r"rank 1 sent \[3, 4, 5, 5\]"):
+        gather(y)
+
+
+def test_layer_without_collectives_defers_to_the_next_check(pool):
+    pool.run(_mismatch_through_a_local_layer, 2)
