@@ -179,6 +179,15 @@ class GatherChannels(nn.Module):
         self._calls = 0
         self.shards = channel_shards(channels, groups, process_group)
 
+    @classmethod
+    def from_shards(cls, shards: ChannelShards, checks: bool | None = None) -> GatherChannels:
+        """A gather for an existing layout (``groups`` is then ``None``)."""
+        gather = cls.__new__(cls)
+        nn.Module.__init__(gather)
+        gather.channels, gather.groups, gather.checks, gather._calls = shards.total, None, checks, 0
+        gather.shards = shards
+        return gather
+
     def forward(self, x: Tensor) -> Tensor:
         shards = self.shards
         start, stop = shards.own

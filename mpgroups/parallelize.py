@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from mpgroups.channel_modules import (
+    GatherChannels,
     is_channel_agnostic,
     row_shards,
     shard_channel_module,
@@ -21,7 +22,6 @@ from mpgroups.channel_modules import (
 )
 from mpgroups.collectives import (
     ChannelShards,
-    all_gather_channels,
     broadcast_tensors_,
     channel_shards,
 )
@@ -133,8 +133,10 @@ def _marks_output(tracker: _Tracker, name: str, shards: ChannelShards | None):
 
 
 def _gathers_output(shards: ChannelShards):
+    gather = GatherChannels.from_shards(shards)  # checked like any collective path
+
     def hook(module, args, output):
-        return all_gather_channels(output, shards)
+        return gather(output)
 
     return hook
 
