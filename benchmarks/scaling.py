@@ -54,6 +54,7 @@ from cases import (  # noqa: E402
 )
 
 import mpgroups  # noqa: E402
+from mpgroups.validation import check_across_ranks, fingerprint  # noqa: E402
 
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 LINK_SIZES = (4_096, 65_536, 524_288, 2_097_152, 8_388_608, 33_554_432)
@@ -214,7 +215,7 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
         )
         torch.set_num_threads(threads)
     if world > 1:
-        result["check_seconds"] = _check_seconds(gp, x_gp, world)
+        result["check_seconds"] = _check_seconds(world)
     # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
     memory = {"group_parallel": _optimizer_state_bytes(gp, gp_step)}
     if world > 1:
@@ -228,21 +229,21 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
     return result
 
 
-def _check_seconds(model, x, world: int, calls: int = 30) -> float:
-    """Seconds of one input check of the model's first layer, ranks in step (slowest rank).
+def _check_seconds(world: int, calls: int = 30) -> float:
+    """Seconds of one input check (record, exchange, comparison), ranks in step, slowest rank.
 
     Inside a step the time in the checks also absorbs waiting for a slower rank, which
-    without the checks would be spent in the next collective instead; this measures the
-    check itself.
+    without the checks would be spent in the next collective instead; this times the check.
     """
-    layer = next(m for m in model.modules() if isinstance(m, mpgroups.GroupParallelConv2d))
-    x = x.detach()
-    if x.shape[1] != layer._expected_channels(layer.rank):  # AlexNet's conv1 takes the image
-        x = torch.randn(x.shape[0], layer._expected_channels(layer.rank), 8, 8)
+    x = torch.zeros(8, 64, 13, 13)
     _barrier(world)
     start = time.perf_counter()
-    for _ in range(calls):
-        layer._check_input(x)
+    for call in range(calls):
+        check_across_ranks(
+            x, process_group=dist.group.WORLD, rank=dist.get_rank(), layer="benchmark",
+            layer_id=fingerprint("benchmark"), call=call, problem=None, channel_dim=1,
+            expected_channels=[64] * world, channels_note=["replicated input"] * world,
+        )  # fmt: skip
     return _max_over_ranks((time.perf_counter() - start) / calls, world)
 
 
