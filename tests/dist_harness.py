@@ -151,18 +151,24 @@ class WorkerPool:
             q.put((seq, fn, world_size, args))
         outcomes: dict[int, tuple[str, object]] = {}
         deadline = time.monotonic() + timeout
-        while len(outcomes) < POOL_SIZE:
+        while len(outcomes) < POOL_SIZE and time.monotonic() < deadline:
             errors = [r for r, (status, _) in outcomes.items() if status == "error"]
             if errors:
                 deadline = min(deadline, time.monotonic() + GRACE_AFTER_ERROR)
+            for rank, proc in enumerate(self._procs):
+                if rank not in outcomes and not proc.is_alive():
+                    # A worker killed by the runtime (e.g. gloo's abort on a size mismatch)
+                    # never reports: count it as failed instead of waiting out the timeout.
+                    outcomes[rank] = ("error", f"worker died with exit code {proc.exitcode}")
+                    deadline = min(deadline, time.monotonic() + GRACE_AFTER_ERROR)
             try:
-                got_seq, rank, outcome = self._results.get(
-                    timeout=max(0.05, deadline - time.monotonic())
-                )
+                got_seq, rank, outcome = self._results.get(timeout=0.5)
             except queue.Empty:
-                break
+                continue
             if got_seq == seq:
                 outcomes[rank] = outcome
+        if any(not p.is_alive() for p in self._procs):
+            self.restart()
         missing = [r for r in range(POOL_SIZE) if r not in outcomes]
         errors = {r: v for r, (s, v) in outcomes.items() if s == "error"}
         if missing:
