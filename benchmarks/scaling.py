@@ -88,15 +88,19 @@ def _summary(times: list[float]) -> dict:
 def _optimizer_state_bytes(model, step) -> int:
     """Parameters + SGD momentum on this rank, after one real optimizer step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    step()
+    step(keep_grads=True)
     optimizer.step()
+    model.zero_grad(set_to_none=True)
     state = sum(
         t.numel() * t.element_size()
         for s in optimizer.state.values()
         for t in s.values()
         if torch.is_tensor(t)
     )
-    return mpgroups.local_parameter_bytes(model) + state
+    params = mpgroups.local_parameter_bytes(model)
+    if state != params:
+        raise RuntimeError(f"SGD momentum holds {state} bytes for {params} bytes of parameters")
+    return params + state
 
 
 def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args) -> dict:
@@ -111,13 +115,14 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
         x = x.detach().requires_grad_(not is_step)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if is_step else None
 
-        def step():
+        def step(keep_grads: bool = False):
             out = model(x)
             loss = F.cross_entropy(out, y) if is_step else out.float().pow(2).mean()
             loss.backward()
             if optimizer is not None:
                 optimizer.step()
-            model.zero_grad(set_to_none=True)
+            if not keep_grads:
+                model.zero_grad(set_to_none=True)
 
         def forward():
             with torch.no_grad():
