@@ -17,8 +17,9 @@ Step time at P ranks = compute + communication, where
   of (P-1)·α + bytes·(P-1)/P / busbw (nccl-tests' bus-bandwidth convention), plus the
   per-call validation exchanges.
 
-``validate`` fits α and busbw to gloo's measured all-gather times at each P on this machine
-and compares the prediction with the measured group-parallel step.
+``validate`` fits α and busbw to gloo's measured times of each collective the cases use (per
+op and group size, at each P on this machine) and compares the prediction with the measured
+group-parallel step.
 """
 
 from __future__ import annotations
@@ -32,27 +33,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, analytic_collectives  # noqa: E402
 
-from mpgroups.comm_model import LINKS, Link, collective_seconds  # noqa: E402
+from mpgroups.comm_model import (  # noqa: E402
+    LINKS,
+    Link,
+    collective_seconds,
+    ring_bytes_factor,
+)
 from mpgroups.validation import RECORD_SIZE  # noqa: E402
 
 
-def fit_link(points: list[tuple[int, float]], world: int) -> Link:
-    """Fit t = (P-1)·α + bytes·(P-1)/P / busbw to measured all-gathers.
+def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
+    """Fit t = steps·α + bytes·factor / busbw to one collective's measured times.
 
-    Weighted least squares with weights 1/t², i.e. relative errors, so that the small sizes
-    (which set α) count as much as the large ones (which set the bandwidth).
+    ``steps`` and ``factor`` are those of :func:`~mpgroups.comm_model.collective_seconds`.
+    The line passes through the smallest message (which sets α, as latency is usually
+    calibrated); its slope (1 / busbw) is the least-squares fit of the time added by the
+    larger ones. The steps' collectives move megabytes, where the error in milliseconds is
+    what counts: gloo's bandwidth falls at sizes beyond the caches, which a fit on relative
+    errors would miss.
     """
-    xs = [nbytes * (world - 1) / world for nbytes, _ in points]
-    ys = [t for _, t in points]
-    ws = [1 / t**2 for t in ys]
-    sw = sum(ws)
-    mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / sw
-    my = sum(w * y for w, y in zip(ws, ys, strict=True)) / sw
-    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys, strict=True)) / sum(
-        w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True)
-    )
-    intercept = max(0.0, my - slope * mx)
-    return Link(f"gloo loopback (fit at P={world})", intercept / (world - 1), 1 / slope)
+    steps = collective_seconds(op, group_size, 0, Link("", 1.0, 1.0))
+    factor = ring_bytes_factor(op, group_size)
+    smallest_bytes, smallest_seconds = min(points)
+    x0 = smallest_bytes * factor
+    dxs = [nbytes * factor - x0 for nbytes, _ in points]
+    dys = [t - smallest_seconds for _, t in points]
+    slope = sum(dx * dy for dx, dy in zip(dxs, dys, strict=True)) / sum(dx * dx for dx in dxs)
+    latency = max(0.0, smallest_seconds - x0 * slope) / steps
+    return Link(f"gloo {op} over {group_size} (fit)", latency, 1 / slope)
+
+
+def _link_for(links: Link | dict[str, Link], op: str, group_size: int, world: int) -> Link:
+    """The link to price ``op`` over ``group_size`` ranks: one preset, or the fit of that op."""
+    if isinstance(links, Link):
+        return links
+    return links.get(f"{op}/{group_size}") or links[f"all_gather/{world}"]
 
 
 def _compute_basis(result: dict, case: str) -> tuple[float, float, dict]:
@@ -67,8 +82,16 @@ def _compute_basis(result: dict, case: str) -> tuple[float, float, dict]:
 
 
 def predict(
-    result: dict, case: str, world: int, link: Link, cores: int | None = None
+    result: dict,
+    case: str,
+    world: int,
+    link: Link | dict[str, Link],
+    cores: int | None = None,
 ) -> dict[str, float]:
+    """Compute, communication and step seconds of ``case`` at ``world`` ranks.
+
+    ``link`` is one link for every collective (a preset), or fitted links keyed ``"op/P"``.
+    """
     cases = QUICK if result.get("quick") else CASES
     cores = cores or result["machine"]["cores"]
     threads = max(1, cores // world)
@@ -83,10 +106,14 @@ def predict(
         shard, replicated, _ = _compute_basis(result, case)
         compute = (shard / world + replicated) * oversubscribe
     collectives = analytic_collectives(cases[case], world, 0)
-    comm = sum(collective_seconds(c.op, c.group_size, c.nbytes, link) for c in collectives)
+    comm = sum(
+        collective_seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size, world))
+        for c in collectives
+    )
     runs = result["runs"].get(str(world), {}).get("cases", {})
     meta_ops = runs.get(case, {}).get("comm", {}).get("meta_ops_per_step", 0)
-    comm += meta_ops * collective_seconds("all_gather", world, world * RECORD_SIZE * 8, link)
+    record_link = _link_for(link, "all_gather", world, world)
+    comm += meta_ops * collective_seconds("all_gather", world, world * RECORD_SIZE * 8, record_link)
     return {"compute": compute, "comm": comm, "step": compute + comm}
 
 
@@ -95,12 +122,14 @@ def validate(result: dict) -> dict:
     out = {"links": {}, "cases": {}}
     for world, run in result["runs"].items():
         if "link" in run:
-            link = fit_link(run["link"]["points"], int(world))
-            out["links"][world] = link.__dict__
+            out["links"][world] = {
+                key: fit_link(points, key.split("/")[0], int(key.split("/")[1])).__dict__
+                for key, points in run["link"].items()
+            }
     for world, run in result["runs"].items():
         if world not in out["links"]:
             continue
-        link = Link(**out["links"][world])
+        link = {key: Link(**fit) for key, fit in out["links"][world].items()}
         for case, data in run["cases"].items():
             prediction = predict(result, case, int(world), link)
             measured = data["times"]["group_parallel"]["step"]["median"]

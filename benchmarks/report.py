@@ -1,7 +1,16 @@
-"""Markdown table and plots from ``scaling.json`` (see ``scaling.py``)."""
+"""Markdown table and plots from ``scaling.json`` (see ``scaling.py``).
+
+``scaling.py`` calls this at the end of a run. To render a stored run again (after a change
+to the projection, say), from the repository root::
+
+    python benchmarks/report.py benchmarks/results/scaling.json
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 
 
@@ -109,10 +118,14 @@ def write_table(result: dict, path: Path) -> str:
                     f"| {name} | {world} | {_ms(p['compute'])} | {_ms(p['comm'])} | "
                     f"{_ms(p['step'])} | {_ms(p['measured'])} | {p['error']:+.0%} |"
                 )
-        for world, link in sorted(result["projection"]["links"].items()):
+        for world, links in sorted(result["projection"]["links"].items()):
+            fits = "; ".join(
+                f"{key.replace('/', ' over ')}: α = {link['latency_s'] * 1e6:.0f} µs, "
+                f"busbw = {link['busbw_bytes_per_s'] / 1e9:.2f} GB/s"
+                for key, link in links.items()
+            )
             lines.append(
-                f"\nFitted gloo link at P={world}: α = {link['latency_s'] * 1e6:.0f} µs per step, "
-                f"busbw = {link['busbw_bytes_per_s'] / 1e9:.2f} GB/s."
+                f"\nFitted gloo links at P={world} (per ring step; bus bandwidth): {fits}."
             )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -164,3 +177,23 @@ def write_plots(result: dict, out: Path) -> list[Path]:
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render a stored scaling.json again.")
+    parser.add_argument("results", type=Path, help="scaling.json written by scaling.py")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from projection import validate
+
+    result = json.loads(args.results.read_text())
+    result["projection"] = validate(result)
+    args.results.write_text(json.dumps(result, indent=1))
+    out = args.results.parent
+    print(write_table(result, out / "table.md"))
+    write_plots(result, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

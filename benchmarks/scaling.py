@@ -57,6 +57,7 @@ import mpgroups  # noqa: E402
 from mpgroups.validation import check_across_ranks, fingerprint  # noqa: E402
 
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 LINK_SIZES = (4_096, 65_536, 524_288, 2_097_152, 8_388_608, 33_554_432)
 PROJECTED_WORLD_SIZES = (2, 4, 8)
 
@@ -313,20 +314,41 @@ def _classifier_step_time(model, x, labels, args) -> float:
     return statistics.median(times)
 
 
+def _link_keys(world: int) -> list[tuple[str, int]]:
+    """The (op, group size) pairs the cases' collectives use at ``world`` ranks."""
+    keys = [("all_gather", world), ("reduce_scatter", world)]
+    if world > 2:
+        keys += [("all_gather", 2), ("reduce_scatter", 2)]  # filter-split teams of two
+    return keys
+
+
 def _measure_link(world: int) -> dict:
-    """gloo all-gather time by size on this machine, for the α–β fit."""
-    points = []
-    for nbytes in LINK_SIZES:
-        send = torch.zeros(max(1, nbytes // (4 * world)))
-        recv = send.new_empty(world * send.numel())
-        runs = []
-        for _ in range(9):
-            dist.barrier()
-            start = time.perf_counter()
-            all_gather_single(recv, send)
-            runs.append(_max_over_ranks(time.perf_counter() - start, world))
-        points.append((recv.numel() * 4, statistics.median(runs[2:])))
-    return {"points": points}
+    """gloo time by size of each collective the cases use, for the α–β fits.
+
+    Measured the way the layers call them: a fresh output tensor on every call (its pages are
+    first touched inside the collective), and a team collective running in every team at once.
+    Returns ``{"all_gather/4": [[bytes, seconds], ...], ...}`` (bytes in CommCounter's
+    convention: the gathered tensor, or the reduce-scatter's input).
+    """
+    out = {}
+    for op, size in _link_keys(world):
+        group = dist.group.WORLD if size == world else dist.new_subgroups(size)[0]
+        points = []
+        for nbytes in LINK_SIZES:
+            shard = torch.zeros(max(1, nbytes // (4 * size)))
+            full = torch.zeros(size * shard.numel())
+            runs = []
+            for _ in range(9):
+                dist.barrier()
+                start = time.perf_counter()
+                if op == "all_gather":
+                    all_gather_single(torch.empty_like(full), shard, group=group)
+                else:
+                    reduce_scatter_single(torch.empty_like(shard), full, group=group)
+                runs.append(_max_over_ranks(time.perf_counter() - start, world))
+            points.append((full.numel() * 4, statistics.median(runs[2:])))
+        out[f"{op}/{size}"] = points
+    return out
 
 
 def _worker(rank: int, world: int, port: int, args, queue) -> None:

@@ -115,6 +115,18 @@ def _take(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     return x.narrow(dim, start, stop - start)
 
 
+def _own_copy(x: Tensor, start: int, width: int, dim: int, *, may_alias: bool) -> Tensor:
+    """``x.narrow(dim, start, width)`` as a tensor of its own.
+
+    A custom Function must return neither a view nor one of its inputs: the caller's in-place
+    ops on the result (``relu_``, ``mul_``) would then be refused by autograd.
+    ``may_alias``: ``x`` is a buffer made in the forward, returned itself when whole.
+    """
+    if may_alias and start == 0 and width == x.shape[dim]:
+        return x
+    return x.narrow(dim, start, width).clone(memory_format=torch.contiguous_format)
+
+
 def _padded(x: Tensor, width: int, dim: int) -> Tensor:
     """``x`` widened to ``width`` along ``dim`` with zeros, contiguous."""
     if x.shape[dim] == width:
@@ -158,7 +170,7 @@ def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     recv = send.new_empty(send.shape[1:])
     with counted("reduce_scatter", shards.world_size, send.numel() * send.element_size()):
         _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.group)
-    return recv.narrow(dim, 0, shards.widths[shards.rank])
+    return _own_copy(recv, 0, shards.widths[shards.rank], dim, may_alias=True)
 
 
 class _AllGather(torch.autograd.Function):
@@ -178,7 +190,8 @@ class _Slice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shards, dim):
         ctx.shards, ctx.dim = shards, dim
-        return _take(x, shards, dim)
+        start, stop = shards.own
+        return _own_copy(x, start, stop - start, dim, may_alias=False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -200,7 +213,7 @@ class _SliceGroupChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, block, team_shards, shards, dim):
         ctx.block, ctx.team_shards, ctx.shards, ctx.dim = block, team_shards, shards, dim
-        return x.narrow(dim, block[0], block[1] - block[0])
+        return _own_copy(x, block[0], block[1] - block[0], dim, may_alias=False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -214,6 +227,8 @@ def all_gather_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tenso
     For a result that every rank consumes identically (a replicated activation).
     ``x`` is this rank's shard ``[N, c_r, *spatial]``; the result is ``[N, C, *spatial]``.
     """
+    if shards.world_size == 1:
+        return x
     return _AllGather.apply(x, shards, dim, False)
 
 
@@ -223,16 +238,22 @@ def all_gather_channels_partial(x: Tensor, shards: ChannelShards, dim: int = 1) 
     For a result that each rank consumes differently (each computes a partial gradient of
     it), as the members of a filter-split team do with their group's input channels.
     """
+    if shards.world_size == 1:
+        return x
     return _AllGather.apply(x, shards, dim, True)
 
 
 def slice_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
     """Forward: take own slice of a replicated ``x``; backward: all-gather the slices' grads."""
+    if shards.world_size == 1:
+        return x
     return _Slice.apply(x, shards, dim)
 
 
 def reduce_scatter_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
     """Forward: sum ``x`` over ranks and keep own shard; backward: all-gather."""
+    if shards.world_size == 1:
+        return x
     return _ReduceScatter.apply(x, shards, dim)
 
 
@@ -301,7 +322,7 @@ def _scatter_from(
     nbytes = recv.numel() * recv.element_size() * shards.world_size
     with counted("scatter", shards.world_size, nbytes):
         dist.scatter(recv, chunks, group=shards.group, group_src=src)
-    return recv.narrow(1, 0, shards.widths[shards.rank])
+    return _own_copy(recv, 0, shards.widths[shards.rank], 1, may_alias=True)
 
 
 class _ScatterFrom(torch.autograd.Function):

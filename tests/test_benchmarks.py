@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from parity import case, expected_comm
 
-from mpgroups.comm_model import LINKS, collective_seconds, layer_collectives
+from mpgroups.comm_model import LINKS, Link, collective_seconds, layer_collectives
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +44,19 @@ def test_alpha_beta_model():
     assert collective_seconds("all_gather", 1, 10**9, link) == 0.0
 
 
+@pytest.mark.parametrize(("op", "group_size"), [("all_gather", 4), ("reduce_scatter", 2)])
+def test_link_fit_recovers_alpha_and_bandwidth(op, group_size):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from projection import fit_link
+
+    true = Link("synthetic", 300e-6, 0.5e9)
+    sizes = (4_096, 65_536, 2_097_152, 33_554_432)
+    points = [(n, collective_seconds(op, group_size, n, true)) for n in sizes]
+    fitted = fit_link(points, op, group_size)
+    assert fitted.latency_s == pytest.approx(true.latency_s, rel=1e-6)
+    assert fitted.busbw_bytes_per_s == pytest.approx(true.busbw_bytes_per_s, rel=1e-6)
+
+
 def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick",
@@ -72,3 +85,10 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     )  # fmt: skip
     assert projected.returncode == 0, projected.stderr
     assert "alexnet_towers" in projected.stdout and "NVLink" in projected.stdout
+    rendered = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(tmp_path / "scaling.json")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout == (tmp_path / "table.md").read_text() + "\n"
+    assert "Fitted gloo links at P=2" in rendered.stdout

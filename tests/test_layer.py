@@ -287,6 +287,37 @@ def test_scatter_layer_gather_path(pool, world_size, dst, c):
     pool.run(_scatter_layer_gather, world_size, c, dst)
 
 
+def _in_place_on_outputs(ctx, groups: int, channels: int) -> None:
+    """In-place ops on what the collectives and the layer return work as on plain tensors."""
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, 5, 5)
+    x_ref = x.clone().requires_grad_()
+    ref = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+    y_ref = ref(x_ref.mul(3).relu()).add(1).relu()
+    (y_ref * y_ref).sum().backward()
+
+    source = x.clone().requires_grad_() if ctx.rank == 0 else None
+    shard = mpgroups.scatter_channels(source, 0, groups=groups, process_group=ctx.group)
+    shard.mul_(3).relu_()
+    layer = GroupParallelConv2d.from_conv(ref, ctx.group, input_layout="sharded")
+    y = layer(shard).add_(1).relu_()
+    (y * y).sum().backward()
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "output")
+    o0, o1 = layer.out_slice
+    assert_close(layer.weight.grad, ref.weight.grad[o0:o1], TOLERANCE[torch.float32], "w grad")
+    if ctx.rank == 0:
+        assert_close(source.grad, x_ref.grad, TOLERANCE[torch.float32], "input grad")
+
+
+@pytest.mark.parametrize(
+    ("world_size", "groups", "channels"),
+    [(2, 4, 8), (4, 4, 8), (2, 3, 6)],
+    ids=["even-P2", "even-P4", "uneven-P2"],
+)
+def test_in_place_ops_on_returned_tensors(pool, world_size, groups, channels):
+    pool.run(_in_place_on_outputs, world_size, groups, channels)
+
+
 def _conversions(ctx) -> str:
     torch.manual_seed(3)
     ref = nn.Conv2d(6, 12, (3, 1), padding=(1, 0), groups=6, padding_mode="reflect")

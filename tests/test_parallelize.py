@@ -95,8 +95,25 @@ def _forward_backward(model, x, seed: int):
     return out
 
 
+def _biases_into_batch_norm(model: nn.Module) -> set[str]:
+    """Conv biases that feed a BatchNorm directly (registration order, as in AlexNet).
+
+    In train mode their gradient is zero in exact arithmetic (BatchNorm subtracts the batch
+    mean), so both the reference and the parallel model hold only rounding noise there:
+    PyTorch's own fp32 value for ``conv3.bias`` of the small AlexNet is 1.6e-5.
+    """
+    names = [(name, m) for name, m in model.named_modules() if name]
+    return {
+        f"{name}.bias"
+        for (name, m), (_, following) in zip(names[:-1], names[1:], strict=True)
+        if isinstance(m, nn.Conv2d) and m.bias is not None
+        if isinstance(following, nn.BatchNorm2d)
+    }
+
+
 def _model_parity(ctx, kind: str) -> dict:
     reference, x = build(kind, None, parallel=False)
+    zero_in_train = _biases_into_batch_norm(reference)
     model, _ = build(kind, ctx.group)
     tol = 1e-5
     assert list(mpgroups.full_state_dict(model)) == list(reference.state_dict())
@@ -112,6 +129,11 @@ def _model_parity(ctx, kind: str) -> dict:
         grads = mpgroups.full_grad_dict(model)
         assert list(grads) == [n for n, _ in reference.named_parameters()]
         for name, p in reference.named_parameters():
+            if mode == "train" and name in zero_in_train:
+                # Checked against the reference in eval mode; here both must be noise.
+                noise = max(grads[name].abs().max().item(), p.grad.abs().max().item())
+                assert noise <= 1e-4, f"{kind} {name}: {noise:.3g} where 0 is exact"
+                continue
             errors[f"{mode} {name}"] = assert_close(grads[name], p.grad, tol, f"{kind} {name}")
     # BatchNorm buffers (running stats, num_batches_tracked) follow too.
     full = mpgroups.full_state_dict(model)
