@@ -74,6 +74,9 @@ class _Tracker:
             key = id(tensor)
             self.live[key] = (weakref.ref(tensor, lambda _, k=key: self.live.pop(k, None)), info)
 
+    def forget(self, tensor) -> None:
+        self.live.pop(id(tensor), None)
+
     def lookup(self, tensor) -> _Sharded | None:
         entry = self.live.get(id(tensor)) if isinstance(tensor, Tensor) else None
         if entry is None or entry[0]() is not tensor:
@@ -132,11 +135,13 @@ def _marks_output(tracker: _Tracker, name: str, shards: ChannelShards | None):
     return hook
 
 
-def _gathers_output(shards: ChannelShards):
+def _gathers_output(tracker: _Tracker, shards: ChannelShards):
     gather = GatherChannels.from_shards(shards)  # checked like any collective path
 
     def hook(module, args, output):
-        return gather(output)
+        whole = gather(output)
+        tracker.forget(whole)  # on one rank the gather hands back ``output`` itself
+        return whole
 
     return hook
 
@@ -265,7 +270,7 @@ def parallelize(
                 raise PlanError(f"plan entry for '{name}': {err}") from err
             module.register_forward_pre_hook(_expects_shards(tracker, name, shards))
             if style.output_layout == "replicated":
-                module.register_forward_hook(_gathers_output(shards))
+                module.register_forward_hook(_gathers_output(tracker, shards))
             else:
                 module.register_forward_hook(_marks_output(tracker, name, shards))
             styled[name] = style
