@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -143,11 +144,14 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
 
     A collective over the model's process group: returns once every rank's file is written.
     Shard files of another world size in ``directory`` are removed by rank 0 afterwards.
+    Every shard carries one id per save, so shards of two saves (one interrupted part-way
+    over an older one) are refused together at load.
     """
     directory = Path(directory)
     group = _group_of(model)
     rank = 0 if group is None else dist.get_rank(group)
     world_size = 1 if group is None else group.size()
+    (save_id,) = broadcast_ints([secrets.randbits(62)], group)
     sharded = sharded_keys(model)
     state = model.state_dict()
     rows, tensors = {}, {}
@@ -162,6 +166,7 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
         "format": _FORMAT,
         "rank": rank,
         "world_size": world_size,
+        "save_id": save_id,
         "keys": list(state),
         "rows": rows,
         "tensors": tensors,
@@ -195,6 +200,11 @@ def _read_shards(directory: Path) -> list[dict]:
             raise CheckpointError(f"{path} is not an mpgroups sharded checkpoint")
         if rec["world_size"] != world_size or rec["keys"] != records[0]["keys"]:
             raise CheckpointError(f"{path} does not belong with the other shards in {directory}")
+        if rec.get("save_id") != records[0].get("save_id"):
+            raise CheckpointError(
+                f"{path} comes from another save than {files[0].name} in {directory} (a save "
+                f"interrupted part-way?); restore the directory from one complete save"
+            )
     return records
 
 

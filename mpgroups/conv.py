@@ -285,7 +285,7 @@ class _GroupParallelConvNd(nn.Module):
         input (see :mod:`mpgroups.validation`), so a problem on any rank raises on all.
         """
         problem = self._local_problem(x)
-        if self._communicates(x) and checks_enabled(self.checks):
+        if self._communicates() and checks_enabled(self.checks):
             self._calls += 1
             check_across_ranks(
                 x,
@@ -304,20 +304,21 @@ class _GroupParallelConvNd(nn.Module):
             error = TypeError if not isinstance(x, Tensor) else ValueError
             raise error(f"{self._name()} on rank {self.rank} of {self.world_size}: {problem[1]}")
 
-    def _communicates(self, x) -> bool:
-        """Whether this call issues a collective, forward or backward (DESIGN §3's table).
+    def _communicates(self) -> bool:
+        """Whether a call can issue a collective, forward or backward (DESIGN §3's table).
 
         Only then can ranks that disagree hang, so only then do they exchange records; a
         sharded → sharded layer holding whole groups computes alone and checks locally.
+        Decided from the configuration alone, never from the input: every rank must agree
+        on whether to exchange. A replicated → sharded layer communicates only in backward
+        (it gathers the input grad), yet exchanges on every call, so that ranks that
+        disagree on recording that backward (``torch.no_grad()`` on one) raise together.
         """
         if self.world_size == 1:
             return False
-        if self.output_layout == "replicated":
-            return True
-        if self.input_layout == "sharded":
+        if self.input_layout == "sharded" and self.output_layout == "sharded":
             return self.placement.filter_split
-        # Replicated input: the backward gathers the input grad when there is one to gather.
-        return not isinstance(x, Tensor) or (x.requires_grad and torch.is_grad_enabled())
+        return True
 
     def _name(self) -> str:
         return (

@@ -120,6 +120,8 @@ def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False) -> d
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             torch.set_rng_state(saved["rng"])
+            if saved.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(saved["cuda_rng"], info.device)
             step, losses, epochs = saved["step"], saved["losses"], saved["epochs"]
             resumed_from = step
             if info.is_main:
@@ -159,6 +161,10 @@ def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False) -> d
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
+                # dropout on a GPU draws from the device's generator
+                "cuda_rng": torch.cuda.get_rng_state(info.device)
+                if info.device.type == "cuda"
+                else None,
                 "step": step,
                 "losses": losses,
                 "epochs": epochs,

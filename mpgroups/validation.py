@@ -1,7 +1,8 @@
 """Checks that turn a mismatch between ranks into one clear error on every rank, not a hang.
 
 Before a layer's collectives, every rank describes its input in a small record (shape, dtype,
-device type, which layer and which call of it, and whether its own local checks passed) and
+device type, whether a backward through it is recorded, which layer and which call of it, and
+whether its own local checks passed) and
 the ranks exchange the records in one tiny all-gather (:func:`all_gather_records`). Each rank
 then checks all records the same way, so either every rank proceeds or every rank raises
 :class:`InputMismatchError` with the same message naming each rank's values.
@@ -36,8 +37,9 @@ __all__ = [
 _DTYPES = WIRE_DTYPES
 _DEVICE_TYPES = ("cpu", "cuda", "meta")
 _MAX_DIMS = 5
-# layout of a record: fingerprint, call, local problem, dtype, device, ndim, shape[_MAX_DIMS]
-_FINGERPRINT, _CALL, _PROBLEM, _DTYPE, _DEVICE, _NDIM, _SHAPE = range(7)
+# layout of a record: fingerprint, call, local problem, dtype, device, grad, ndim,
+# shape[_MAX_DIMS]; grad: whether this call records a backward through the input.
+_FINGERPRINT, _CALL, _PROBLEM, _DTYPE, _DEVICE, _GRAD, _NDIM, _SHAPE = range(8)
 RECORD_SIZE = _SHAPE + _MAX_DIMS
 
 
@@ -78,6 +80,7 @@ def _encode(x, layer_id: int, call: int, problem_code: int) -> Tensor:
     if isinstance(x, Tensor):
         record[_DTYPE] = _code(x.dtype, _DTYPES)
         record[_DEVICE] = _code(x.device.type, _DEVICE_TYPES)
+        record[_GRAD] = int(torch.is_grad_enabled() and x.requires_grad)
         record[_NDIM] = x.dim()
         for i, size in enumerate(x.shape[:_MAX_DIMS]):
             record[_SHAPE + i] = size
@@ -188,6 +191,15 @@ def _check_across_ranks(
                 lines.append(
                     f"rank {r} sent {sent}, rank 0 sent {_describe(reference)} (dim {dims} differs)"
                 )
+    with_grad = [r for r, rec in enumerate(records) if rec[_GRAD] == 1]
+    without_grad = [r for r, rec in enumerate(records) if rec[_GRAD] == 0]
+    if with_grad and without_grad:
+        # The input grad's collectives in backward would wait for the ranks that record none.
+        lines.append(
+            f"ranks {with_grad} record a backward through the input and ranks {without_grad} "
+            f"do not (torch.no_grad() or an input without requires_grad): the backward's "
+            f"collectives need every rank"
+        )
     if lines:
         unique = list(dict.fromkeys(lines))
         raise InputMismatchError(

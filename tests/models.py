@@ -113,3 +113,72 @@ class TinyConvNeXt(nn.Module):
 
     def forward(self, x):
         return self.head(self.stages(self.stem(x)).mean((-2, -1)))
+
+
+class SqueezeExcitation(nn.Module):
+    """RegNetY's channel attention: global pool, two 1x1 convs, a sigmoid gate."""
+
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeezed, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(squeezed, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.relu(self.fc1(self.pool(x)))))
+
+
+class RegNetBlock(nn.Module):
+    """RegNetY bottleneck: 1x1 -> grouped 3x3 (fixed group width, maybe strided) -> SE -> 1x1,
+    with a strided 1x1 projection on the residual when the shape changes."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int, group_width: int) -> None:
+        super().__init__()
+        self.proj = None
+        if stride != 1 or channels_in != channels_out:
+            self.proj = nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(channels_out),
+            )
+        groups = channels_out // group_width
+        self.a = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 1, bias=False),
+            nn.BatchNorm2d(channels_out),
+            nn.ReLU(inplace=True),
+        )
+        self.b = nn.Sequential(
+            nn.Conv2d(
+                channels_out, channels_out, 3, stride=stride, padding=1, groups=groups, bias=False
+            ),
+            nn.BatchNorm2d(channels_out),
+            nn.ReLU(inplace=True),
+        )
+        self.se = SqueezeExcitation(channels_out, channels_in // 4)
+        self.c = nn.Sequential(
+            nn.Conv2d(channels_out, channels_out, 1, bias=False), nn.BatchNorm2d(channels_out)
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x if self.proj is None else self.proj(x)
+        return self.relu(shortcut + self.c(self.se(self.b(self.a(x)))))
+
+
+class TinyRegNet(nn.Module):
+    """A RegNetY stage (group width 8: 4 groups of 8 channels), the first block strided."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        self.stage = nn.Sequential(
+            RegNetBlock(16, 32, stride=2, group_width=8),
+            RegNetBlock(32, 32, stride=1, group_width=8),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x)))

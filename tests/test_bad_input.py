@@ -15,10 +15,20 @@ from mpgroups.conv import GroupParallelConv2d
 from mpgroups.validation import InputMismatchError
 
 GOOD = (4, 8, 6, 6)
+# The layer's input shard at P = 2 for a sharded-input case: 4 of the 8 channels.
+GOOD_SHARD = (4, 4, 6, 6)
+
+
+def _input_layout(case: str) -> str:
+    return "sharded" if case.startswith("sharded") else "replicated"
 
 
 def _bad_input(case: str, rank: int) -> tuple[torch.Tensor, str]:
     """This rank's input for ``case`` and the words the error must contain."""
+    if case == "sharded slice width on one rank":
+        x = torch.randn(GOOD_SHARD)
+        wide = torch.cat([x, x[:, :1]], dim=1)
+        return (wide if rank == 0 else x), "rank 0 sent 5 input channels"
     x = torch.randn(GOOD)
     if case == "channels on one rank":
         return (x[:, :7] if rank == 1 else x), "rank 1 sent 7 input channels"
@@ -48,14 +58,19 @@ CASES = [
     "bfloat16 vs float32 weights",
     "3-D input on one rank",
     "2-D input",
+    "sharded slice width on one rank",
 ]
 
 
 def _expect_error(ctx, case: str, good_calls: int, checks: bool, group) -> float:
     torch.manual_seed(0)
-    layer = GroupParallelConv2d(8, 8, 3, padding=1, groups=4, process_group=group, checks=checks)
+    layout = _input_layout(case)
+    layer = GroupParallelConv2d(
+        8, 8, 3, padding=1, groups=4, process_group=group, checks=checks, input_layout=layout
+    )
+    good = GOOD_SHARD if layout == "sharded" else GOOD
     for _ in range(good_calls):
-        layer(torch.randn(GOOD)).sum().backward()
+        layer(torch.randn(good)).sum().backward()
     x, words = _bad_input(case, ctx.rank)
     start = time.monotonic()
     try:
@@ -191,3 +206,27 @@ def _mismatch_through_a_local_layer(ctx):
 
 def test_layer_without_collectives_defers_to_the_next_check(pool):
     pool.run(_mismatch_through_a_local_layer, 2)
+
+
+def _grad_mode_on_one_rank(ctx, output_layout: str) -> str:
+    """A backward recorded on rank 0 only would leave its input-grad gather waiting forever."""
+    layer = GroupParallelConv2d(
+        8, 8, 3, padding=1, groups=4, process_group=ctx.group, output_layout=output_layout
+    )
+    x = torch.randn(GOOD, requires_grad=True)
+    start = time.monotonic()
+    with torch.set_grad_enabled(ctx.rank == 0), pytest.raises(InputMismatchError) as info:
+        layer(x)
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert "ranks [0] record a backward through the input and ranks [1] do not" in message
+    # Without grad on every rank there is nothing to disagree on: inference runs.
+    with torch.no_grad():
+        layer(x)
+    return message
+
+
+@pytest.mark.parametrize("output_layout", ["sharded", "replicated"])
+def test_grad_mode_on_one_rank_only_raises_on_every_rank(pool, output_layout):
+    messages = pool.run(_grad_mode_on_one_rank, 2, output_layout)
+    assert messages[0] == messages[1]

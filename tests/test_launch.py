@@ -99,3 +99,19 @@ def test_exception_in_one_rank_ends_the_job_with_its_traceback():
     output = result.stdout + result.stderr
     assert "ValueError: boom from rank 1, in user code" in output
     assert "rank      : 1" in output
+
+
+def test_stalled_rank_ends_the_job_at_the_pg_timeout():
+    """A rank that stays alive but never reaches the collective: the launch script's
+    ``--pg-timeout`` bounds the wait, and the waiting rank says it timed out."""
+    start = time.monotonic()
+    result = _run(
+        ["bash", LAUNCH / "single_node.sh", "--nproc-per-node", "2", "--pg-timeout", "5",
+         "--module", "stall_on_rank"],
+        timeout=90, PYTHONPATH=str(ROOT / "tests" / "scripts"),
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to end with --pg-timeout 5"
+    assert "[rank0]: RuntimeError" in output and "Timed out waiting 5000ms" in output, output

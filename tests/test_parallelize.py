@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from dist_harness import run_in_one_rank_world
-from models import TinyConvNeXt, TinyMobileNet, TinyResNeXt
+from models import TinyConvNeXt, TinyMobileNet, TinyRegNet, TinyResNeXt
 from parity import assert_close
 from torch import nn
 
@@ -58,6 +58,7 @@ def build(kind: str, group, *, parallel: bool = True):
             "resnext_plan": TinyResNeXt,
             "mobilenet": TinyMobileNet,
             "convnext": TinyConvNeXt,
+            "regnet": TinyRegNet,
         }
         model = classes[kind]()
         _randomize_norms(model)
@@ -145,7 +146,7 @@ def _model_parity(ctx, kind: str) -> dict:
     return errors
 
 
-MODELS = ["resnext", "resnext_plan", "mobilenet", "convnext", "alexnet", "alexnet_bn"]
+MODELS = ["resnext", "resnext_plan", "regnet", "mobilenet", "convnext", "alexnet", "alexnet_bn"]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -209,7 +210,7 @@ def _round_trip(ctx, kind: str) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in restored.modules())
 
 
-@pytest.mark.parametrize("kind", ["resnext", "resnext_plan", "mobilenet", "convnext"])
+@pytest.mark.parametrize("kind", ["resnext", "resnext_plan", "regnet", "mobilenet", "convnext"])
 def test_unparallelize_restores_the_state_dict_bitwise(pool, kind):
     pool.run(_round_trip, 4, kind)
 
