@@ -362,3 +362,40 @@ def _sync_from_rank0(ctx) -> None:
 
 def test_parallelize_synchronises_module_states_from_rank0(pool):
     pool.run(_sync_from_rank0, 2)
+
+
+def _alexnet_comm_sites(ctx) -> tuple[dict, list]:
+    """Which modules issue data collectives in forward, and which ops the backward issues."""
+    model, x = build("alexnet", ctx.group)
+    sites, marks = {}, {}
+    with mpgroups.CommCounter() as comm:
+
+        def before(module, args):
+            marks[module] = len(comm.records)
+
+        def after(module, args, output):
+            ops = [r.op for r in comm.records[marks[module] :] if r.kind == "data"]
+            if ops:
+                sites[names[module]] = sorted(ops)
+
+        names = {m: n for n, m in model.named_modules() if next(m.children(), None) is None}
+        for module in names:
+            module.register_forward_pre_hook(before)
+            module.register_forward_hook(after)
+        out = model(x)
+        forward_records = len(comm.records)
+        out.sum().backward()
+        backward_ops = sorted(r.op for r in comm.records[forward_records:] if r.kind == "data")
+    return sites, backward_ops
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_alexnet_communicates_only_at_conv3_and_the_classifier(pool, world_size):
+    """DESIGN §5: towers run alone; conv3 mixes them, pool5 gathers for the classifier; at
+    P = 4 each tower's two ranks also gather their group's channels (filter split)."""
+    (sites, backward_ops), *_ = pool.run(_alexnet_comm_sites, world_size)
+    teams = ["features.conv2", "features.conv4", "features.conv5"] if world_size == 4 else []
+    expected = {name: ["all_gather"] for name in ["features.conv3", "features.pool5", *teams]}
+    assert sites == expected
+    # Each partial gather of an input (conv3, and the team gathers) sums its grad back.
+    assert backward_ops == ["reduce_scatter"] * (1 + len(teams))
