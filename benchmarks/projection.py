@@ -19,14 +19,20 @@ Step time at P ranks = compute + communication, where
 
 ``validate`` fits α and busbw to gloo's measured times of each collective the cases use (per
 op and group size, at each P on this machine) and compares the prediction with the measured
-group-parallel step.
+group-parallel step. As a diagnostic it also prices each collective at gloo's measured time
+for its own size (:class:`MeasuredTimes`, interpolated between the measured sizes): where that
+prediction is close and the fitted one is not, the straight α–β line is what misses; where
+both miss, the step is not compute + communication (ranks waiting for each other, cores
+shared by more ranks than there are cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,11 +69,37 @@ def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
     return Link(f"gloo {op} over {group_size} (fit)", latency, 1 / slope)
 
 
-def _link_for(links: Link | dict[str, Link], op: str, group_size: int, world: int) -> Link:
-    """The link to price ``op`` over ``group_size`` ranks: one preset, or the fit of that op."""
-    if isinstance(links, Link):
+@dataclass(frozen=True)
+class MeasuredTimes:
+    """One collective's measured seconds by size: ``[(bytes, seconds), ...]``, sizes ascending.
+
+    Prices a message by linear interpolation between the two measured sizes around it
+    (beyond the ends, the nearest segment's line): an α–β line per segment.
+    """
+
+    points: tuple[tuple[int, float], ...]
+
+    def seconds(self, nbytes: int) -> float:
+        sizes = [b for b, _ in self.points]
+        i = min(max(bisect.bisect_left(sizes, nbytes), 1), len(self.points) - 1)
+        (x0, y0), (x1, y1) = self.points[i - 1], self.points[i]
+        return max(0.0, y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0))
+
+
+Pricing = Link | MeasuredTimes
+
+
+def _link_for(links: Pricing | dict[str, Pricing], op: str, group_size: int, world: int):
+    """How to price ``op`` over ``group_size`` ranks: one preset, or that op's own entry."""
+    if isinstance(links, Link | MeasuredTimes):
         return links
     return links.get(f"{op}/{group_size}") or links[f"all_gather/{world}"]
+
+
+def _seconds(op: str, group_size: int, nbytes: int, pricing: Pricing) -> float:
+    if isinstance(pricing, MeasuredTimes):
+        return pricing.seconds(nbytes)
+    return collective_seconds(op, group_size, nbytes, pricing)
 
 
 def _compute_basis(result: dict, case: str) -> tuple[float, float, dict]:
@@ -85,12 +117,13 @@ def predict(
     result: dict,
     case: str,
     world: int,
-    link: Link | dict[str, Link],
+    link: Pricing | dict[str, Pricing],
     cores: int | None = None,
 ) -> dict[str, float]:
     """Compute, communication and step seconds of ``case`` at ``world`` ranks.
 
-    ``link`` is one link for every collective (a preset), or fitted links keyed ``"op/P"``.
+    ``link`` is one link for every collective (a preset), or per collective keyed ``"op/P"``
+    (fitted :class:`Link` s, or :class:`MeasuredTimes`).
     """
     cases = QUICK if result.get("quick") else CASES
     cores = cores or result["machine"]["cores"]
@@ -107,13 +140,13 @@ def predict(
         compute = (shard / world + replicated) * oversubscribe
     collectives = analytic_collectives(cases[case], world, 0)
     comm = sum(
-        collective_seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size, world))
+        _seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size, world))
         for c in collectives
     )
     runs = result["runs"].get(str(world), {}).get("cases", {})
     meta_ops = runs.get(case, {}).get("comm", {}).get("meta_ops_per_step", 0)
     record_link = _link_for(link, "all_gather", world, world)
-    comm += meta_ops * collective_seconds("all_gather", world, world * RECORD_SIZE * 8, record_link)
+    comm += meta_ops * _seconds("all_gather", world, world * RECORD_SIZE * 8, record_link)
     return {"compute": compute, "comm": comm, "step": compute + comm}
 
 
@@ -130,13 +163,17 @@ def validate(result: dict) -> dict:
         if world not in out["links"]:
             continue
         link = {key: Link(**fit) for key, fit in out["links"][world].items()}
+        times = {key: MeasuredTimes(tuple(map(tuple, pts))) for key, pts in run["link"].items()}
         for case, data in run["cases"].items():
             prediction = predict(result, case, int(world), link)
+            at_size = predict(result, case, int(world), times)
             measured = data["times"]["group_parallel"]["step"]["median"]
             out["cases"].setdefault(case, {})[world] = {
                 **prediction,
                 "measured": measured,
                 "error": prediction["step"] / measured - 1,
+                "comm_at_size": at_size["comm"],
+                "error_at_size": at_size["step"] / measured - 1,
             }
     return out
 

@@ -107,16 +107,21 @@ def write_table(result: dict, path: Path) -> str:
     if projection:
         lines += [
             "",
-            "Projection (α–β fit of gloo on this machine) vs measured group-parallel step:",
+            "Projection (α–β fit of gloo on this machine) vs measured group-parallel step. "
+            "*At size*: the same with each collective priced at gloo's measured time for its "
+            "size instead of the fitted line (a diagnostic: it separates the line's error from "
+            "the rest).",
             "",
-            "| case | P | compute ms | comm ms | predicted ms | measured ms | error |",
-            "|---|---|---|---|---|---|---|",
+            "| case | P | compute ms | comm ms | predicted ms | measured ms | error "
+            "| comm ms at size | error at size |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, by_world in projection.items():
             for world, p in sorted(by_world.items(), key=lambda kv: int(kv[0])):
                 lines.append(
                     f"| {name} | {world} | {_ms(p['compute'])} | {_ms(p['comm'])} | "
-                    f"{_ms(p['step'])} | {_ms(p['measured'])} | {p['error']:+.0%} |"
+                    f"{_ms(p['step'])} | {_ms(p['measured'])} | {p['error']:+.0%} | "
+                    f"{_ms(p['comm_at_size'])} | {p['error_at_size']:+.0%} |"
                 )
         for world, links in sorted(result["projection"]["links"].items()):
             fits = "; ".join(

@@ -57,6 +57,19 @@ def test_link_fit_recovers_alpha_and_bandwidth(op, group_size):
     assert fitted.busbw_bytes_per_s == pytest.approx(true.busbw_bytes_per_s, rel=1e-6)
 
 
+def test_measured_times_interpolate_between_sizes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from projection import MeasuredTimes
+
+    times = MeasuredTimes(((1_000, 1e-3), (3_000, 2e-3), (5_000, 6e-3)))
+    assert times.seconds(3_000) == pytest.approx(2e-3)
+    assert times.seconds(2_000) == pytest.approx(1.5e-3)
+    assert times.seconds(4_000) == pytest.approx(4e-3)
+    assert times.seconds(7_000) == pytest.approx(10e-3)  # the last segment's line
+    assert times.seconds(0) == pytest.approx(0.5e-3)  # the first segment's line
+    assert MeasuredTimes(((1_000, 1e-3), (2_000, 5e-3))).seconds(0) == 0.0  # floored at zero
+
+
 def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick",
@@ -91,4 +104,4 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     assert rendered.stdout == (tmp_path / "table.md").read_text() + "\n"
-    assert "Fitted gloo links at P=2" in rendered.stdout
+    assert "Fitted gloo links at P=2" in rendered.stdout and "| error at size |" in rendered.stdout
