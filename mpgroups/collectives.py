@@ -115,16 +115,19 @@ def _take(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     return x.narrow(dim, start, stop - start)
 
 
-def _own_copy(x: Tensor, start: int, width: int, dim: int, *, may_alias: bool) -> Tensor:
-    """``x.narrow(dim, start, width)`` as a tensor of its own.
+# A custom Function must return neither a view nor one of its inputs: the caller's in-place
+# ops on the result (``relu_``, ``mul_``) would then be refused by autograd. So the forwards
+# below return slices as copies, and receive buffers whole or as trimmed copies.
 
-    A custom Function must return neither a view nor one of its inputs: the caller's in-place
-    ops on the result (``relu_``, ``mul_``) would then be refused by autograd.
-    ``may_alias``: ``x`` is a buffer made in the forward, returned itself when whole.
-    """
-    if may_alias and start == 0 and width == x.shape[dim]:
-        return x
+
+def _own_slice(x: Tensor, start: int, width: int, dim: int) -> Tensor:
+    """``x.narrow(dim, start, width)`` as a contiguous tensor of its own."""
     return x.narrow(dim, start, width).clone(memory_format=torch.contiguous_format)
+
+
+def _trimmed(buffer: Tensor, width: int, dim: int) -> Tensor:
+    """The first ``width`` entries of a padded receive buffer: the buffer itself when whole."""
+    return buffer if buffer.shape[dim] == width else _own_slice(buffer, 0, width, dim)
 
 
 def _padded(x: Tensor, width: int, dim: int) -> Tensor:
@@ -170,7 +173,7 @@ def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     recv = send.new_empty(send.shape[1:])
     with counted("reduce_scatter", shards.world_size, send.numel() * send.element_size()):
         _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.group)
-    return _own_copy(recv, 0, shards.widths[shards.rank], dim, may_alias=True)
+    return _trimmed(recv, shards.widths[shards.rank], dim)
 
 
 class _AllGather(torch.autograd.Function):
@@ -191,7 +194,7 @@ class _Slice(torch.autograd.Function):
     def forward(ctx, x, shards, dim):
         ctx.shards, ctx.dim = shards, dim
         start, stop = shards.own
-        return _own_copy(x, start, stop - start, dim, may_alias=False)
+        return _own_slice(x, start, stop - start, dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -213,7 +216,7 @@ class _SliceGroupChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, block, team_shards, shards, dim):
         ctx.block, ctx.team_shards, ctx.shards, ctx.dim = block, team_shards, shards, dim
-        return _own_copy(x, block[0], block[1] - block[0], dim, may_alias=False)
+        return _own_slice(x, block[0], block[1] - block[0], dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -322,7 +325,7 @@ def _scatter_from(
     nbytes = recv.numel() * recv.element_size() * shards.world_size
     with counted("scatter", shards.world_size, nbytes):
         dist.scatter(recv, chunks, group=shards.group, group_src=src)
-    return _own_copy(recv, 0, shards.widths[shards.rank], 1, may_alias=True)
+    return _trimmed(recv, shards.widths[shards.rank], 1)
 
 
 class _ScatterFrom(torch.autograd.Function):
