@@ -7,12 +7,13 @@ Usage::
 
 Step time at P ranks = compute + communication, where
 
-* compute: for a block of layers, rank 0's local work at P (its convolutions with the copies
-  its layouts make, ``scaling._local_compute_time``), measured without communication on all
-  P ranks at once where a run at P exists (so that sharing cores and memory bandwidth is in
-  it), else measured alone at one thread × max(1, P·t / cores). For the
-  AlexNet step, T_shard / P + T_replicated: T_shard is the one-thread time of what group
-  parallelism splits, T_replicated of what every rank repeats (the classifier);
+* compute: rank 0's local work at P (``cases.build_local``: its convolutions with copies in
+  place of the collectives; for the AlexNet step also the pools, the replicated classifier
+  and the SGD step), measured without communication on all P ranks at once where a run at P
+  exists (so that sharing cores and memory bandwidth is in it), else measured alone at one
+  thread × max(1, P·t / cores). Results written before the AlexNet step's local work was
+  measured give T_shard / P + T_replicated instead (the one-thread times of what group
+  parallelism splits and of the classifier that every rank repeats);
 * communication = Σ over the collectives the placement rule prescribes (``mpgroups.comm_model``)
   of (P-1)·α + bytes·(P-1)/P / busbw (nccl-tests' bus-bandwidth convention), plus the
   per-call validation exchanges.
@@ -103,7 +104,10 @@ def _seconds(op: str, group_size: int, nbytes: int, pricing: Pricing) -> float:
 
 
 def _compute_basis(result: dict, case: str) -> tuple[float, float, dict]:
-    """(T_shard, T_replicated) at one thread, from a run with one thread per rank."""
+    """(T_shard, T_replicated) at one thread, from a run with one thread per rank.
+
+    Only for results that lack the AlexNet step's ``local_compute_*`` times.
+    """
     for world, run in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
         if run["threads_per_rank"] == 1 and case in run["cases"]:
             c = run["cases"][case]

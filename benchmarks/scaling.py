@@ -48,6 +48,7 @@ from cases import (  # noqa: E402
     QUICK,
     Case,
     analytic_collectives,
+    build_local,
     build_parallel,
     build_single,
     make_input,
@@ -105,40 +106,55 @@ def _optimizer_state_bytes(model, step) -> int:
     return params + state
 
 
+def _step_and_forward(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None):
+    """``(step, forward)`` closures over ``model`` and its input.
+
+    A block case's step is forward + backward of ``out.pow(2).mean()`` with the input grad
+    (as inside a network); with ``labels`` (the AlexNet step) it is cross-entropy, backward
+    and an SGD step. ``step(keep_grads=True)`` leaves the gradients for an optimizer.
+    """
+    is_step = labels is not None
+    x = x.detach().requires_grad_(not is_step)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if is_step else None
+
+    def step(keep_grads: bool = False):
+        out = model(x)
+        loss = F.cross_entropy(out, labels) if is_step else out.float().pow(2).mean()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        if not keep_grads:
+            model.zero_grad(set_to_none=True)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    return step, forward
+
+
+def _labels(case: Case) -> torch.Tensor | None:
+    if case.alexnet is None:
+        return None
+    torch.manual_seed(2)
+    return torch.randint(0, case.alexnet["num_classes"], (case.batch,))
+
+
 def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args) -> dict:
     group = dist.group.WORLD if world > 1 else None
     is_step = case.alexnet is not None
     single = build_single(case)
     gp = build_parallel(case, group)
     x_full = make_input(case, case.batch)
-    labels = torch.randint(0, case.alexnet["num_classes"], (case.batch,)) if is_step else None
-
-    def runner(model, x, y):
-        x = x.detach().requires_grad_(not is_step)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if is_step else None
-
-        def step(keep_grads: bool = False):
-            out = model(x)
-            loss = F.cross_entropy(out, y) if is_step else out.float().pow(2).mean()
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-            if not keep_grads:
-                model.zero_grad(set_to_none=True)
-
-        def forward():
-            with torch.no_grad():
-                model(x)
-
-        return step, forward
+    labels = _labels(case)
 
     variants = {}  # name -> (all ranks?, threads, step, forward)
-    variants["single_t"] = (False, threads, *runner(single, x_full, labels))
+    variants["single_t"] = (False, threads, *_step_and_forward(single, x_full, labels))
     total = min(cores, world * threads)
     if total != threads:
-        variants["single_T"] = (False, total, *runner(single, x_full, labels))
+        variants["single_T"] = (False, total, *_step_and_forward(single, x_full, labels))
     x_gp = make_input(case, case.batch, gp)
-    variants["group_parallel"] = (True, threads, *runner(gp, x_gp, labels))
+    variants["group_parallel"] = (True, threads, *_step_and_forward(gp, x_gp, labels))
     if is_step and world > 1:
         gp_step, gp_forward = variants["group_parallel"][2:]
 
@@ -162,7 +178,7 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
         variants["ddp"] = (
             True,
             threads,
-            *runner(ddp, x_full[rank * local : (rank + 1) * local], y_local),
+            *_step_and_forward(ddp, x_full[rank * local : (rank + 1) * local], y_local),
         )
 
     times = {name: {"step": [], "forward": []} for name in variants}
@@ -209,11 +225,11 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
         "share_of_step": statistics.median(comm_share),
         "checks_share_of_step": statistics.median(check_share),
     }
-    if world == 1 and rank == 0 and not is_step:
+    if world == 1 and rank == 0:
         result["local_compute_1thread"] = {
             str(p): _local_compute_time(case, p, args) for p in PROJECTED_WORLD_SIZES
         }
-    if world > 1 and not is_step:
+    if world > 1:
         # The same local work on every rank at once, no communication: what the ranks' compute
         # costs when they share this machine's cores and memory bandwidth.
         _barrier(world)
@@ -231,8 +247,6 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
     result["param_and_optimizer_bytes"] = memory
     result["rss_bytes"] = psutil.Process().memory_info().rss
     result["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(single) if world > 1 else 0
-    if is_step and rank == 0:
-        result["classifier_step_1thread"] = _classifier_step_time(single, x_full, labels, args)
     return result
 
 
@@ -257,59 +271,17 @@ def _check_seconds(world: int, calls: int = 30) -> float:
 def _local_compute_time(case: Case, world: int, args) -> float:
     """One thread, no communication: rank 0's share of a step at ``world`` ranks.
 
-    Rank 0's local convolutions (the shapes the placement rule gives it) with the copies its
-    layouts make around them: the channel slice of a replicated input, the concatenation
-    that assembles a gathered output or team input, and the full-size input gradient.
+    The step of :func:`cases.build_local`: rank 0's convolutions (the shapes the placement
+    rule gives it) with the copies its layouts make in place of the collectives, and for the
+    AlexNet step everything else every rank runs (pools, the classifier, the SGD step).
     """
-    torch.manual_seed(0)
-    size, layers = case.size, []
-    for c in case.convs:
-        pl = mpgroups.place(c.cin, c.cout, c.groups, world, 0)
-        conv = torch.nn.Conv2d(
-            pl.local_in_channels, pl.local_out_channels, c.kernel, padding=c.padding,
-            groups=pl.local_groups,
-        )  # fmt: skip
-        shard = mpgroups.placement.shard_slice(c.cin, c.groups, world, 0)
-        layers.append((c, pl, conv, shard))
-    first, pl0, _, shard0 = layers[0]
-    width = first.cin if first.layouts[0] == "replicated" else shard0[1] - shard0[0]
-    x = torch.randn(case.batch, width, size, size, requires_grad=True)
-
-    def step():
-        h = x
-        for c, pl, conv, _ in layers:
-            if c.layouts[0] == "replicated":
-                h = h[:, pl.in_slice[0] : pl.in_slice[1]]
-            elif pl.filter_split:
-                h = torch.cat([h] * pl.team_size, dim=1)[:, : pl.local_in_channels]
-            h = conv(h)
-            if c.layouts[1] == "replicated":
-                h = torch.cat([h] * world, dim=1)[:, : c.cout]
-        h.pow(2).mean().backward()
-
+    model = build_local(case, world)
+    step, _ = _step_and_forward(model, make_input(case, case.batch, world=world), _labels(case))
     torch.set_num_threads(1)
     times = []
     for rep in range(args.warmup + args.reps):
         start = time.perf_counter()
         step()
-        x.grad = None
-        if rep >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _classifier_step_time(model, x, labels, args) -> float:
-    """1-thread time of the replicated part of an AlexNet step (classifier fwd + bwd + SGD)."""
-    with torch.no_grad():
-        features = torch.flatten(model.features(x), 1)
-    optimizer = torch.optim.SGD(model.classifier.parameters(), lr=1e-4, momentum=0.9)
-    torch.set_num_threads(1)
-    times = []
-    for rep in range(args.warmup + args.reps):
-        start = time.perf_counter()
-        F.cross_entropy(model.classifier(features), labels).backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
         if rep >= args.warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -323,32 +295,42 @@ def _link_keys(world: int) -> list[tuple[str, int]]:
     return keys
 
 
-def _measure_link(world: int) -> dict:
+def _link_call(op: str, shard: torch.Tensor, full: torch.Tensor, group):
+    """One collective as the layers make it, into a fresh output tensor."""
+    if op == "all_gather":
+        return lambda: _all_gather_single(torch.empty_like(full), shard, group=group)
+    return lambda: _reduce_scatter_single(torch.empty_like(shard), full, group=group)
+
+
+def _measure_link(world: int, args) -> dict:
     """gloo time by size of each collective the cases use, for the α–β fits.
 
     Measured the way the layers call them: a fresh output tensor on every call (its pages are
     first touched inside the collective), and a team collective running in every team at once.
+    Every repetition runs each collective at every size, so that a noisy spell on the machine
+    hits all sizes alike rather than the few timed during it; medians of the repetitions.
     Returns ``{"all_gather/4": [[bytes, seconds], ...], ...}`` (bytes in CommCounter's
     convention: the gathered tensor, or the reduce-scatter's input).
     """
-    out = {}
+    calls = []  # (key, bytes, call)
     for op, size in _link_keys(world):
         group = dist.group.WORLD if size == world else dist.new_subgroups(size)[0]
-        points = []
         for nbytes in LINK_SIZES:
             shard = torch.zeros(max(1, nbytes // (4 * size)))
             full = torch.zeros(size * shard.numel())
-            runs = []
-            for _ in range(9):
-                dist.barrier()
-                start = time.perf_counter()
-                if op == "all_gather":
-                    _all_gather_single(torch.empty_like(full), shard, group=group)
-                else:
-                    _reduce_scatter_single(torch.empty_like(shard), full, group=group)
-                runs.append(_max_over_ranks(time.perf_counter() - start, world))
-            points.append((full.numel() * 4, statistics.median(runs[2:])))
-        out[f"{op}/{size}"] = points
+            calls.append((f"{op}/{size}", full.numel() * 4, _link_call(op, shard, full, group)))
+    times = {(key, nbytes): [] for key, nbytes, _ in calls}
+    for rep in range(args.warmup + max(args.reps, 9)):
+        for key, nbytes, call in calls:
+            dist.barrier()
+            start = time.perf_counter()
+            call()
+            elapsed = _max_over_ranks(time.perf_counter() - start, world)
+            if rep >= args.warmup:
+                times[key, nbytes].append(elapsed)
+    out = {}
+    for (key, nbytes), runs in times.items():
+        out.setdefault(key, []).append((nbytes, statistics.median(runs)))
     return out
 
 
@@ -368,7 +350,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
             if rank == 0:
                 print(f"  P={world} {name} done", file=sys.stderr, flush=True)
         if world > 1:
-            out["link"] = _measure_link(world)
+            out["link"] = _measure_link(world, args)
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if rank == 0:
             queue.put(("ok", out))

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from cases import CASES, QUICK
 from parity import case, expected_comm
 
 from mpgroups.comm_model import LINKS, Link, collective_seconds, layer_collectives
@@ -46,7 +48,6 @@ def test_alpha_beta_model():
 
 @pytest.mark.parametrize(("op", "group_size"), [("all_gather", 4), ("reduce_scatter", 2)])
 def test_link_fit_recovers_alpha_and_bandwidth(op, group_size):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from projection import fit_link
 
     true = Link("synthetic", 300e-6, 0.5e9)
@@ -58,7 +59,6 @@ def test_link_fit_recovers_alpha_and_bandwidth(op, group_size):
 
 
 def test_measured_times_interpolate_between_sizes():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from projection import MeasuredTimes
 
     times = MeasuredTimes(((1_000, 1e-3), (3_000, 2e-3), (5_000, 6e-3)))
@@ -68,6 +68,47 @@ def test_measured_times_interpolate_between_sizes():
     assert times.seconds(7_000) == pytest.approx(10e-3)  # the last segment's line
     assert times.seconds(0) == pytest.approx(0.5e-3)  # the first segment's line
     assert MeasuredTimes(((1_000, 1e-3), (2_000, 5e-3))).seconds(0) == 0.0  # floored at zero
+
+
+def _layer_shapes(model: torch.nn.Module, kind: str, x: torch.Tensor) -> list:
+    """(weight shape, output shape) of each module of class ``kind`` in one forward of ``x``."""
+    shapes = []
+
+    def record(module, args, out):
+        shapes.append((getattr(module, "conv", module).weight.shape, out.shape))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if type(m).__name__ == kind]
+    with torch.no_grad():
+        out = model(x)
+    for hook in hooks:
+        hook.remove()
+    return shapes, out.shape
+
+
+def _local_model_matches_rank_0(ctx, suite: str) -> list[str]:
+    from cases import build_local, build_parallel, make_input
+
+    checked = []
+    for name, c in (QUICK if suite == "quick" else CASES).items():
+        parallel = build_parallel(c, ctx.group)
+        local = build_local(c, ctx.world_size)
+        real = _layer_shapes(parallel, "GroupParallelConv2d", make_input(c, 2, parallel))
+        stand_in = _layer_shapes(local, "_RankLocalConv", make_input(c, 2, world=ctx.world_size))
+        if ctx.rank == 0:
+            assert stand_in == real, name
+            count = [sum(p.numel() for p in m.parameters()) for m in (local, parallel)]
+            assert count[0] == count[1], name
+            checked.append(name)
+    return checked
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("suite", ["quick", "full"])
+def test_local_model_has_the_shapes_of_rank_0(pool, world_size, suite):
+    """The projection's compute stand-in does rank 0's work: same weights, same outputs."""
+    checked = pool.run(_local_model_matches_rank_0, world_size, suite, timeout=200)[0]
+    assert len(checked) == len(QUICK if suite == "quick" else CASES)
 
 
 def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
