@@ -19,9 +19,10 @@ Step time at P ranks = compute + communication, where
   per-call validation exchanges.
 
 ``validate`` fits α and busbw to gloo's measured times of each collective the cases use (per
-op and group size, at each P on this machine) and compares the prediction with the measured
-group-parallel step. As a diagnostic it also prices each collective at gloo's measured time
-for its own size (:class:`MeasuredTimes`, interpolated between the measured sizes): where that
+op and group size, at each P on this machine, at the message sizes the cases move) and
+compares the prediction with the measured group-parallel step. As a diagnostic it also
+prices each collective at gloo's measured time for its own size (:class:`MeasuredTimes`;
+results of older runs, timed at a generic sweep of sizes, are interpolated): where that
 prediction is close and the fitted one is not, the straight α–β line is what misses; where
 both miss, the step is not compute + communication (ranks waiting for each other, cores
 shared by more ranks than there are cores).
@@ -55,9 +56,9 @@ def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
     ``steps`` and ``factor`` are those of :func:`~mpgroups.comm_model.collective_seconds`.
     The line passes through the smallest message (which sets α, as latency is usually
     calibrated); its slope (1 / busbw) is the least-squares fit of the time added by the
-    larger ones. The steps' collectives move megabytes, where the error in milliseconds is
-    what counts: gloo's bandwidth falls at sizes beyond the caches, which a fit on relative
-    errors would miss.
+    larger ones. ``scaling.py`` times the messages the projection prices (the smallest is
+    the input check's record exchange), so the line is fitted where it is used; the steps'
+    collectives move megabytes, where the error in milliseconds is what counts.
     """
     steps = collective_seconds(op, group_size, 0, Link("", 1.0, 1.0))
     factor = ring_bytes_factor(op, group_size)

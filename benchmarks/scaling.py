@@ -58,9 +58,8 @@ import mpgroups  # noqa: E402
 
 # The link is timed with the very calls the layers make.
 from mpgroups.collectives import _all_gather_single, _reduce_scatter_single  # noqa: E402
-from mpgroups.validation import check_across_ranks, fingerprint  # noqa: E402
+from mpgroups.validation import RECORD_SIZE, check_across_ranks, fingerprint  # noqa: E402
 
-LINK_SIZES = (4_096, 65_536, 524_288, 2_097_152, 8_388_608, 33_554_432)
 PROJECTED_WORLD_SIZES = (2, 4, 8)
 
 
@@ -287,12 +286,23 @@ def _local_compute_time(case: Case, world: int, args) -> float:
     return statistics.median(times)
 
 
-def _link_keys(world: int) -> list[tuple[str, int]]:
-    """The (op, group size) pairs the cases' collectives use at ``world`` ranks."""
-    keys = [("all_gather", world), ("reduce_scatter", world)]
-    if world > 2:
-        keys += [("all_gather", 2), ("reduce_scatter", 2)]  # filter-split teams of two
-    return keys
+def _link_sizes(world: int, cases: list[Case]) -> dict[tuple[str, int], list[int]]:
+    """Message sizes to time per (op, group size): those the projection prices at ``world``.
+
+    Each collective of the cases (``analytic_collectives``: op, group size, bytes), and the
+    input check's record exchange (an all-gather of ``world`` records), whose size, the
+    smallest, anchors the fitted latency. An op that no case moves data with gets one
+    1 MiB message besides, so that its line has a slope.
+    """
+    record = world * RECORD_SIZE * 8
+    sizes = {("all_gather", world): {record}}
+    for case in cases:
+        for c in analytic_collectives(case, world, 0):
+            sizes.setdefault((c.op, c.group_size), {record}).add(c.nbytes)
+    for found in sizes.values():
+        if len(found) == 1:
+            found.add(2**20)
+    return {key: sorted(found) for key, found in sorted(sizes.items())}
 
 
 def _link_call(op: str, shard: torch.Tensor, full: torch.Tensor, group):
@@ -302,20 +312,23 @@ def _link_call(op: str, shard: torch.Tensor, full: torch.Tensor, group):
     return lambda: _reduce_scatter_single(torch.empty_like(shard), full, group=group)
 
 
-def _measure_link(world: int, args) -> dict:
-    """gloo time by size of each collective the cases use, for the α–β fits.
+def _measure_link(world: int, cases: list[Case], args) -> dict:
+    """gloo's time for each message the projection prices, for the α–β fits.
 
-    Measured the way the layers call them: a fresh output tensor on every call (its pages are
-    first touched inside the collective), and a team collective running in every team at once.
-    Every repetition runs each collective at every size, so that a noisy spell on the machine
-    hits all sizes alike rather than the few timed during it; medians of the repetitions.
-    Returns ``{"all_gather/4": [[bytes, seconds], ...], ...}`` (bytes in CommCounter's
-    convention: the gathered tensor, or the reduce-scatter's input).
+    The sizes are those of :func:`_link_sizes`: the line is fitted where it is used (gloo's
+    bandwidth on this machine differs between a 8 MB message and a 32 MB one by 2×, too
+    much for one line through a generic sweep of sizes). Measured the way the layers call
+    them: a fresh output tensor on every call (its pages are first touched inside the
+    collective), and a team collective running in every team at once. Every repetition runs
+    each collective at every size, so that a noisy spell on the machine hits all sizes alike
+    rather than the few timed during it; medians of the repetitions. Returns
+    ``{"all_gather/4": [[bytes, seconds], ...], ...}`` (bytes in CommCounter's convention:
+    the gathered tensor, or the reduce-scatter's input).
     """
     calls = []  # (key, bytes, call)
-    for op, size in _link_keys(world):
+    for (op, size), sizes in _link_sizes(world, cases).items():
         group = dist.group.WORLD if size == world else dist.new_subgroups(size)[0]
-        for nbytes in LINK_SIZES:
+        for nbytes in sizes:
             shard = torch.zeros(max(1, nbytes // (4 * size)))
             full = torch.zeros(size * shard.numel())
             calls.append((f"{op}/{size}", full.numel() * 4, _link_call(op, shard, full, group)))
@@ -343,14 +356,15 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
             dist.init_process_group(
                 "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
             )
-        cases = QUICK if args.quick else CASES
+        known = QUICK if args.quick else CASES
+        cases = [known[name] for name in args.cases or list(known)]
         out = {"threads_per_rank": threads, "oversubscribed": world * threads > cores, "cases": {}}
-        for name in args.cases or list(cases):
-            out["cases"][name] = _run_case(cases[name], world, rank, threads, cores, args)
+        for case in cases:
+            out["cases"][case.name] = _run_case(case, world, rank, threads, cores, args)
             if rank == 0:
-                print(f"  P={world} {name} done", file=sys.stderr, flush=True)
+                print(f"  P={world} {case.name} done", file=sys.stderr, flush=True)
         if world > 1:
-            out["link"] = _measure_link(world, args)
+            out["link"] = _measure_link(world, cases, args)
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if rank == 0:
             queue.put(("ok", out))

@@ -120,6 +120,7 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "scaling.json").read_text())
     assert set(data["runs"]) == {"1", "2"}
+    priced = 0
     for world, run in data["runs"].items():
         assert set(run["cases"]) == {"alexnet_towers", "resnext50_stage3", "alexnet_step"}
         for name, c in run["cases"].items():
@@ -128,6 +129,12 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
             assert times["runs"] == 2 and 0 < times["p25"] <= times["median"] <= times["p75"]
             if world == "2":
                 assert {"ddp", "single_t", "single_T"} <= set(c["times"])
+                # The link is timed at the very messages the projection prices.
+                for coll in c["comm"]["collectives"]:
+                    timed = dict(run["link"][f"{coll['op']}/{coll['group_size']}"])
+                    assert timed[coll["nbytes"]] > 0, (name, coll)
+                    priced += 1
+    assert priced > 0
     table = (tmp_path / "table.md").read_text()
     assert "| alexnet_towers | 2 |" in table and "Projection" in table
     for png in ("scaling.png", "comm_share.png"):
