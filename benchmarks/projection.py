@@ -10,7 +10,8 @@ Step time at P ranks = compute + communication, where
 * compute: rank 0's local work at P (``cases.build_local``: its convolutions with copies in
   place of the collectives; for the AlexNet step also the pools, the replicated classifier
   and the SGD step), measured without communication on all P ranks at once where a run at P
-  exists (so that sharing cores and memory bandwidth is in it), else measured alone at one
+  exists (so that sharing cores and memory bandwidth is in it; interleaved with the measured
+  variants, so that the machine's noise hits both alike), else measured alone at one
   thread × max(1, P·t / cores). Results written before the AlexNet step's local work was
   measured give T_shard / P + T_replicated instead (the one-thread times of what group
   parallelism splits and of the classifier that every rank repeats);

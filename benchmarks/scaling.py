@@ -14,7 +14,9 @@ repetition, so that noise on the machine hits all of them alike:
 * ``single_T``: one process with the threads of all ranks together;
 * ``group_parallel``: the case's layers built with mpgroups over the P ranks;
 * ``ddp``: ``DistributedDataParallel`` around the single-device model, global batch split;
-* ``group_parallel_nochecks`` (AlexNet step): the same with ``MPGROUPS_CHECKS=0``.
+* ``group_parallel_nochecks`` (AlexNet step): the same with ``MPGROUPS_CHECKS=0``;
+* ``local``: rank 0's share of the group-parallel work, without communication, on every rank
+  at once (``cases.build_local``; the compute of the projection).
 
 Writes ``OUT/scaling.json``, ``OUT/table.md``, ``OUT/scaling.png`` and ``OUT/comm_share.png``,
 and prints the table and the projection's predicted vs measured step times.
@@ -171,6 +173,12 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
             True, threads, without_checks(gp_step), without_checks(gp_forward),
         )  # fmt: skip
     if world > 1:
+        # Rank 0's local work on every rank at once, no communication (the projection's
+        # compute): what it costs when the ranks share this machine's cores and memory
+        # bandwidth, timed alongside the rest so that the machine's noise hits it alike.
+        local_model = build_local(case, world)
+        x_local = make_input(case, case.batch, world=world)
+        variants["local"] = (True, threads, *_step_and_forward(local_model, x_local, labels))
         local = case.batch // world
         ddp = DistributedDataParallel(build_single(case))
         y_local = labels[rank * local : (rank + 1) * local] if is_step else None
@@ -229,14 +237,7 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
             str(p): _local_compute_time(case, p, args) for p in PROJECTED_WORLD_SIZES
         }
     if world > 1:
-        # The same local work on every rank at once, no communication: what the ranks' compute
-        # costs when they share this machine's cores and memory bandwidth.
-        _barrier(world)
-        result["local_compute_concurrent"] = _max_over_ranks(
-            _local_compute_time(case, world, args), world
-        )
-        torch.set_num_threads(threads)
-    if world > 1:
+        result["local_compute_concurrent"] = result["times"]["local"]["step"]["median"]
         result["check_seconds"] = _check_seconds(world)
     # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
     memory = {"group_parallel": _optimizer_state_bytes(gp, gp_step)}

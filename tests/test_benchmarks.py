@@ -128,7 +128,7 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
             times = c["times"]["group_parallel"]["step"]
             assert times["runs"] == 2 and 0 < times["p25"] <= times["median"] <= times["p75"]
             if world == "2":
-                assert {"ddp", "single_t", "single_T"} <= set(c["times"])
+                assert {"ddp", "single_t", "single_T", "local"} <= set(c["times"])
                 # The link is timed at the very messages the projection prices.
                 for coll in c["comm"]["collectives"]:
                     timed = dict(run["link"][f"{coll['op']}/{coll['group_size']}"])
