@@ -277,13 +277,17 @@ def _local_compute_time(case: Case, world: int, args) -> float:
     """
     model = build_local(case, world)
     step, _ = _step_and_forward(model, make_input(case, case.batch, world=world), _labels(case))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
-    for rep in range(args.warmup + args.reps):
-        start = time.perf_counter()
-        step()
-        if rep >= args.warmup:
-            times.append(time.perf_counter() - start)
+    try:
+        for rep in range(args.warmup + args.reps):
+            start = time.perf_counter()
+            step()
+            if rep >= args.warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return statistics.median(times)
 
 
