@@ -47,6 +47,7 @@ from mpgroups.comm_model import (  # noqa: E402
     Link,
     collective_seconds,
     ring_bytes_factor,
+    ring_steps,
 )
 from mpgroups.validation import RECORD_SIZE  # noqa: E402
 
@@ -54,14 +55,15 @@ from mpgroups.validation import RECORD_SIZE  # noqa: E402
 def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
     """Fit t = steps·α + bytes·factor / busbw to one collective's measured times.
 
-    ``steps`` and ``factor`` are those of :func:`~mpgroups.comm_model.collective_seconds`.
+    ``steps`` and ``factor`` are :func:`~mpgroups.comm_model.ring_steps` and
+    :func:`~mpgroups.comm_model.ring_bytes_factor`, as in ``collective_seconds``.
     The line passes through the smallest message (which sets α, as latency is usually
     calibrated); its slope (1 / busbw) is the least-squares fit of the time added by the
     larger ones. ``scaling.py`` times the messages the projection prices (the smallest is
     the input check's record exchange), so the line is fitted where it is used; the steps'
     collectives move megabytes, where the error in milliseconds is what counts.
     """
-    steps = collective_seconds(op, group_size, 0, Link("", 1.0, 1.0))
+    steps = ring_steps(op, group_size)
     factor = ring_bytes_factor(op, group_size)
     smallest_bytes, smallest_seconds = min(points)
     x0 = smallest_bytes * factor
@@ -92,11 +94,11 @@ class MeasuredTimes:
 Pricing = Link | MeasuredTimes
 
 
-def _link_for(links: Pricing | dict[str, Pricing], op: str, group_size: int, world: int):
+def _link_for(links: Pricing | dict[str, Pricing], op: str, group_size: int):
     """How to price ``op`` over ``group_size`` ranks: one preset, or that op's own entry."""
     if isinstance(links, Link | MeasuredTimes):
         return links
-    return links.get(f"{op}/{group_size}") or links[f"all_gather/{world}"]
+    return links[f"{op}/{group_size}"]
 
 
 def _seconds(op: str, group_size: int, nbytes: int, pricing: Pricing) -> float:
@@ -105,17 +107,17 @@ def _seconds(op: str, group_size: int, nbytes: int, pricing: Pricing) -> float:
     return collective_seconds(op, group_size, nbytes, pricing)
 
 
-def _compute_basis(result: dict, case: str) -> tuple[float, float, dict]:
+def _compute_basis(result: dict, case: str) -> tuple[float, float]:
     """(T_shard, T_replicated) at one thread, from a run with one thread per rank.
 
     Only for results that lack the AlexNet step's ``local_compute_*`` times.
     """
-    for world, run in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
+    for _, run in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
         if run["threads_per_rank"] == 1 and case in run["cases"]:
             c = run["cases"][case]
             total = c["times"]["single_t"]["step"]["median"]
             replicated = c.get("classifier_step_1thread", 0.0)
-            return total - replicated, replicated, {"from_world_size": int(world)}
+            return total - replicated, replicated
     raise ValueError(f"no run with one thread per rank for {case}")
 
 
@@ -142,16 +144,15 @@ def predict(
     elif str(world) in local:
         compute = local[str(world)] * oversubscribe
     else:
-        shard, replicated, _ = _compute_basis(result, case)
+        shard, replicated = _compute_basis(result, case)
         compute = (shard / world + replicated) * oversubscribe
     collectives = analytic_collectives(cases[case], world, 0)
     comm = sum(
-        _seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size, world))
+        _seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size))
         for c in collectives
     )
-    runs = result["runs"].get(str(world), {}).get("cases", {})
-    meta_ops = runs.get(case, {}).get("comm", {}).get("meta_ops_per_step", 0)
-    record_link = _link_for(link, "all_gather", world, world)
+    meta_ops = measured_run.get("comm", {}).get("meta_ops_per_step", 0)
+    record_link = _link_for(link, "all_gather", world)
     comm += meta_ops * _seconds("all_gather", world, world * RECORD_SIZE * 8, record_link)
     return {"compute": compute, "comm": comm, "step": compute + comm}
 

@@ -331,8 +331,11 @@ def _measure_link(world: int, cases: list[Case], args) -> dict:
     the gathered tensor, or the reduce-scatter's input).
     """
     calls = []  # (key, bytes, call)
+    groups = {world: dist.group.WORLD}  # one set of team subgroups per team size
     for (op, size), sizes in _link_sizes(world, cases).items():
-        group = dist.group.WORLD if size == world else dist.new_subgroups(size)[0]
+        if size not in groups:
+            groups[size] = dist.new_subgroups(size)[0]
+        group = groups[size]
         for nbytes in sizes:
             shard = torch.zeros(max(1, nbytes // (4 * size)))
             full = torch.zeros(size * shard.numel())

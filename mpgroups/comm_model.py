@@ -99,17 +99,23 @@ def layer_collectives(
 
 
 def collective_seconds(op: str, group_size: int, nbytes: int, link: Link) -> float:
-    """α–β time of one ring collective: ``(P-1)`` latency steps plus the bus traffic.
+    """α–β time of one ring collective: its latency steps plus the bus traffic.
 
     nccl-tests: bus bandwidth = algorithm bandwidth × (P-1)/P for all-gather, reduce-scatter,
     gather and scatter, × 2(P-1)/P for all-reduce; ``nbytes`` is their "size".
     """
-    p = group_size
-    if p <= 1:
+    if group_size <= 1:
         return 0.0
-    factor = 2 * (p - 1) / p if op == "all_reduce" else (p - 1) / p
-    steps = 2 * (p - 1) if op == "all_reduce" else p - 1
-    return steps * link.latency_s + nbytes * factor / link.busbw_bytes_per_s
+    steps = ring_steps(op, group_size)
+    return (
+        steps * link.latency_s + nbytes * ring_bytes_factor(op, group_size) / link.busbw_bytes_per_s
+    )
+
+
+def ring_steps(op: str, group_size: int) -> int:
+    """Latency steps of a ring collective: ``P-1``, or ``2(P-1)`` for all-reduce."""
+    p = group_size
+    return 2 * (p - 1) if op == "all_reduce" else p - 1
 
 
 def ring_bytes_factor(op: str, group_size: int) -> float:
