@@ -2,9 +2,9 @@
 
 A block case is a chain of convolutions with their layouts; its single-device model is the
 chain of ``nn.Conv2d``, its group-parallel model the same chain built with ``from_conv``
-(identical weights), its data-parallel model DDP around the single-device chain. Its *local*
-model (:func:`build_local`) is rank 0's share of the group-parallel model's work at P ranks,
-without communication: what the projection takes as the compute of a step.
+(identical weights), its data-parallel model DDP around the single-device chain. Built over
+a process group that moves no data (``loopback``), the group-parallel model is a rank's local
+work without communication: what the projection takes as the compute of a step.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from torch import nn
 
 from mpgroups.comm_model import Collective, layer_collectives, spatial_out
 from mpgroups.conv import GroupParallelConv2d
-from mpgroups.placement import place, shard_slice
-from mpgroups.plan import ChannelLocal, GroupParallel
+from mpgroups.placement import shard_slice
 
 R, S = "replicated", "sharded"
 
@@ -127,98 +126,13 @@ def build_parallel(case: Case, group, checks: bool | None = None) -> nn.Module:
     )
 
 
-class _RankLocalConv(nn.Module):
-    """Rank 0's part of a group-parallel conv at ``world`` ranks, with copies for collectives.
-
-    The conv has the local shapes of :func:`~mpgroups.placement.place`; where the layer would
-    communicate, a copy of the same size stands in: a replicated input is sliced to the
-    rank's channels, a filter-split team's input is concatenated from ``team_size`` copies
-    of the rank's shard, and a replicated output from ``world`` copies of the local output.
-    Input ``[N, C_local_in, H, W]`` (all ``C_in`` if the input is replicated), output
-    ``[N, C_local_out, H', W']`` (all ``C_out`` if replicated).
-    """
-
-    def __init__(self, conv: nn.Conv2d, layouts: tuple[str, str], world: int) -> None:
-        super().__init__()
-        self.placement = place(conv.in_channels, conv.out_channels, conv.groups, world, 0)
-        self.layouts, self.world, self.out_channels = layouts, world, conv.out_channels
-        self.conv = nn.Conv2d(
-            self.placement.local_in_channels, self.placement.local_out_channels,
-            conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            self.placement.local_groups,
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pl = self.placement
-        if self.layouts[0] == R:
-            x = x[:, pl.in_slice[0] : pl.in_slice[1]]
-        elif pl.filter_split:
-            x = torch.cat([x] * pl.team_size, dim=1)[:, : pl.local_in_channels]
-        x = self.conv(x)
-        if self.layouts[1] == R:
-            x = _gather_stand_in(x, self.world, self.out_channels)
-        return x
-
-
-def _gather_stand_in(x: torch.Tensor, world: int, channels: int) -> torch.Tensor:
-    """``world`` copies of the local shard, cut to ``channels``: an all-gather's copy."""
-    return torch.cat([x] * world, dim=1)[:, :channels]
-
-
-class _RankLocalGather(nn.Module):
-    def __init__(self, module: nn.Module, world: int, channels: int) -> None:
-        super().__init__()
-        self.module, self.world, self.channels = module, world, channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _gather_stand_in(self.module(x), self.world, self.channels)
-
-
-def build_local(case: Case, world: int) -> nn.Module:
-    """Rank 0's local work at ``world`` ranks, as one single-process model (no collectives).
-
-    Block cases: their chain of convs, each as :class:`_RankLocalConv`. The AlexNet step: the
-    single-device AlexNet with the convs of its tower plan made rank-local and the gather
-    after pool5 a copy; the classifier stays whole, as every rank runs it.
-    """
-    single = build_single(case)
-    if case.alexnet is None:
-        pairs = zip(single, case.convs, strict=True)
-        return nn.Sequential(*(_RankLocalConv(conv, c.layouts, world) for conv, c in pairs))
-    from mpgroups.models import AlexNet
-
-    channels = single.features.conv5.out_channels
-    for name, style in AlexNet.tower_plan().items():
-        parent, child = name.rsplit(".", 1)
-        module = single.get_submodule(name)
-        if isinstance(style, GroupParallel):
-            layouts = (style.input_layout, style.output_layout)
-            local = _RankLocalConv(module, layouts, world)
-        elif isinstance(style, ChannelLocal) and style.output_layout == R:
-            local = _RankLocalGather(module, world, channels)
-        else:
-            continue
-        setattr(single.get_submodule(parent), child, local)
-    return single
-
-
-def make_input(
-    case: Case, batch: int, model: nn.Module | None = None, world: int | None = None
-) -> torch.Tensor:
-    """``[batch, C, size, size]``; rank 0's channel shard when the first layer is sharded.
-
-    Give the group-parallel ``model`` (its rank's shard), or ``world`` for rank 0's shard at
-    that many ranks (the input of :func:`build_local`).
-    """
+def make_input(case: Case, batch: int, model: nn.Module | None = None) -> torch.Tensor:
+    """``[batch, C, size, size]``; the rank's channel shard when the group-parallel ``model``
+    is given and its first layer takes a sharded input."""
     torch.manual_seed(1)
     x = torch.randn(batch, case.input_channels, case.size, case.size)
-    if case.convs and case.convs[0].layouts[0] == S and (model is not None or world):
-        first = case.convs[0]
-        start, stop = (
-            model[0].input_shard
-            if model is not None
-            else shard_slice(first.cin, first.groups, world, 0)
-        )
+    if case.convs and case.convs[0].layouts[0] == S and model is not None:
+        start, stop = model[0].input_shard
         x = x[:, start:stop].contiguous()
     return x
 

@@ -7,14 +7,16 @@ Usage::
 
 Step time at P ranks = compute + communication, where
 
-* compute: rank 0's local work at P (``cases.build_local``: its convolutions with copies in
-  place of the collectives; for the AlexNet step also the pools, the replicated classifier
-  and the SGD step), measured without communication on all P ranks at once where a run at P
-  exists (so that sharing cores and memory bandwidth is in it; interleaved with the measured
-  variants, so that the machine's noise hits both alike), else measured alone at one
-  thread × max(1, P·t / cores). Results written before the AlexNet step's local work was
-  measured give T_shard / P + T_replicated instead (the one-thread times of what group
-  parallelism splits and of the classifier that every rank repeats);
+* compute: a rank's work at P without the wire: the group-parallel model itself, built over
+  a process group that moves no data (``loopback``), less its time inside collectives. That
+  is mpgroups' own code with the rank's shapes: every slice, layout copy, receive buffer
+  and input check, and for the AlexNet step the pools, the replicated classifier and the SGD
+  step. Where a run at P exists it is measured on all P ranks at once, slowest rank (so that
+  sharing cores and memory bandwidth is in it; interleaved with the measured variants, so
+  that the machine's noise hits both alike), else as rank 0 alone at one
+  thread × max(1, P·t / cores). Older stored results measured a hand-built stand-in of
+  rank 0's work instead, or, before that, T_shard / P + T_replicated (the one-thread times
+  of what group parallelism splits and of the classifier that every rank repeats);
 * communication = Σ over the collectives the placement rule prescribes (``mpgroups.comm_model``)
   of (P-1)·α + bytes·(P-1)/P / busbw (nccl-tests' bus-bandwidth convention), plus the
   per-call validation exchanges.

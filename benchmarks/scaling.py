@@ -15,8 +15,9 @@ repetition, so that noise on the machine hits all of them alike:
 * ``group_parallel``: the case's layers built with mpgroups over the P ranks;
 * ``ddp``: ``DistributedDataParallel`` around the single-device model, global batch split;
 * ``group_parallel_nochecks`` (AlexNet step): the same with ``MPGROUPS_CHECKS=0``;
-* ``local``: rank 0's share of the group-parallel work, without communication, on every rank
-  at once (``cases.build_local``; the compute of the projection).
+* ``local``: the group-parallel model over a group that moves no data (``loopback``), on
+  every rank at once, less its time inside collectives: each rank's own work without the
+  wire (the compute of the projection).
 
 Writes ``OUT/scaling.json``, ``OUT/table.md``, ``OUT/scaling.png`` and ``OUT/comm_share.png``,
 and prints the table and the projection's predicted vs measured step times.
@@ -50,11 +51,11 @@ from cases import (  # noqa: E402
     QUICK,
     Case,
     analytic_collectives,
-    build_local,
     build_parallel,
     build_single,
     make_input,
 )
+from loopback import loopback_group, loopback_world  # noqa: E402
 
 import mpgroups  # noqa: E402
 
@@ -134,6 +135,18 @@ def _step_and_forward(model: torch.nn.Module, x: torch.Tensor, labels: torch.Ten
     return step, forward
 
 
+def _without_collectives(fn):
+    """``fn`` that returns the seconds it spent inside mpgroups' collectives (data and
+    metadata exchanges; the checks' own work stays in), for the timing loop to take off."""
+
+    def run(*args, **kwargs) -> float:
+        with mpgroups.CommCounter() as comm:
+            fn(*args, **kwargs)
+        return comm.seconds(kind="data") + comm.seconds(kind="meta")
+
+    return run
+
+
 def _labels(case: Case) -> torch.Tensor | None:
     if case.alexnet is None:
         return None
@@ -141,7 +154,9 @@ def _labels(case: Case) -> torch.Tensor | None:
     return torch.randint(0, case.alexnet["num_classes"], (case.batch,))
 
 
-def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args) -> dict:
+def _run_case(
+    case: Case, world: int, rank: int, threads: int, cores: int, args, loopback=None
+) -> dict:
     group = dist.group.WORLD if world > 1 else None
     is_step = case.alexnet is not None
     single = build_single(case)
@@ -173,12 +188,13 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
             True, threads, without_checks(gp_step), without_checks(gp_forward),
         )  # fmt: skip
     if world > 1:
-        # Rank 0's local work on every rank at once, no communication (the projection's
+        # Each rank's own work without the wire, on every rank at once (the projection's
         # compute): what it costs when the ranks share this machine's cores and memory
         # bandwidth, timed alongside the rest so that the machine's noise hits it alike.
-        local_model = build_local(case, world)
-        x_local = make_input(case, case.batch, world=world)
-        variants["local"] = (True, threads, *_step_and_forward(local_model, x_local, labels))
+        local_model = build_parallel(case, loopback)
+        x_local = make_input(case, case.batch, local_model)
+        local_fns = _step_and_forward(local_model, x_local, labels)
+        variants["local"] = (True, threads, *map(_without_collectives, local_fns))
         local = case.batch // world
         ddp = DistributedDataParallel(build_single(case))
         y_local = labels[rank * local : (rank + 1) * local] if is_step else None
@@ -200,8 +216,8 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args)
                 if everywhere or rank == 0:
                     torch.set_num_threads(nthreads)
                     start = time.perf_counter()
-                    fns[index - 2]()
-                    elapsed = time.perf_counter() - start
+                    excluded = fns[index - 2]() or 0.0
+                    elapsed = time.perf_counter() - start - excluded
                     torch.set_num_threads(threads)
                 elapsed = _max_over_ranks(elapsed, world)
                 if rep >= args.warmup:
@@ -271,21 +287,24 @@ def _check_seconds(world: int, calls: int = 30) -> float:
 def _local_compute_time(case: Case, world: int, args) -> float:
     """One thread, no communication: rank 0's share of a step at ``world`` ranks.
 
-    The step of :func:`cases.build_local`: rank 0's convolutions (the shapes the placement
-    rule gives it) with the copies its layouts make in place of the collectives, and for the
-    AlexNet step everything else every rank runs (pools, the classifier, the SGD step).
+    The group-parallel model over a ``world``-rank group that moves no data, with this
+    process as its rank 0 (for a process without a process group), less the time inside
+    its collectives; for the AlexNet step that includes everything else every rank runs
+    (pools, the classifier, the SGD step).
     """
-    model = build_local(case, world)
-    step, _ = _step_and_forward(model, make_input(case, case.batch, world=world), _labels(case))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
     try:
-        for rep in range(args.warmup + args.reps):
-            start = time.perf_counter()
-            step()
-            if rep >= args.warmup:
-                times.append(time.perf_counter() - start)
+        with loopback_world(world) as group:
+            model = build_parallel(case, group)
+            x = make_input(case, case.batch, model)
+            step = _without_collectives(_step_and_forward(model, x, _labels(case))[0])
+            for rep in range(args.warmup + args.reps):
+                start = time.perf_counter()
+                excluded = step()
+                if rep >= args.warmup:
+                    times.append(time.perf_counter() - start - excluded)
     finally:
         torch.set_num_threads(threads)
     return statistics.median(times)
@@ -367,8 +386,9 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         known = QUICK if args.quick else CASES
         cases = [known[name] for name in args.cases or list(known)]
         out = {"threads_per_rank": threads, "oversubscribed": world * threads > cores, "cases": {}}
+        loopback = loopback_group(dist.group.WORLD) if world > 1 else None
         for case in cases:
-            out["cases"][case.name] = _run_case(case, world, rank, threads, cores, args)
+            out["cases"][case.name] = _run_case(case, world, rank, threads, cores, args, loopback)
             if rank == 0:
                 print(f"  P={world} {case.name} done", file=sys.stderr, flush=True)
         if world > 1:

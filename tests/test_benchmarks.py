@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from cases import CASES, QUICK
 from parity import case, expected_comm
 
+import mpgroups
 from mpgroups.comm_model import LINKS, Link, collective_seconds, layer_collectives
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,45 +72,50 @@ def test_measured_times_interpolate_between_sizes():
     assert MeasuredTimes(((1_000, 1e-3), (2_000, 5e-3))).seconds(0) == 0.0  # floored at zero
 
 
-def _layer_shapes(model: torch.nn.Module, kind: str, x: torch.Tensor) -> list:
-    """(weight shape, output shape) of each module of class ``kind`` in one forward of ``x``."""
-    shapes = []
-
-    def record(module, args, out):
-        shapes.append((getattr(module, "conv", module).weight.shape, out.shape))
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if type(m).__name__ == kind]
-    with torch.no_grad():
-        out = model(x)
-    for hook in hooks:
-        hook.remove()
-    return shapes, out.shape
+def _step_records(
+    model: torch.nn.Module, x: torch.Tensor, input_grad: bool
+) -> tuple[list, torch.Size]:
+    """The collectives of one forward + backward (op, ranks, bytes, kind), and the output shape."""
+    with mpgroups.CommCounter() as comm:
+        out = model(x.requires_grad_(input_grad))
+        out.float().pow(2).mean().backward()
+    return [(r.op, r.group_size, r.nbytes, r.kind) for r in comm.records], out.shape
 
 
-def _local_model_matches_rank_0(ctx, suite: str) -> list[str]:
-    from cases import build_local, build_parallel, make_input
+def _loopback_model_does_the_ranks_work(ctx, suite: str) -> list[str]:
+    from cases import analytic_collectives, build_parallel, make_input
+    from loopback import loopback_group
 
+    loopback = loopback_group(ctx.group)
     checked = []
     for name, c in (QUICK if suite == "quick" else CASES).items():
-        parallel = build_parallel(c, ctx.group)
-        local = build_local(c, ctx.world_size)
-        real = _layer_shapes(parallel, "GroupParallelConv2d", make_input(c, 2, parallel))
-        stand_in = _layer_shapes(local, "_RankLocalConv", make_input(c, 2, world=ctx.world_size))
-        if ctx.rank == 0:
-            assert stand_in == real, name
-            count = [sum(p.numel() for p in m.parameters()) for m in (local, parallel)]
-            assert count[0] == count[1], name
-            checked.append(name)
+        real = build_parallel(c, ctx.group)
+        local = build_parallel(c, loopback)
+        # The rank's own shards (state_dict would gather the full tensors over the group).
+        real_params, local_params = dict(real.named_parameters()), dict(local.named_parameters())
+        assert list(local_params) == list(real_params), name
+        for key, value in real_params.items():
+            assert torch.equal(local_params[key], value), (name, key)
+        # The same collectives (whose time the benchmark takes off), the same output shape;
+        # the input grad as in the benchmark: a block's (as inside a network), not AlexNet's.
+        input_grad = c.alexnet is None
+        records, shape = _step_records(local, make_input(c, 2, local), input_grad)
+        assert (records, shape) == _step_records(real, make_input(c, 2, real), input_grad), name
+        data = sorted(record[:3] for record in records if record[3] == "data")
+        priced = analytic_collectives(replace(c, batch=2), ctx.world_size, ctx.rank)
+        assert data == sorted((p.op, p.group_size, p.nbytes) for p in priced), name
+        checked.append(name)
     return checked
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("suite", ["quick", "full"])
-def test_local_model_has_the_shapes_of_rank_0(pool, world_size, suite):
-    """The projection's compute stand-in does rank 0's work: same weights, same outputs."""
-    checked = pool.run(_local_model_matches_rank_0, world_size, suite, timeout=200)[0]
-    assert len(checked) == len(QUICK if suite == "quick" else CASES)
+def test_loopback_model_does_the_ranks_work(pool, world_size, suite):
+    """The projection's compute is the rank's own model, collectives and all, minus the wire."""
+    checked = pool.run(_loopback_model_does_the_ranks_work, world_size, suite, timeout=200)
+    expected = list(QUICK if suite == "quick" else CASES)
+    assert checked == [expected] * world_size
 
 
 def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
