@@ -2,8 +2,9 @@
 
 Its collectives return at once, having filled the receive buffer with this rank's own data
 (an all-gather writes every rank's chunk with the local shard, a reduce-scatter the first
-chunk of its input), so the buffers a layer reads after a collective hold data, as they would
-after a real one. A group-parallel model built over
+chunk of its input; releases before torch 2.13 may leave a reduce-scatter's output unwritten),
+so the buffers a layer reads after a collective hold data, as they would after a real one,
+and the input checks' record exchange sees every rank agree. A group-parallel model built over
 it runs mpgroups' own code on each rank (every slice, copy, buffer and input check) with the
 rank's own shapes; the time inside its collectives (``CommCounter``) is what the wire would
 replace.

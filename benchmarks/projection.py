@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,10 @@ def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
     :func:`~mpgroups.comm_model.ring_bytes_factor`, as in ``collective_seconds``.
     The line passes through the smallest message (which sets α, as latency is usually
     calibrated); its slope (1 / busbw) is the least-squares fit of the time added by the
-    larger ones. ``scaling.py`` times the messages the projection prices (the smallest is
-    the input check's record exchange), so the line is fitted where it is used; the steps'
-    collectives move megabytes, where the error in milliseconds is what counts.
+    larger ones, floored at 0 (busbw = ∞: the times measured do not resolve a bandwidth).
+    ``scaling.py`` times the messages the projection prices (the smallest is the input
+    check's record exchange), so the line is fitted where it is used; the steps' collectives
+    move megabytes, where the error in milliseconds is what counts.
     """
     steps = ring_steps(op, group_size)
     factor = ring_bytes_factor(op, group_size)
@@ -72,8 +74,12 @@ def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
     dxs = [nbytes * factor - x0 for nbytes, _ in points]
     dys = [t - smallest_seconds for _, t in points]
     slope = sum(dx * dy for dx, dy in zip(dxs, dys, strict=True)) / sum(dx * dx for dx in dxs)
+    # Time does not shrink with size: where noise makes the larger messages look faster than
+    # the smallest, the slope is 0 (bandwidth not resolved), never a negative price per byte.
+    slope = max(slope, 0.0)
     latency = max(0.0, smallest_seconds - x0 * slope) / steps
-    return Link(f"gloo {op} over {group_size} (fit)", latency, 1 / slope)
+    busbw = 1 / slope if slope > 0 else math.inf
+    return Link(f"gloo {op} over {group_size} (fit)", latency, busbw)
 
 
 @dataclass(frozen=True)
@@ -159,19 +165,31 @@ def predict(
     return {"compute": compute, "comm": comm, "step": compute + comm}
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def validate(result: dict) -> dict:
     """Predicted vs measured group-parallel step time at each measured P > 1."""
     out = {"links": {}, "cases": {}}
+    fits = {
+        world: {
+            key: fit_link(points, key.split("/")[0], int(key.split("/")[1]))
+            for key, points in run["link"].items()
+        }
+        for world, run in result["runs"].items()
+        if "link" in run
+    }
+    for world, links in fits.items():
+        # Strict JSON has no infinity: an unresolved bandwidth is written as null.
+        out["links"][world] = {
+            key: {**fit.__dict__, "busbw_bytes_per_s": _finite_or_none(fit.busbw_bytes_per_s)}
+            for key, fit in links.items()
+        }
     for world, run in result["runs"].items():
-        if "link" in run:
-            out["links"][world] = {
-                key: fit_link(points, key.split("/")[0], int(key.split("/")[1])).__dict__
-                for key, points in run["link"].items()
-            }
-    for world, run in result["runs"].items():
-        if world not in out["links"]:
+        if world not in fits:
             continue
-        link = {key: Link(**fit) for key, fit in out["links"][world].items()}
+        link = fits[world]
         times = {key: MeasuredTimes(tuple(map(tuple, pts))) for key, pts in run["link"].items()}
         for case, data in run["cases"].items():
             prediction = predict(result, case, int(world), link)

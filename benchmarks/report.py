@@ -18,6 +18,12 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
+def _busbw(bytes_per_s: float | None) -> str:
+    if bytes_per_s is None:
+        return "busbw not resolved (the larger messages were not slower)"
+    return f"busbw = {bytes_per_s / 1e9:.2f} GB/s"
+
+
 def _mb(nbytes: float) -> str:
     return f"{nbytes / 2**20:.2f}"
 
@@ -126,7 +132,7 @@ def write_table(result: dict, path: Path) -> str:
         for world, links in sorted(result["projection"]["links"].items()):
             fits = "; ".join(
                 f"{key.replace('/', ' over ')}: α = {link['latency_s'] * 1e6:.0f} µs, "
-                f"busbw = {link['busbw_bytes_per_s'] / 1e9:.2f} GB/s"
+                + _busbw(link["busbw_bytes_per_s"])
                 for key, link in links.items()
             )
             lines.append(

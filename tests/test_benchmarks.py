@@ -60,6 +60,16 @@ def test_link_fit_recovers_alpha_and_bandwidth(op, group_size):
     assert fitted.busbw_bytes_per_s == pytest.approx(true.busbw_bytes_per_s, rel=1e-6)
 
 
+def test_link_fit_never_prices_bytes_below_zero():
+    """Noise that makes the larger message faster gives no bandwidth, not a negative one."""
+    from projection import fit_link
+
+    fitted = fit_link([(192, 4.6e-3), (1_605_632, 3.5e-3)], "reduce_scatter", 2)
+    assert fitted.busbw_bytes_per_s == float("inf")
+    assert fitted.latency_s == pytest.approx(4.6e-3)
+    assert collective_seconds("reduce_scatter", 2, 10**9, fitted) == pytest.approx(4.6e-3)
+
+
 def test_measured_times_interpolate_between_sizes():
     from projection import MeasuredTimes
 
