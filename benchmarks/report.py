@@ -18,6 +18,15 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
+def _repetitions(result: dict) -> str:
+    if not result.get("min_time"):
+        return f"{result['reps']} timed repetitions"
+    return (
+        f"{result['reps']} to {result['max_reps']} timed repetitions (enough for the slowest "
+        f"variant of a case to run {result['min_time']:g} s in all)"
+    )
+
+
 def _busbw(bytes_per_s: float | None) -> str:
     if bytes_per_s is None:
         return "busbw not resolved (the larger messages were not slower)"
@@ -33,7 +42,7 @@ def write_table(result: dict, path: Path) -> str:
     lines = [
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']['cores']} cores, {result['machine']['platform']}, "
-        f"torch {result['machine']['torch']}; {result['reps']} timed repetitions after "
+        f"torch {result['machine']['torch']}; {_repetitions(result)} after "
         f"{result['warmup']} warm-up, variants interleaved.",
         "",
         "Step = forward + backward (input grad included; AlexNet: + SGD step). Speedups are "

@@ -8,7 +8,8 @@ Usage (from the repository root, in the environment of ``pip install -e '.[test]
 
 For each world size P the script spawns P gloo processes on this machine with
 ``max(1, cores // P)`` threads each. In every case the variants run interleaved, repetition by
-repetition, so that noise on the machine hits all of them alike:
+repetition, so that noise on the machine hits all of them alike (``--reps`` repetitions, more
+for a short step, so that its slowest variant runs ``--min-time`` seconds in all):
 
 * ``single_t``: one process with the threads of one rank (rank 0 while the others wait);
 * ``single_T``: one process with the threads of all ranks together;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -64,6 +66,7 @@ from mpgroups.collectives import _all_gather_single, _reduce_scatter_single  # n
 from mpgroups.validation import RECORD_SIZE, check_across_ranks, fingerprint  # noqa: E402
 
 PROJECTED_WORLD_SIZES = (2, 4, 8)
+MAX_REPS_FACTOR = 6
 
 
 def _free_port() -> int:
@@ -207,7 +210,8 @@ def _run_case(
     times = {name: {"step": [], "forward": []} for name in variants}
     names = list(variants)
     for phase, index in (("step", 2), ("forward", 3)):
-        for rep in range(args.warmup + args.reps):
+        last_warmup, rep, reps = [], 0, args.reps
+        while rep < args.warmup + reps:
             order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 everywhere, nthreads, *fns = variants[name]
@@ -219,13 +223,20 @@ def _run_case(
                     excluded = fns[index - 2]() or 0.0
                     elapsed = time.perf_counter() - start - excluded
                     torch.set_num_threads(threads)
-                elapsed = _max_over_ranks(elapsed, world)
+                elapsed = _max_over_ranks(elapsed, world)  # the same on every rank
                 if rep >= args.warmup:
                     times[name][phase].append(elapsed)
+                elif rep == args.warmup - 1:  # the first calls are slow (first-touch memory)
+                    last_warmup.append(elapsed)
+            rep += 1
+            if rep == args.warmup:
+                reps = _timed_reps(max(last_warmup), args)
+    reps_timed = {phase: len(times[names[0]][phase]) for phase in ("step", "forward")}
 
     result = {
         "description": case.description,
         "batch": case.batch,
+        "reps": reps_timed,
         "times": {n: {p: _summary(v) for p, v in t.items()} for n, t in times.items()},
     }
     # Communication of the group-parallel model: bytes per step, time in collectives.
@@ -264,6 +275,20 @@ def _run_case(
     result["rss_bytes"] = psutil.Process().memory_info().rss
     result["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(single) if world > 1 else 0
     return result
+
+
+def _timed_reps(slowest_seconds: float, args) -> int:
+    """Repetitions to time after the warm-up: ``args.reps``, or more for a short step.
+
+    Enough that the slowest variant (by its last warm-up time, slowest rank) runs
+    ``args.min_time`` seconds in all, at most ``MAX_REPS_FACTOR × args.reps``: a step of tens of
+    milliseconds is otherwise timed in well under a second, and one noisy spell of this host
+    moves its median by a fifth. The inputs are the same on every rank, and so is the count.
+    """
+    if slowest_seconds <= 0:
+        return args.reps
+    wanted = math.ceil(args.min_time / slowest_seconds)
+    return min(max(args.reps, wanted), MAX_REPS_FACTOR * args.reps)
 
 
 def _check_seconds(world: int, calls: int = 30) -> float:
@@ -424,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--cases", nargs="+", default=None, help=f"of {', '.join(CASES)}")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions, at least")
+    parser.add_argument(
+        "--min-time", type=float, default=4.0,
+        help="seconds to time the slowest variant of a case for, in more repetitions if its "
+        "step is short (up to 6 × --reps)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repetitions")
     parser.add_argument("--cores", type=int, default=psutil.cpu_count(logical=False) or 1)
@@ -432,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.reps, args.warmup = 2, 1
+        args.reps, args.warmup, args.min_time = 2, 1, 0.0
     known = QUICK if args.quick else CASES
     unknown = [c for c in args.cases or [] if c not in known]
     if unknown:
@@ -462,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "quick": args.quick,
         "reps": args.reps,
+        "min_time": args.min_time,
+        "max_reps": MAX_REPS_FACTOR * args.reps,
         "warmup": args.warmup,
         "runs": {str(k): v for k, v in runs.items()},
         "seconds": time.time() - started,

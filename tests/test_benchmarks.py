@@ -60,6 +60,18 @@ def test_link_fit_recovers_alpha_and_bandwidth(op, group_size):
     assert fitted.busbw_bytes_per_s == pytest.approx(true.busbw_bytes_per_s, rel=1e-6)
 
 
+def test_short_steps_are_timed_in_more_repetitions():
+    from argparse import Namespace
+
+    from scaling import MAX_REPS_FACTOR, _timed_reps
+
+    args = Namespace(reps=7, min_time=4.0)
+    assert _timed_reps(2.0, args) == 7  # a long step: the minimum
+    assert _timed_reps(0.25, args) == 16  # 4 s of the slowest variant
+    assert _timed_reps(0.001, args) == MAX_REPS_FACTOR * 7  # capped
+    assert _timed_reps(0.25, Namespace(reps=2, min_time=0.0)) == 2  # --quick
+
+
 def test_link_fit_never_prices_bytes_below_zero():
     """Noise that makes the larger message faster gives no bandwidth, not a negative one."""
     from projection import fit_link
