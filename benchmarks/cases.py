@@ -131,7 +131,7 @@ def make_input(case: Case, batch: int, model: nn.Module | None = None) -> torch.
     is given and its first layer takes a sharded input."""
     torch.manual_seed(1)
     x = torch.randn(batch, case.input_channels, case.size, case.size)
-    if case.convs and case.convs[0].layouts[0] == S and model is not None:
+    if model is not None and case.convs and case.convs[0].layouts[0] == S:
         start, stop = model[0].input_shard
         x = x[:, start:stop].contiguous()
     return x

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import CASES, QUICK
+from cases import CASES, QUICK, analytic_collectives, build_parallel, make_input
+from loopback import loopback_group
 from parity import case, expected_comm
 
 import mpgroups
@@ -105,9 +106,6 @@ def _step_records(
 
 
 def _loopback_model_does_the_ranks_work(ctx, suite: str) -> list[str]:
-    from cases import analytic_collectives, build_parallel, make_input
-    from loopback import loopback_group
-
     loopback = loopback_group(ctx.group)
     checked = []
     for name, c in (QUICK if suite == "quick" else CASES).items():
