@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from comm_model import Collective, layer_collectives, spatial_out
 from torch import nn
 
-from mpgroups.comm_model import Collective, layer_collectives, spatial_out
 from mpgroups.conv import GroupParallelConv2d
 from mpgroups.placement import shard_slice
 
@@ -108,7 +108,7 @@ def build_single(case: Case) -> nn.Module:
     )
 
 
-def build_parallel(case: Case, group, checks: bool | None = None) -> nn.Module:
+def build_parallel(case: Case, group) -> nn.Module:
     """The group-parallel model with the single-device model's weights."""
     if case.alexnet is not None:
         from mpgroups.models import AlexNet
@@ -119,7 +119,7 @@ def build_parallel(case: Case, group, checks: bool | None = None) -> nn.Module:
     return nn.Sequential(
         *(
             GroupParallelConv2d.from_conv(
-                conv, group, input_layout=c.layouts[0], output_layout=c.layouts[1], checks=checks
+                conv, group, input_layout=c.layouts[0], output_layout=c.layouts[1]
             )
             for conv, c in zip(single, case.convs, strict=True)
         )

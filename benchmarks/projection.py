@@ -14,21 +14,18 @@ Step time at P ranks = compute + communication, where
   step. Where a run at P exists it is measured on all P ranks at once, slowest rank (so that
   sharing cores and memory bandwidth is in it; interleaved with the measured variants, so
   that the machine's noise hits both alike), else as rank 0 alone at one
-  thread × max(1, P·t / cores). Older stored results measured a hand-built stand-in of
-  rank 0's work instead, or, before that, T_shard / P + T_replicated (the one-thread times
-  of what group parallelism splits and of the classifier that every rank repeats);
-* communication = Σ over the collectives the placement rule prescribes (``mpgroups.comm_model``)
+  thread × max(1, P·t / cores);
+* communication = Σ over the collectives the placement rule prescribes (``comm_model``)
   of (P-1)·α + bytes·(P-1)/P / busbw (nccl-tests' bus-bandwidth convention), plus the
-  per-call validation exchanges.
+  per-call input-check exchanges.
 
 ``validate`` fits α and busbw to gloo's measured times of each collective the cases use (per
 op and group size, at each P on this machine, at the message sizes the cases move) and
 compares the prediction with the measured group-parallel step. As a diagnostic it also
-prices each collective at gloo's measured time for its own size (:class:`MeasuredTimes`;
-results of older runs, timed at a generic sweep of sizes, are interpolated): where that
-prediction is close and the fitted one is not, the straight α–β line is what misses; where
-both miss, the step is not compute + communication (ranks waiting for each other, cores
-shared by more ranks than there are cores).
+prices each collective at gloo's measured time for its own size (:class:`MeasuredTimes`):
+where that prediction is close and the fitted one is not, the straight α–β line is what
+misses; where both miss, the step is not compute + communication (ranks waiting for each
+other, cores shared by more ranks than there are cores).
 """
 
 from __future__ import annotations
@@ -44,22 +41,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, analytic_collectives  # noqa: E402
-
-from mpgroups.comm_model import (  # noqa: E402
+from comm_model import (  # noqa: E402
     LINKS,
     Link,
     collective_seconds,
     ring_bytes_factor,
     ring_steps,
 )
-from mpgroups.validation import RECORD_SIZE  # noqa: E402
+
+from mpgroups.input_checks import RECORD_SIZE  # noqa: E402
 
 
 def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
     """Fit t = steps·α + bytes·factor / busbw to one collective's measured times.
 
-    ``steps`` and ``factor`` are :func:`~mpgroups.comm_model.ring_steps` and
-    :func:`~mpgroups.comm_model.ring_bytes_factor`, as in ``collective_seconds``.
+    ``steps`` and ``factor`` are :func:`~comm_model.ring_steps` and
+    :func:`~comm_model.ring_bytes_factor`, as in ``collective_seconds``.
     The line passes through the smallest message (which sets α, as latency is usually
     calibrated); its slope (1 / busbw) is the least-squares fit of the time added by the
     larger ones, floored at 0 (busbw = ∞: the times measured do not resolve a bandwidth).
@@ -115,20 +112,6 @@ def _seconds(op: str, group_size: int, nbytes: int, pricing: Pricing) -> float:
     return collective_seconds(op, group_size, nbytes, pricing)
 
 
-def _compute_basis(result: dict, case: str) -> tuple[float, float]:
-    """(T_shard, T_replicated) at one thread, from a run with one thread per rank.
-
-    Only for results that lack the AlexNet step's ``local_compute_*`` times.
-    """
-    for _, run in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
-        if run["threads_per_rank"] == 1 and case in run["cases"]:
-            c = run["cases"][case]
-            total = c["times"]["single_t"]["step"]["median"]
-            replicated = c.get("classifier_step_1thread", 0.0)
-            return total - replicated, replicated
-    raise ValueError(f"no run with one thread per rank for {case}")
-
-
 def predict(
     result: dict,
     case: str,
@@ -145,15 +128,17 @@ def predict(
     cores = cores or result["machine"]["cores"]
     threads = max(1, cores // world)
     oversubscribe = max(1.0, world * threads / cores)
-    local = result["runs"]["1"]["cases"][case].get("local_compute_1thread", {})
+    local = result["runs"]["1"]["cases"][case]["local_compute_1thread"]
     measured_run = result["runs"].get(str(world), {}).get("cases", {}).get(case, {})
     if "local_compute_concurrent" in measured_run and cores == result["machine"]["cores"]:
         compute = measured_run["local_compute_concurrent"]
     elif str(world) in local:
         compute = local[str(world)] * oversubscribe
     else:
-        shard, replicated = _compute_basis(result, case)
-        compute = (shard / world + replicated) * oversubscribe
+        raise ValueError(
+            f"no compute time for {case} at {world} ranks: the run timed rank 0's work at "
+            f"{', '.join(sorted(local, key=int))} ranks"
+        )
     collectives = analytic_collectives(cases[case], world, 0)
     comm = sum(
         _seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size))
@@ -211,10 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link", choices=sorted(LINKS), default=None)
     parser.add_argument("--bandwidth", type=float, help="bus bandwidth, GB/s")
     parser.add_argument("--latency", type=float, help="latency per ring step, microseconds")
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--cores", type=int, default=None, help="cores (default: as measured)")
+    parser.add_argument(
+        "--world-sizes", type=int, nargs="+", default=[2, 4, 8],
+        help="of those whose compute the run timed (2 4 8)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cores", type=int, default=None, help="cores (default: one per rank of the largest P)"
+    )
     args = parser.parse_args(argv)
     result = json.loads(Path(args.results).read_text())
+    timed = next(iter(result["runs"]["1"]["cases"].values()))["local_compute_1thread"]
+    untimed = [p for p in args.world_sizes if str(p) not in timed]
+    if untimed:
+        parser.error(f"no compute time at world sizes {untimed}; the run timed {', '.join(timed)}")
     if args.link:
         link = LINKS[args.link]
     elif args.bandwidth and args.latency:

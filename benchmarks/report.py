@@ -1,9 +1,13 @@
 """Markdown table and plots from ``scaling.json`` (see ``scaling.py``).
 
 ``scaling.py`` calls this at the end of a run. To render a stored run again (after a change
-to the projection, say), from the repository root::
+to the projection or the table, say), from the repository root::
 
-    python benchmarks/report.py benchmarks/results/scaling.json
+    python benchmarks/report.py benchmarks/results/scaling.json --out /tmp/render
+
+The JSON is only read: the projection is computed again in memory, and ``table.md``,
+``scaling.png`` and ``comm_share.png`` go to ``--out`` (by default ``benchmarks/out/``,
+which git ignores).
 """
 
 from __future__ import annotations
@@ -13,18 +17,30 @@ import json
 import sys
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "out"  # ignored by git
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
 def _repetitions(result: dict) -> str:
-    if not result.get("min_time"):
+    if not result["min_time"]:
         return f"{result['reps']} timed repetitions"
     return (
         f"{result['reps']} to {result['max_reps']} timed repetitions (enough for the slowest "
         f"variant of a case to run {result['min_time']:g} s in all)"
     )
+
+
+def _commit_line(result: dict) -> list[str]:
+    """``Commit: sha`` (and whether the code differed from it), for a run that recorded it."""
+    commit = result.get("commit")
+    if commit is None:
+        return []
+    changed = " with uncommitted changes" if commit["uncommitted_changes"] else ""
+    return [f"Commit: {commit['sha'][:12]}{changed}  "]
 
 
 def _busbw(bytes_per_s: float | None) -> str:
@@ -41,6 +57,7 @@ def write_table(result: dict, path: Path) -> str:
     """The per-case table (times are medians over interleaved repetitions)."""
     lines = [
         f"Command: `{result['command']}`  ",
+        *_commit_line(result),
         f"Machine: {result['machine']['cores']} cores, {result['machine']['platform']}, "
         f"torch {result['machine']['torch']}; {_repetitions(result)} after "
         f"{result['warmup']} warm-up, variants interleaved.",
@@ -60,9 +77,7 @@ def write_table(result: dict, path: Path) -> str:
     for name in names:
         for world in worlds:
             run = result["runs"][world]
-            c = run["cases"].get(name)
-            if c is None:
-                continue
+            c = run["cases"][name]
             t = c["times"]
             gp = t["group_parallel"]["step"]
             single = t["single_t"]["step"]["median"]
@@ -94,8 +109,8 @@ def write_table(result: dict, path: Path) -> str:
     checks = []
     for world in worlds:
         for name in names:
-            data = result["runs"][world]["cases"].get(name, {})
-            if "group_parallel_nochecks" in data.get("times", {}):
+            data = result["runs"][world]["cases"][name]
+            if "group_parallel_nochecks" in data["times"]:
                 checks.append((world, data))
     if checks:
         lines += [
@@ -118,7 +133,7 @@ def write_table(result: dict, path: Path) -> str:
                 f"{data['comm']['checks_share_of_step']:.2%}; on/off {_ms(on)} vs {_ms(off)} ms "
                 f"({on / off - 1:+.1%})"
             )
-    projection = result.get("projection", {}).get("cases", {})
+    projection = result["projection"]["cases"]
     if projection:
         lines += [
             "",
@@ -202,16 +217,19 @@ def write_plots(result: dict, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Render a stored scaling.json again.")
     parser.add_argument("results", type=Path, help="scaling.json written by scaling.py")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT,
+        help="folder for table.md and the plots (default: benchmarks/out/)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(HERE))
     from projection import validate
 
     result = json.loads(args.results.read_text())
     result["projection"] = validate(result)
-    args.results.write_text(json.dumps(result, indent=1))
-    out = args.results.parent
-    print(write_table(result, out / "table.md"))
-    write_plots(result, out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(write_table(result, args.out / "table.md"))
+    write_plots(result, args.out)
     return 0
 
 

@@ -2,9 +2,9 @@
 
 Usage (from the repository root, in the environment of ``pip install -e '.[test]'``)::
 
-    python benchmarks/scaling.py                       # all cases, world sizes 1 2 4
+    python benchmarks/scaling.py --out /tmp/run        # all cases, world sizes 1 2 4
     python benchmarks/scaling.py --cases alexnet_towers --world-sizes 1 2 --reps 9
-    python benchmarks/scaling.py --quick --out /tmp/r  # tiny sizes: checks that it runs
+    python benchmarks/scaling.py --quick --out /tmp/q  # tiny sizes: checks that it runs
 
 For each world size P the script spawns P gloo processes on this machine with
 ``max(1, cores // P)`` threads each. In every case the variants run interleaved, repetition by
@@ -20,8 +20,9 @@ for a short step, so that its slowest variant runs ``--min-time`` seconds in all
   every rank at once, less its time inside collectives: each rank's own work without the
   wire (the compute of the projection).
 
-Writes ``OUT/scaling.json``, ``OUT/table.md``, ``OUT/scaling.png`` and ``OUT/comm_share.png``,
-and prints the table and the projection's predicted vs measured step times.
+Writes ``OUT/scaling.json``, ``OUT/table.md``, ``OUT/scaling.png`` and ``OUT/comm_share.png``
+(``--out``; by default ``benchmarks/out/``, which git ignores), and prints the table and the
+projection's predicted vs measured step times. ``report.py`` renders a stored JSON again.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import platform
 import resource
 import socket
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -63,10 +65,12 @@ import mpgroups  # noqa: E402
 
 # The link is timed with the very calls the layers make.
 from mpgroups.collectives import _all_gather_single, _reduce_scatter_single  # noqa: E402
-from mpgroups.validation import RECORD_SIZE, check_across_ranks, fingerprint  # noqa: E402
+from mpgroups.input_checks import RECORD_SIZE, check_across_ranks, fingerprint  # noqa: E402
 
 PROJECTED_WORLD_SIZES = (2, 4, 8)
 MAX_REPS_FACTOR = 6
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "out"  # ignored by git: a run never writes over the published results
 
 
 def _free_port() -> int:
@@ -89,7 +93,12 @@ def _max_over_ranks(value: float, world: int) -> float:
 
 
 def _summary(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    """Median and quartiles; inclusive quartiles stay within the times measured (the
+    default, exclusive method extrapolates beyond them when there are few)."""
+    if len(times) >= 2:
+        q = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q = [times[0]] * 3
     return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "runs": len(times)}
 
 
@@ -428,6 +437,22 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         raise
 
 
+def _commit() -> dict | None:
+    """The git commit measured, and whether ``mpgroups/`` or ``benchmarks/`` differ from it."""
+
+    def git(*command: str) -> str:
+        return subprocess.run(
+            ["git", *command], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--", "../mpgroups", ".")
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout
+    return {"sha": head, "uncommitted_changes": bool(changed)}
+
+
 def run_world(world: int, args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -459,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repetitions")
     parser.add_argument("--cores", type=int, default=psutil.cpu_count(logical=False) or 1)
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT,
+        help="folder for scaling.json, table.md and the plots (default: benchmarks/out/)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.warmup, args.min_time = 2, 1, 0.0
@@ -490,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "mpgroups": mpgroups.__version__,
         },
+        "commit": _commit(),
         "quick": args.quick,
         "reps": args.reps,
         "min_time": args.min_time,
@@ -499,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.time() - started,
     }
     result["projection"] = validate(result)
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     table = write_table(result, out / "table.md")

@@ -6,6 +6,7 @@ with no process group the layers are plain single-device convolutions.
 
 from mpgroups import models
 from mpgroups.channel_modules import GatherChannels
+from mpgroups.channel_transfer import gather_channels, scatter_channels
 from mpgroups.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -13,9 +14,9 @@ from mpgroups.checkpoint import (
     safe_load,
     save_sharded_state_dict,
 )
-from mpgroups.collectives import gather_channels, scatter_channels
 from mpgroups.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
 from mpgroups.counter import CommCounter
+from mpgroups.input_checks import InputMismatchError
 from mpgroups.parallelize import PlanError, parallelize, unparallelize
 from mpgroups.placement import Placement, PlacementError, place
 from mpgroups.plan import ChannelLocal, GroupParallel
@@ -35,6 +36,7 @@ __all__ = [
     "GroupParallelConv1d",
     "GroupParallelConv2d",
     "GroupParallelConv3d",
+    "InputMismatchError",
     "Placement",
     "PlacementError",
     "PlanError",

@@ -17,14 +17,18 @@ dim 0 (``num_batches_tracked`` and other scalars are the same on every rank).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from mpgroups.collectives import ChannelShards, all_gather_channels, channel_shards
-from mpgroups.validation import BAD_CHANNELS, check_across_ranks, checks_enabled, fingerprint
+from mpgroups.collectives import all_gather_channels, gather_rows
+from mpgroups.input_checks import BAD_CHANNELS, InputGuard
+from mpgroups.layout import ChannelShards, layout_shards
+from mpgroups.process_groups import resolve_process_group
 
 __all__ = [
     "CHANNEL_AGNOSTIC",
     "GatherChannels",
+    "channel_shards",
     "is_channel_agnostic",
     "row_shards",
     "shard_channel_module",
@@ -74,6 +78,15 @@ def is_channel_agnostic(module: nn.Module) -> bool:
     if isinstance(module, nn.PReLU):
         return module.num_parameters == 1
     return isinstance(module, CHANNEL_AGNOSTIC)
+
+
+def channel_shards(channels: int, groups: int, process_group=None) -> ChannelShards:
+    """The sharded layout of ``channels`` channels for conv ``groups`` over ``process_group``
+    (``None``: the default group, or a single rank)."""
+    pg = resolve_process_group(process_group)
+    world_size = 1 if pg is None else pg.size()
+    rank = 0 if pg is None else dist.get_rank(pg)
+    return layout_shards(channels, groups, world_size, rank, pg)
 
 
 def row_shards(module: nn.Module) -> ChannelShards | None:
@@ -152,11 +165,11 @@ def unshard_channel_module(module: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dim() >= 1:
-                full = all_gather_channels(param.detach(), shards, dim=0)
+                full = gather_rows(param, shards)
                 setattr(module, name, nn.Parameter(full, requires_grad=param.requires_grad))
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.dim() >= 1:
-                setattr(module, name, all_gather_channels(buffer, shards, dim=0))
+                setattr(module, name, gather_rows(buffer, shards))
     _set_channels(module, shards.total, module._mpgroups_full_norm_groups)
     del module._mpgroups_row_shards, module._mpgroups_full_norm_groups
     return module
@@ -173,49 +186,42 @@ class GatherChannels(nn.Module):
         self, channels: int, groups: int, *, process_group=None, checks: bool | None = None
     ) -> None:
         super().__init__()
-        self.channels = channels
-        self.groups = groups
-        self.checks = checks
-        self._calls = 0
-        self.shards = channel_shards(channels, groups, process_group)
+        self._setup(channel_shards(channels, groups, process_group), groups, checks)
 
     @classmethod
     def from_shards(cls, shards: ChannelShards, checks: bool | None = None) -> GatherChannels:
         """A gather for an existing layout (``groups`` is then ``None``)."""
         gather = cls.__new__(cls)
         nn.Module.__init__(gather)
-        gather.channels, gather.groups, gather.checks, gather._calls = shards.total, None, checks, 0
-        gather.shards = shards
+        gather._setup(shards, None, checks)
         return gather
+
+    def _setup(self, shards: ChannelShards, groups: int | None, checks: bool | None) -> None:
+        self.shards = shards
+        self.channels = shards.total
+        self.groups = groups
+        site = f"GatherChannels({self.channels}, groups={groups})"
+        self.input_guard = InputGuard(
+            site, ("GatherChannels", shards.slices), shards, channel_dim=1, checks=checks
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         shards = self.shards
         start, stop = shards.own
         problem = None
-        if x.dim() < 2 or x.shape[1] != stop - start:
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != stop - start:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             problem = (
                 BAD_CHANNELS,
-                (
-                    f"expected a channel shard [N, {stop - start}, ...] (channels {start}..{stop} "
-                    f"of {self.channels}), got shape {tuple(x.shape)}"
-                ),
+                f"expected a channel shard [N, {stop - start}, ...] (channels {start}..{stop} "
+                f"of {self.channels}), got {got}",
             )
-        if shards.world_size > 1 and checks_enabled(self.checks):
-            self._calls += 1
-            check_across_ranks(
-                x,
-                process_group=shards.group,
-                rank=shards.rank,
-                layer=f"GatherChannels({self.channels}, groups={self.groups})",
-                layer_id=fingerprint("GatherChannels", self.channels, self.groups),
-                call=self._calls,
-                problem=problem,
-                channel_dim=1,
-                expected_channels=shards.widths,
-                channels_note=[f"shard {a}..{b} of {self.channels}" for a, b in shards.slices],
-            )
-        elif problem is not None:
-            raise ValueError(f"GatherChannels on rank {shards.rank}: {problem[1]}")
+        self.input_guard(
+            x,
+            problem=problem,
+            expected_channels=shards.widths,
+            channels_note=[f"shard {a}..{b} of {self.channels}" for a, b in shards.slices],
+        )
         return all_gather_channels(x, shards)
 
     def extra_repr(self) -> str:

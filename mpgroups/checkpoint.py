@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mpgroups.collectives import all_ranks_agree, barrier, broadcast_ints
-from mpgroups.groups import resolve_process_group
-from mpgroups.state_dict import load_full_state_dict, sharded_keys
+from mpgroups.process_groups import resolve_process_group
+from mpgroups.state_dict import load_full_state_dict, model_process_group, sharded_keys
 
 __all__ = [
     "CheckpointError",
@@ -132,13 +132,6 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
     return obj
 
 
-def _group_of(model: nn.Module):
-    for shards in sharded_keys(model).values():
-        if shards.world_size > 1:
-            return shards.group
-    return None
-
-
 def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Each rank writes its own shard of ``model.state_dict()`` (atomically) into ``directory``.
 
@@ -148,7 +141,7 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
     over an older one) are refused together at load.
     """
     directory = Path(directory)
-    group = _group_of(model)
+    group = model_process_group(model)
     rank = 0 if group is None else dist.get_rank(group)
     world_size = 1 if group is None else group.size()
     (save_id,) = broadcast_ints([secrets.randbits(62)], group)

@@ -8,47 +8,58 @@ Shapes on rank ``r`` of ``P`` (``C_in_r``/``C_out_r`` from :func:`mpgroups.place
     output replicated [N, C_out, *spatial_out]             sharded: [N, C_out_r, *spatial_out]
 
 With no process group, or a group of one rank, the layer computes exactly what ``nn.ConvNd``
-computes, bit for bit, with the same parameters and ``state_dict`` keys.
+computes, bit for bit, with the same parameters and ``state_dict`` keys. Outputs keep the
+input's memory format (channels_last in, channels_last out) in every layout.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import init
-from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from mpgroups.collectives import (
-    ChannelShards,
     all_gather_channels,
     all_gather_channels_partial,
     slice_channels,
     slice_group_channels,
 )
-from mpgroups.groups import resolve_process_group, team_subgroup
-from mpgroups.placement import Placement, place, shard_slice
-from mpgroups.validation import (
+from mpgroups.conv_conversion import ConvConversion, conv_arguments
+from mpgroups.input_checks import (
     BAD_CHANNELS,
     BAD_DEVICE,
     BAD_DIMS,
     BAD_DTYPE,
     NO_TENSOR,
-    check_across_ranks,
-    checks_enabled,
-    fingerprint,
+    InputGuard,
+    Problem,
 )
+from mpgroups.layout import LAYOUTS, ChannelShards, check_layout, communicates, layer_shards
+from mpgroups.placement import Placement
+from mpgroups.process_groups import resolve_process_group, team_subgroup
 
 __all__ = ["GroupParallelConv1d", "GroupParallelConv2d", "GroupParallelConv3d", "LAYOUTS"]
 
-LAYOUTS = ("replicated", "sharded")
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# What nn.ConvNd derives from its arguments; the layers take these from a meta-device ConvNd.
+_CONV_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
 
 
-class _GroupParallelConvNd(nn.Module):
+class _GroupParallelConvNd(ConvConversion, nn.Module):
     _dims: int
     _nn_type: type[nn.modules.conv._ConvNd]
 
@@ -73,109 +84,84 @@ class _GroupParallelConvNd(nn.Module):
         _init_weights: bool = True,
     ) -> None:
         super().__init__()
-        factory_kwargs = {"device": device, "dtype": dtype}
-        ntuple = _ntuple(self._dims)
-        if groups <= 0:
-            raise ValueError(f"groups must be a positive integer, got {groups}")
-        if in_channels % groups != 0:
-            raise ValueError(f"in_channels={in_channels} must be divisible by groups={groups}")
-        if out_channels % groups != 0:
-            raise ValueError(f"out_channels={out_channels} must be divisible by groups={groups}")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        for name, layout in (("input_layout", input_layout), ("output_layout", output_layout)):
-            if layout not in LAYOUTS:
-                raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
-        kernel_size, stride, dilation = ntuple(kernel_size), ntuple(stride), ntuple(dilation)
-        if isinstance(padding, str):
-            if padding not in ("valid", "same"):
-                raise ValueError(f"padding must be 'valid', 'same' or ints, got {padding!r}")
-            if padding == "same" and any(s != 1 for s in stride):
-                raise ValueError("padding='same' is not supported for strided convolutions")
-        else:
-            padding = ntuple(padding)
-
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = padding
-        self.dilation = dilation
-        self.transposed = False
-        self.output_padding = ntuple(0)
-        self.groups = groups
-        self.padding_mode = padding_mode
+        check_layout("input_layout", input_layout)
+        check_layout("output_layout", output_layout)
+        # nn.ConvNd itself checks and normalises the arguments (on the meta device: no memory).
+        try:
+            spec = self._nn_type(
+                in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                bias, padding_mode, device="meta",
+            )  # fmt: skip
+        except ValueError as err:
+            raise ValueError(
+                f"{type(self).__name__}: {err} (got in_channels={in_channels}, "
+                f"out_channels={out_channels}, groups={groups}, stride={stride}, "
+                f"padding={padding!r}, padding_mode={padding_mode!r})"
+            ) from err
+        for name in _CONV_ATTRIBUTES:
+            setattr(self, name, getattr(spec, name))
         self.input_layout = input_layout
         self.output_layout = output_layout
-        self.checks = checks
-        self._calls = 0
-        self._reversed_padding_repeated_twice = _reversed_padding(padding, kernel_size, dilation)
 
-        self.process_group = resolve_process_group(process_group)
-        pg = self.process_group
+        pg = resolve_process_group(process_group)
         self.world_size = 1 if pg is None else pg.size()
         self.rank = 0 if pg is None else dist.get_rank(pg)
-        self.placement: Placement = place(
-            in_channels, out_channels, groups, self.world_size, self.rank
+        self.shards = layer_shards(
+            in_channels, out_channels, groups, self.world_size, self.rank, pg
         )
-        self._build_shards()
-        self._fingerprint = fingerprint(
-            type(self).__name__,
-            in_channels,
-            out_channels,
-            groups,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            input_layout,
-            output_layout,
+        self._team_shards: ChannelShards | None = None
+        if self.placement.filter_split:
+            self._team_shards = self.shards.team(team_subgroup(pg, self.placement.team))
+        self._communicates = communicates(self.placement, input_layout, output_layout)
+        config = (type(self).__name__, conv_arguments(spec), input_layout, output_layout)
+        self.input_guard = InputGuard(
+            self._name(), config, self.shards.outputs, channel_dim=-self._dims - 1, checks=checks
+        )
+        self.state_guard = InputGuard(
+            f"{self._name()} gathering its parameters",
+            ("state", *config),
+            self.shards.outputs,
+            channel_dim=0,
+            checks=checks,
         )
 
+        factory_kwargs = {"device": device, "dtype": dtype}
+        local_out = self.placement.local_out_channels
         self.weight = nn.Parameter(
-            torch.empty(
-                (self.placement.local_out_channels, in_channels // groups, *kernel_size),
-                **factory_kwargs,
-            )
+            torch.empty((local_out, in_channels // groups, *self.kernel_size), **factory_kwargs)
         )
         if bias:
-            self.bias = nn.Parameter(
-                torch.empty(self.placement.local_out_channels, **factory_kwargs)
-            )
+            self.bias = nn.Parameter(torch.empty(local_out, **factory_kwargs))
         else:
             self.register_parameter("bias", None)
         if _init_weights:
             self.reset_parameters()
 
-    def _build_shards(self) -> None:
-        """The channel splits that the collectives of this layer use."""
-        pl, pg, world = self.placement, self.process_group, self.world_size
-        groups = self.groups
-        # Output sharded layout: exactly each rank's out_slice.
-        self._out_shards = ChannelShards(
-            pg,
-            tuple(
-                place(self.in_channels, self.out_channels, groups, world, r).out_slice
-                for r in range(world)
-            ),
-            self.rank,
-        )
-        # Input sharded layout: the same rule applied to C_in channels.
-        self._in_shards = ChannelShards(
-            pg,
-            tuple(shard_slice(self.in_channels, groups, world, r) for r in range(world)),
-            self.rank,
-        )
-        self._team_shards = None
-        if pl.filter_split:
-            team_group = team_subgroup(pg, pl.team)
-            team_slices = self._in_shards.slices[pl.team[0] : pl.team[1]]
-            self._team_shards = ChannelShards.relative(team_group, team_slices, pl.team_rank)
+    def __deepcopy__(self, memo) -> _GroupParallelConvNd:
+        # As nn.Module's own copy; the process groups are shared (see ChannelShards).
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return twin
+
+    def __reduce_ex__(self, protocol):
+        if self.process_group is not None:
+            self.shards.outputs.__reduce_ex__(protocol)  # raises, saying what to do instead
+        return super().__reduce_ex__(protocol)
+
+    @property
+    def placement(self) -> Placement:
+        return self.shards.placement
+
+    @property
+    def process_group(self):
+        """The ``ProcessGroup`` the layer runs over, or ``None`` on a single device."""
+        return self.shards.outputs.process_group
 
     @property
     def _mpgroups_row_shards(self) -> ChannelShards:
         """How ``weight`` and ``bias`` split along dim 0 (see ``channel_modules.row_shards``)."""
-        return self._out_shards
+        return self.shards.outputs
 
     @property
     def local_groups(self) -> int:
@@ -195,130 +181,49 @@ class _GroupParallelConvNd(nn.Module):
     @property
     def input_shard(self) -> tuple[int, int]:
         """Channels of the input this rank holds when ``input_layout="sharded"``."""
-        return self._in_shards.own
+        return self.shards.inputs.own
 
     @property
     def output_shard(self) -> tuple[int, int]:
         """Channels of the output this rank holds when ``output_layout="sharded"``."""
-        return self._out_shards.own
+        return self.shards.outputs.own
 
     def reset_parameters(self) -> None:
         """Initialise as ``nn.ConvNd`` does on the full weight, then keep this rank's rows.
 
-        Draws the same random numbers as ``nn.ConvNd.reset_parameters``, so with the same seed
-        every rank holds exactly its slice of the single-device initialisation.
+        Builds the full ``nn.ConvNd`` (which draws exactly the random numbers
+        ``nn.ConvNd.__init__`` draws), so with the same seed every rank holds exactly its slice
+        of the single-device initialisation.
         """
-        full_weight = torch.empty(
-            (self.out_channels, self.in_channels // self.groups, *self.kernel_size),
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        init.kaiming_uniform_(full_weight, a=math.sqrt(5))
+        full = self._nn_type(*self._arguments(), device=self.weight.device, dtype=self.weight.dtype)
         start, stop = self.out_slice
         with torch.no_grad():
-            self.weight.copy_(full_weight[start:stop])
+            self.weight.copy_(full.weight[start:stop])
             if self.bias is not None:
-                fan_in, _ = init._calculate_fan_in_and_fan_out(full_weight)
-                bound = 1 / math.sqrt(fan_in) if fan_in != 0 else 0
-                full_bias = torch.empty(
-                    self.out_channels, device=self.bias.device, dtype=self.bias.dtype
-                )
-                init.uniform_(full_bias, -bound, bound)
-                self.bias.copy_(full_bias[start:stop])
+                self.bias.copy_(full.bias[start:stop])
 
-    def _conv_forward(self, x: Tensor) -> Tensor:
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self._dims - 1]
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = _ntuple(self._dims)(0)
-        else:
-            padding = self.padding
-        return conv(
-            x, self.weight, self.bias, self.stride, padding, self.dilation, self.local_groups
-        )
-
-    def _local_problem(self, x) -> tuple[int, str] | None:
-        """``(code, message)`` when ``x`` cannot be this rank's input, found without
-        communication; ``None`` when it can."""
-        if not isinstance(x, Tensor):
-            return NO_TENSOR, f"expects a Tensor, got {type(x).__name__}"
-        dims = self._dims
-        if x.dim() not in (dims + 1, dims + 2):
-            return BAD_DIMS, (
-                f"expects a {dims + 2}-D input [N, C, *spatial] (or {dims + 1}-D unbatched), "
-                f"got {x.dim()}-D of shape {tuple(x.shape)}"
-            )
-        channels = x.shape[-dims - 1]
-        expected = self._expected_channels(self.rank)
-        if channels != expected:
-            return BAD_CHANNELS, (
-                f"input has {channels} channels, the layer expects {expected} "
-                f"({self._channels_note(self.rank)})"
-            )
-        if x.dtype != self.weight.dtype:
-            return BAD_DTYPE, (
-                f"input dtype {x.dtype} does not match the weight's {self.weight.dtype}"
-            )
-        if x.device != self.weight.device:
-            return BAD_DEVICE, f"input is on {x.device}, the weight on {self.weight.device}"
-        return None
-
-    def _expected_channels(self, rank: int) -> int:
-        if self.input_layout == "sharded":
-            start, stop = self._in_shards.slices[rank]
-            return stop - start
-        return self.in_channels
-
-    def _channels_note(self, rank: int) -> str:
-        if self.input_layout == "sharded":
-            start, stop = self._in_shards.slices[rank]
-            return (
-                f"sharded input: its shard {start}..{stop} of {self.in_channels} channels, "
-                f"groups={self.groups}"
-            )
-        return "replicated input"
+    def _expected_channels(self, rank: int) -> tuple[int, str]:
+        """The channel count of ``rank``'s input, and what it is, for messages."""
+        if self.input_layout == "replicated":
+            return self.in_channels, "replicated input"
+        start, stop = self.shards.inputs.slices[rank]
+        note = f"sharded input: its shard {start}..{stop} of {self.in_channels} channels"
+        return stop - start, f"{note}, groups={self.groups}"
 
     def _check_input(self, x) -> None:
-        """Raise before any data moves when ``x`` cannot be this rank's input.
+        expected = [self._expected_channels(r) for r in range(self.world_size)]
+        self.input_guard(
+            x,
+            problem=_input_problem(x, self._dims, *expected[self.rank], self.weight),
+            expected_channels=[channels for channels, _ in expected],
+            channels_note=[note for _, note in expected],
+            weight=self.weight,
+            communicates=self._communicates,
+        )
 
-        With checks on and a collective to come, every rank first exchanges a record of its
-        input (see :mod:`mpgroups.validation`), so a problem on any rank raises on all.
-        """
-        problem = self._local_problem(x)
-        if self._communicates() and checks_enabled(self.checks):
-            self._calls += 1
-            check_across_ranks(
-                x,
-                process_group=self.process_group,
-                rank=self.rank,
-                layer=self._name(),
-                layer_id=self._fingerprint,
-                call=self._calls,
-                problem=problem,
-                channel_dim=x.dim() - self._dims - 1 if isinstance(x, Tensor) else 1,
-                expected_channels=[self._expected_channels(r) for r in range(self.world_size)],
-                channels_note=[self._channels_note(r) for r in range(self.world_size)],
-                weight=self.weight,
-            )
-        elif problem is not None:
-            error = TypeError if not isinstance(x, Tensor) else ValueError
-            raise error(f"{self._name()} on rank {self.rank} of {self.world_size}: {problem[1]}")
-
-    def _communicates(self) -> bool:
-        """Whether a call can issue a collective, forward or backward (DESIGN §3's table).
-
-        Only then can ranks that disagree hang, so only then do they exchange records; a
-        sharded → sharded layer holding whole groups computes alone and checks locally.
-        Decided from the configuration alone, never from the input: every rank must agree
-        on whether to exchange. A replicated → sharded layer communicates only in backward
-        (it gathers the input grad), yet exchanges on every call, so that ranks that
-        disagree on recording that backward (``torch.no_grad()`` on one) raise together.
-        """
-        if self.world_size == 1:
-            return False
-        if self.input_layout == "sharded" and self.output_layout == "sharded":
-            return self.placement.filter_split
-        return True
+    def _arguments(self) -> tuple:
+        """The positional arguments of the equivalent ``nn.ConvNd`` (device and dtype aside)."""
+        return conv_arguments(self)
 
     def _name(self) -> str:
         return (
@@ -337,34 +242,31 @@ class _GroupParallelConvNd(nn.Module):
         return self._forward_batched(x)
 
     def _forward_batched(self, x: Tensor) -> Tensor:
-        if self.world_size == 1:
-            return self._conv_forward(x)
-        pl = self.placement
-        if self.input_layout == "replicated":
-            if pl.filter_split:
-                x = slice_group_channels(x, pl.in_slice, self._team_shards, self._in_shards)
+        placement, shards = self.placement, self.shards
+        if self.world_size > 1 and self.input_layout == "replicated":
+            if placement.filter_split:
+                x = slice_group_channels(x, placement.in_slice, self._team_shards, shards.inputs)
             else:
-                x = slice_channels(x, self._in_shards)
-        elif pl.filter_split:
+                x = slice_channels(x, shards.inputs)
+        elif placement.filter_split:
             x = all_gather_channels_partial(x, self._team_shards)
         y = self._conv_forward(x)
         if self.output_layout == "replicated":
-            y = all_gather_channels(y, self._out_shards)
+            y = all_gather_channels(y, shards.outputs)
         return y
 
-    def extra_repr(self) -> str:
-        s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}"
-        if self.padding != (0,) * len(self.padding):
-            s += ", padding={padding}"
-        if self.dilation != (1,) * len(self.dilation):
-            s += ", dilation={dilation}"
-        if self.groups != 1:
-            s += ", groups={groups}"
-        if self.bias is None:
-            s += ", bias=False"
+    def _conv_forward(self, x: Tensor) -> Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self._dims - 1]
+        padding = self.padding
         if self.padding_mode != "zeros":
-            s += ", padding_mode={padding_mode}"
-        s = s.format(**self.__dict__)
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return conv(
+            x, self.weight, self.bias, self.stride, padding, self.dilation, self.local_groups
+        )
+
+    def extra_repr(self) -> str:
+        s = nn.modules.conv._ConvNd.extra_repr(self)
         s += (
             f", rank={self.rank}/{self.world_size}, local_groups={self.local_groups}"
             f", in_slice={self.in_slice}, out_slice={self.out_slice}"
@@ -375,104 +277,27 @@ class _GroupParallelConvNd(nn.Module):
             s += f", layout={self.input_layout}->{self.output_layout}"
         return s
 
-    @classmethod
-    def from_conv(
-        cls,
-        conv: nn.modules.conv._ConvNd,
-        process_group=None,
-        *,
-        input_layout: str = "replicated",
-        output_layout: str = "replicated",
-        checks: bool | None = None,
-    ):
-        """Shard an existing ``nn.ConvNd``: this rank keeps its rows of the weight and bias.
 
-        The new parameters are copies on ``conv``'s device and dtype, with its
-        ``requires_grad``; ``conv`` itself is left as it was.
-        """
-        if type(conv) is not cls._nn_type:
-            raise TypeError(
-                f"{cls.__name__}.from_conv expects an {cls._nn_type.__name__}, "
-                f"got {type(conv).__name__}"
-            )
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device="meta",
-            dtype=conv.weight.dtype,
-            process_group=process_group,
-            input_layout=input_layout,
-            output_layout=output_layout,
-            checks=checks,
-            _init_weights=False,
+def _input_problem(x, dims: int, channels: int, note: str, weight: Tensor) -> Problem | None:
+    """``(code, message)`` when ``x`` cannot be this rank's input, found without
+    communication; ``None`` when it can."""
+    if not isinstance(x, Tensor):
+        return NO_TENSOR, f"expects a Tensor, got {type(x).__name__}"
+    if x.dim() not in (dims + 1, dims + 2):
+        return BAD_DIMS, (
+            f"expects a {dims + 2}-D input [N, C, *spatial] (or {dims + 1}-D unbatched), "
+            f"got {x.dim()}-D of shape {tuple(x.shape)}"
         )
-        start, stop = layer.out_slice
-        layer.weight = _param_copy(conv.weight, start, stop)
-        if conv.bias is not None:
-            layer.bias = _param_copy(conv.bias, start, stop)
-        layer.train(conv.training)
-        return layer
-
-    def to_conv(self) -> nn.modules.conv._ConvNd:
-        """The whole layer as a plain ``nn.ConvNd`` (a collective: every rank must call it)."""
-        conv = self._nn_type(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
-            device="meta",
-            dtype=self.weight.dtype,
+    if x.shape[-dims - 1] != channels:
+        return BAD_CHANNELS, (
+            f"input has {x.shape[-dims - 1]} channels, the layer expects {channels} ({note})"
         )
-        conv.weight = _param_copy(self.full_weight(), 0, self.out_channels, self.weight)
-        if self.bias is not None:
-            conv.bias = _param_copy(self.full_bias(), 0, self.out_channels, self.bias)
-        conv.train(self.training)
-        return conv
-
-    def full_weight(self) -> Tensor:
-        """``[C_out, C_in / G, *kernel_size]``, gathered from every rank (collective)."""
-        with torch.no_grad():
-            return all_gather_channels(self.weight.detach(), self._out_shards, dim=0)
-
-    def full_bias(self) -> Tensor | None:
-        """``[C_out]`` gathered from every rank (collective), or ``None`` without bias."""
-        if self.bias is None:
-            return None
-        with torch.no_grad():
-            return all_gather_channels(self.bias.detach(), self._out_shards, dim=0)
-
-
-def _reversed_padding(padding, kernel_size, dilation) -> list[int]:
-    """``F.pad`` amounts for non-zero padding modes, computed as ``nn.ConvNd`` does."""
-    if isinstance(padding, str):
-        result = [0, 0] * len(kernel_size)
-        if padding == "same":
-            for d, k, i in zip(
-                dilation, kernel_size, range(len(kernel_size) - 1, -1, -1), strict=True
-            ):
-                total = d * (k - 1)
-                left = total // 2
-                result[2 * i] = left
-                result[2 * i + 1] = total - left
-        return result
-    return list(_reverse_repeat_tuple(padding, 2))
-
-
-def _param_copy(source: Tensor, start: int, stop: int, like: Tensor | None = None) -> nn.Parameter:
-    requires_grad = (like if like is not None else source).requires_grad
-    return nn.Parameter(source.detach()[start:stop].clone(), requires_grad=requires_grad)
+    # Under autocast the conv casts its input itself, as nn.ConvNd does.
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return BAD_DTYPE, f"input dtype {x.dtype} does not match the weight's {weight.dtype}"
+    if x.device != weight.device:
+        return BAD_DEVICE, f"input is on {x.device}, the weight on {weight.device}"
+    return None
 
 
 class GroupParallelConv1d(_GroupParallelConvNd):

@@ -84,9 +84,6 @@ class CommCounter:
         """``Counter`` of op names."""
         return Counter(r.op for r in self._select(None, kind))
 
-    def reset(self) -> None:
-        self.records.clear()
-
     def __repr__(self) -> str:
         meta = self.count(kind="meta")
         return f"CommCounter(data={self.count()} ops/{self.bytes()} B, meta={meta} ops)"

@@ -15,24 +15,22 @@ from torch import Tensor, nn
 
 from mpgroups.channel_modules import (
     GatherChannels,
+    channel_shards,
     is_channel_agnostic,
     row_shards,
     shard_channel_module,
     unshard_channel_module,
 )
-from mpgroups.collectives import (
-    ChannelShards,
-    broadcast_tensors_,
-    channel_shards,
-)
+from mpgroups.collectives import broadcast_tensors_
 from mpgroups.conv import (
     GroupParallelConv1d,
     GroupParallelConv2d,
     GroupParallelConv3d,
     _GroupParallelConvNd,
 )
-from mpgroups.groups import resolve_process_group
+from mpgroups.layout import ChannelShards
 from mpgroups.plan import ChannelLocal, GroupParallel
+from mpgroups.process_groups import resolve_process_group
 
 __all__ = ["PlanError", "parallelize", "unparallelize"]
 
@@ -146,15 +144,34 @@ def _gathers_output(tracker: _Tracker, shards: ChannelShards):
     return hook
 
 
-def _style_for(name: str, module: nn.Module, plan: dict) -> object | None:
+def _planned_style(name: str, plan: dict) -> object | None:
     if name in plan:
         return plan[name]
     for pattern, style in plan.items():
         if any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(name, pattern):
             return style
-    if type(module) in _PARALLEL_OF and module.groups > 1:
-        return GroupParallel()
     return None
+
+
+def _styles(modules: list[tuple[str, nn.Module]], plan: dict) -> dict[int, object | None]:
+    """``{id(module): its style}``: the plan's entry for any of the module's names (entries
+    for one module under several names must agree), else the drop-in for a grouped conv."""
+    styles: dict[int, object | None] = {}
+    named: dict[int, str] = {}
+    for name, module in modules:
+        style = _planned_style(name, plan)
+        key = id(module)
+        if style is not None and styles.get(key) not in (None, style):
+            raise PlanError(
+                f"'{name}' and '{named[key]}' are one module, but the plan gives them "
+                f"different styles ({style} and {styles[key]})"
+            )
+        if style is not None or key not in styles:
+            styles[key], named[key] = style, name
+    for _, module in modules:
+        if styles[id(module)] is None and type(module) in _PARALLEL_OF and module.groups > 1:
+            styles[id(module)] = GroupParallel()
+    return styles
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -214,7 +231,9 @@ def parallelize(
         raise PlanError("model is already parallelized; call unparallelize(model) first")
     pg = resolve_process_group(process_group)
     plan = dict(plan or {})
-    modules = list(model.named_modules())
+    # Every name of a module held under several names (weight sharing): each name gets the
+    # one converted module, so the weights stay tied.
+    modules = list(model.named_modules(remove_duplicate=False))
     names = {name for name, _ in modules}
     for key, style in plan.items():
         if not isinstance(style, GroupParallel | ChannelLocal):
@@ -230,8 +249,16 @@ def parallelize(
     tracker = _Tracker()
     producer: tuple[str, ChannelShards] | None = None  # last sharded output, in module order
     styled: dict[str, object] = {}
+    styles = _styles(modules, plan)
+    converted: dict[int, nn.Module] = {}  # id(original module) -> the module now in its place
     for name, module in modules:
-        style = _style_for(name, module, plan)
+        style = styles[id(module)]
+        if id(module) in converted:
+            model = _replace(model, name, converted[id(module)])
+            if style is not None:
+                styled[name] = style
+            continue
+        converted[id(module)] = module
         if isinstance(module, _GroupParallelConvNd):
             raise PlanError(f"module '{name}' is already a {type(module).__name__}")
         if isinstance(style, GroupParallel):
@@ -248,19 +275,20 @@ def parallelize(
             )
             _move_hooks(module, layer)
             if style.input_layout == "sharded":
-                if producer is not None and producer[1].slices != layer._in_shards.slices:
+                if producer is not None and producer[1].slices != layer.shards.inputs.slices:
                     raise PlanError(
                         f"'{name}' takes a sharded input with channel shards "
-                        f"{list(layer._in_shards.slices)}, but '{producer[0]}' before it "
+                        f"{list(layer.shards.inputs.slices)}, but '{producer[0]}' before it "
                         f"produces {list(producer[1].slices)}"
                     )
-                layer.register_forward_pre_hook(_expects_shards(tracker, name, layer._in_shards))
+                layer.register_forward_pre_hook(_expects_shards(tracker, name, layer.shards.inputs))
             else:
                 layer.register_forward_pre_hook(_needs_whole(tracker, name))
             if style.output_layout == "sharded":
-                producer = (name, layer._out_shards)
-                layer.register_forward_hook(_marks_output(tracker, name, layer._out_shards))
+                producer = (name, layer.shards.outputs)
+                layer.register_forward_hook(_marks_output(tracker, name, layer.shards.outputs))
             model = _replace(model, name, layer)
+            converted[id(module)] = layer
             styled[name] = style
         elif isinstance(style, ChannelLocal):
             shards = _channel_local_shards(name, module, style, producer, pg)
@@ -326,15 +354,20 @@ def unparallelize(model: nn.Module) -> nn.Module:
         for handle in tracker.handles:
             handle.remove()
     styled = getattr(model, "_mpgroups_styled", {})
-    for name, module in list(model.named_modules()):
-        if isinstance(module, _GroupParallelConvNd):
+    restored: dict[int, nn.Module] = {}  # id(parallel module) -> its torch.nn module
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in restored:
+            model = _replace(model, name, restored[id(module)])
+        elif isinstance(module, _GroupParallelConvNd):
             _drop_plan_hooks(module)
             conv = module.to_conv()
             _move_hooks(module, conv)
+            restored[id(module)] = conv
             model = _replace(model, name, conv)
         elif row_shards(module) is not None or name in styled:
             _drop_plan_hooks(module)
             unshard_channel_module(module)
+            restored[id(module)] = module
     for attr in ("_mpgroups_tracker", "_mpgroups_styled"):
         if attr in model.__dict__:
             delattr(model, attr)

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpgroups.conv import LAYOUTS
+from mpgroups.layout import check_layout
 
 __all__ = ["ChannelLocal", "GroupParallel"]
-
-
-def _check_layout(name: str, layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
 
 
 @dataclass(frozen=True)
@@ -30,8 +25,8 @@ class GroupParallel:
     output_layout: str = "replicated"
 
     def __post_init__(self) -> None:
-        _check_layout("input_layout", self.input_layout)
-        _check_layout("output_layout", self.output_layout)
+        check_layout("input_layout", self.input_layout)
+        check_layout("output_layout", self.output_layout)
 
 
 @dataclass(frozen=True)
@@ -52,4 +47,4 @@ class ChannelLocal:
     groups: int | None = None
 
     def __post_init__(self) -> None:
-        _check_layout("output_layout", self.output_layout)
+        check_layout("output_layout", self.output_layout)

@@ -8,17 +8,19 @@ original ``torch.nn`` model, so it loads there with ``strict=True``.
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mpgroups.channel_modules import row_shards
-from mpgroups.collectives import ChannelShards, gather_rows
+from mpgroups.collectives import gather_rows
+from mpgroups.input_checks import InputGuard
+from mpgroups.layout import ChannelShards
 
 __all__ = [
     "full_grad_dict",
     "full_state_dict",
     "load_full_state_dict",
     "local_parameter_bytes",
+    "model_process_group",
     "sharded_keys",
 ]
 
@@ -26,7 +28,7 @@ __all__ = [
 def sharded_keys(model: nn.Module) -> dict[str, ChannelShards]:
     """``{state_dict key: how its rows split over ranks}`` for the entries split along dim 0."""
     keys: dict[str, ChannelShards] = {}
-    for prefix, module in model.named_modules():
+    for prefix, module in model.named_modules(remove_duplicate=False):
         shards = row_shards(module)
         if shards is None:
             continue
@@ -38,18 +40,36 @@ def sharded_keys(model: nn.Module) -> dict[str, ChannelShards]:
     return keys
 
 
-def _model_group(sharded: dict[str, ChannelShards]):
+def _group_shards(sharded: dict[str, ChannelShards]) -> ChannelShards | None:
     for shards in sharded.values():
         if shards.world_size > 1:
-            return shards.group
+            return shards
     return None
 
 
+def model_process_group(model: nn.Module):
+    """The process group the model's sharded state is spread over, or ``None``."""
+    shards = _group_shards(sharded_keys(model))
+    return None if shards is None else shards.process_group
+
+
 def _gather_all(
-    items: dict[str, Tensor], sharded: dict[str, ChannelShards], rank0_only: bool
+    items: dict[str, Tensor], sharded: dict[str, ChannelShards], rank0_only: bool, what: str
 ) -> dict[str, Tensor]:
-    group = _model_group(sharded)
-    keep = not rank0_only or group is None or dist.get_rank(group) == 0
+    group_shards = _group_shards(sharded)
+    if group_shards is None:
+        return {key: value.detach() for key, value in items.items()}
+    # Every rank must gather the same entries in the same order: check that before the first.
+    layout = [
+        (key, shards.total, tuple(items[key].shape[1:]))
+        for key, shards in sharded.items()
+        if key in items and shards.world_size > 1
+    ]
+    world = group_shards.world_size
+    InputGuard(what, (what, layout), group_shards)(
+        None, problem=None, expected_channels=[None] * world, channels_note=[""] * world
+    )
+    keep = not rank0_only or group_shards.rank == 0
     out = {}
     for key, value in items.items():
         shards = sharded.get(key)
@@ -67,7 +87,8 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, 
     ``rank0_only=True`` only rank 0 of the model's process group receives the entries (a
     gather instead of an all-gather); the other ranks get an empty dict.
     """
-    return _gather_all(model.state_dict(), sharded_keys(model), rank0_only)
+    what = f"full_state_dict of {type(model).__name__}"
+    return _gather_all(model.state_dict(), sharded_keys(model), rank0_only, what)
 
 
 def full_grad_dict(model: nn.Module) -> dict[str, Tensor | None]:
@@ -79,7 +100,7 @@ def full_grad_dict(model: nn.Module) -> dict[str, Tensor | None]:
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.grad is None]
     grads = {name: p.grad for name, p in params.items() if p.grad is not None}
-    full = _gather_all(grads, sharded, rank0_only=False)
+    full = _gather_all(grads, sharded, False, f"full_grad_dict of {type(model).__name__}")
     return {name: full.get(name) if name not in missing else None for name in params}
 
 

@@ -89,8 +89,10 @@ def make_reference(c: dict, seed: int = 0):
 
 def with_memory(t: torch.Tensor, memory: str) -> torch.Tensor:
     if memory == "channels_last":
-        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[t.dim()]
-        return t.contiguous(memory_format=fmt)
+        # Channels innermost in memory, even for one channel (where .contiguous(memory_format=)
+        # keeps the strides it finds, since both layouts then hold the same bytes).
+        order = (0, *range(2, t.dim()), 1)
+        return torch.empty_permuted(t.shape, order, dtype=t.dtype).copy_(t)
     if memory == "noncontiguous":
         wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
         wide[..., ::2] = t
@@ -98,6 +100,19 @@ def with_memory(t: torch.Tensor, memory: str) -> torch.Tensor:
         assert not out.is_contiguous()
         return out
     return t
+
+
+def memory_format(t: torch.Tensor) -> str:
+    """``"channels_last"``, ``"contiguous"`` or ``"strided"``: how ``t`` is laid out.
+
+    With one channel both layouts are contiguous; the channel stride tells them apart.
+    """
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if last is not None and t.is_contiguous(memory_format=last):
+        one_channel_last = t.stride(1) == 1 and t.shape[2:].numel() > 1
+        if not t.is_contiguous() or one_channel_last:
+            return "channels_last"
+    return "contiguous" if t.is_contiguous() else "strided"
 
 
 def expected_comm(c: dict, world: int, rank: int, layouts, in_spatial, out_spatial) -> Counter:
@@ -153,6 +168,12 @@ def check_layer(ctx, c: dict, layout_pairs=LAYOUT_PAIRS) -> dict:
             y = layer(x_in)
             y.backward(grad_y[:, out_keep])
         o0, o1 = layer.out_slice
+        for name, got, want in (("output", y, y_ref), ("input grad", x_in.grad, x_ref.grad)):
+            if memory_format(got) != memory_format(want):
+                raise AssertionError(
+                    f"{what} {name}: memory format {memory_format(got)}, "
+                    f"nn.Conv{c['dims']}d gives {memory_format(want)}"
+                )
         errors = {
             "output": assert_close(y, y_ref[:, out_keep], tol, f"{what} output"),
             "input grad": assert_close(

@@ -1,4 +1,5 @@
-"""The benchmark runs and writes valid output (tiny sizes; no timing is asserted)."""
+"""The benchmarks: communication model, projection, report, published results, and a tiny run
+end to end (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -11,33 +12,58 @@ from pathlib import Path
 import pytest
 import torch
 from cases import CASES, QUICK, analytic_collectives, build_parallel, make_input
+from comm_model import LINKS, Link, collective_seconds, layer_collectives
 from loopback import loopback_group
 from parity import case, expected_comm
 
 import mpgroups
-from mpgroups.comm_model import LINKS, Link, collective_seconds, layer_collectives
+from mpgroups.placement import check_placeable
 
 ROOT = Path(__file__).resolve().parent.parent
 
+COMM_CASES = {
+    "g4": case(),
+    "uneven": case(cin=6, cout=9, groups=3),
+    "filter-split": case(cin=4, cout=6, groups=1),
+    "g2": case(cin=4, cout=6, groups=2),
+}
+REFUSED = {("uneven", 4)}  # 3 groups on 4 ranks: no equal teams, one per group
+LAYOUTS = [("replicated", "replicated"), ("sharded", "sharded"), ("replicated", "sharded")]
 
-@pytest.mark.parametrize(
-    "c",
-    [case(), case(cin=6, cout=9, groups=3), case(cin=4, cout=6, groups=1), case(cin=4, cout=6)],
-    ids=["g4", "uneven", "filter-split", "g2"],
-)
+
+def _layer_collectives(c: dict, world: int, rank: int, layout: tuple[str, str]):
+    return layer_collectives(
+        c["cin"], c["cout"], c["groups"], world, rank, layout, c["batch"], 81, 81, 4
+    )
+
+
+@pytest.mark.parametrize("name", list(COMM_CASES))
 @pytest.mark.parametrize("world", [2, 4])
-def test_comm_model_agrees_with_the_tests_derivation(c, world):
-    layouts = [("replicated", "replicated"), ("sharded", "sharded"), ("replicated", "sharded")]
-    for layout in layouts:
+def test_comm_model_agrees_with_the_tests_derivation(name, world):
+    """Every rank and layout pair: the collectives the benchmarks price are those the tests
+    derive (``parity.expected_comm``); a case the placement rule refuses, both refuse."""
+    c = COMM_CASES[name]
+    if (name, world) in REFUSED:
+        with pytest.raises(mpgroups.PlacementError):
+            check_placeable(c["groups"], world)
+        for layout in LAYOUTS:
+            for rank in range(world):
+                with pytest.raises(mpgroups.PlacementError):
+                    _layer_collectives(c, world, rank, layout)
+                with pytest.raises(mpgroups.PlacementError):
+                    expected_comm(c, world, rank, layout, (9, 9), (9, 9))
+        return
+    check_placeable(c["groups"], world)
+    compared, with_traffic = 0, 0
+    for layout in LAYOUTS:
         for rank in range(world):
-            try:
-                expected = expected_comm(c, world, rank, layout, (9, 9), (9, 9))
-            except ValueError:
-                continue
-            model = layer_collectives(
-                c["cin"], c["cout"], c["groups"], world, rank, layout, c["batch"], 81, 81, 4
-            )
+            expected = expected_comm(c, world, rank, layout, (9, 9), (9, 9))
+            model = _layer_collectives(c, world, rank, layout)
             assert sorted((m.op, m.nbytes) for m in model) == sorted(expected.elements())
+            compared += 1
+            with_traffic += bool(model)
+    assert compared == len(LAYOUTS) * world
+    assert with_traffic > 0  # a replicated output is gathered at every P > 1
 
 
 def test_alpha_beta_model():
@@ -71,6 +97,37 @@ def test_short_steps_are_timed_in_more_repetitions():
     assert _timed_reps(0.25, args) == 16  # 4 s of the slowest variant
     assert _timed_reps(0.001, args) == MAX_REPS_FACTOR * 7  # capped
     assert _timed_reps(0.25, Namespace(reps=2, min_time=0.0)) == 2  # --quick
+
+
+def test_quartiles_stay_within_the_times_measured():
+    """Two repetitions (``--quick``): p25 and p75 lie between them, never beyond."""
+    from scaling import _summary
+
+    summary = _summary([0.010, 0.200])
+    assert 0.010 <= summary["p25"] <= summary["median"] <= summary["p75"] <= 0.200
+    assert summary["runs"] == 2
+    assert _summary([0.3]) == {"median": 0.3, "p25": 0.3, "p75": 0.3, "runs": 1}
+
+
+@pytest.mark.parametrize("folder", ["results", "results/repeat"])
+def test_published_results_render_to_their_table(folder, tmp_path):
+    """The published runs' tables are what report.py makes of their JSON today."""
+    from projection import validate
+    from report import write_table
+
+    stored = ROOT / "benchmarks" / folder
+    result = json.loads((stored / "scaling.json").read_text())
+    assert validate(result) == json.loads(json.dumps(result["projection"]))
+    result["projection"] = validate(result)
+    assert write_table(result, tmp_path / "table.md") == (stored / "table.md").read_text()
+
+
+def test_runs_write_to_an_ignored_folder_by_default():
+    import report
+    import scaling
+
+    assert scaling.DEFAULT_OUT == report.DEFAULT_OUT == ROOT / "benchmarks" / "out"
+    assert "benchmarks/out/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 def test_link_fit_never_prices_bytes_below_zero():
@@ -145,8 +202,10 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    data = json.loads((tmp_path / "scaling.json").read_text())
+    stored = (tmp_path / "scaling.json").read_bytes()
+    data = json.loads(stored)
     assert set(data["runs"]) == {"1", "2"}
+    assert data["commit"] is None or len(data["commit"]["sha"]) == 40
     priced = 0
     for world, run in data["runs"].items():
         assert set(run["cases"]) == {"alexnet_towers", "resnext50_stage3", "alexnet_step"}
@@ -164,6 +223,7 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     assert priced > 0
     table = (tmp_path / "table.md").read_text()
     assert "| alexnet_towers | 2 |" in table and "Projection" in table
+    assert ("Commit: " in table) == (data["commit"] is not None)
     for png in ("scaling.png", "comm_share.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     projected = subprocess.run(
@@ -173,10 +233,17 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     )  # fmt: skip
     assert projected.returncode == 0, projected.stderr
     assert "alexnet_towers" in projected.stdout and "NVLink" in projected.stdout
+    again = tmp_path / "again"
     rendered = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(tmp_path / "scaling.json")],
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(tmp_path / "scaling.json"),
+         "--out", str(again)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
-    assert rendered.stdout == (tmp_path / "table.md").read_text() + "\n"
+    assert rendered.stdout == table + "\n"
+    assert (again / "table.md").read_text() == table
     assert "Fitted gloo links at P=2" in rendered.stdout and "| error at size |" in rendered.stdout
+    for png in ("scaling.png", "comm_share.png"):
+        assert (again / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "scaling.json").read_bytes() == stored  # only read
+    assert not (again / "scaling.json").exists()

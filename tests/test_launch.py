@@ -95,7 +95,7 @@ def test_exception_in_one_rank_ends_the_job_with_its_traceback():
     )  # fmt: skip
     elapsed = time.monotonic() - start
     assert result.returncode != 0
-    assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
+    assert elapsed < 150, f"the job took {elapsed:.0f} s to end (the group timeout is 300 s)"
     output = result.stdout + result.stderr
     assert "ValueError: boom from rank 1, in user code" in output
     assert "rank      : 1" in output
@@ -113,5 +113,5 @@ def test_stalled_rank_ends_the_job_at_the_pg_timeout():
     elapsed = time.monotonic() - start
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
-    assert elapsed < 30, f"the job took {elapsed:.0f} s to end with --pg-timeout 5"
+    assert elapsed < 150, f"the job took {elapsed:.0f} s to end with --pg-timeout 5"
     assert "[rank0]: RuntimeError" in output and "Timed out waiting 5000ms" in output, output

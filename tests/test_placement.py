@@ -1,9 +1,12 @@
-"""The placement rule (DESIGN §2) as a pure function: no processes."""
+"""The placement rule (DESIGN §2) and the layouts built on it, as pure functions: no processes."""
 
+import copy
 import itertools
+import pickle
 
 import pytest
 
+from mpgroups.layout import ChannelShards, communicates, layer_shards
 from mpgroups.placement import PlacementError, balanced_split, place, shard_slice
 
 
@@ -38,6 +41,7 @@ def test_filter_split_uneven_team():
     assert [p.local_out_channels for p in placements] == [2, 2, 1, 1]
     assert all(p.filter_split and p.local_groups == 1 for p in placements)
     assert all(p.in_slice == (0, 4) and p.team == (0, 4) for p in placements)
+    assert all(p.local_in_channels == 4 for p in placements)  # every filter reads all 4
     assert [p.team_rank for p in placements] == [0, 1, 2, 3]
 
 
@@ -81,3 +85,33 @@ def test_every_placeable_case_tiles_the_channels(world):
             g0, g1 = p.in_slice[0] // in_mult, p.in_slice[1] // in_mult
             o0, o1 = p.out_slice
             assert g0 * (cout // groups) <= o0 and o1 <= g1 * (cout // groups)
+
+
+def test_layer_shards_of_a_filter_split():
+    shards = layer_shards(4, 6, 2, 4, 3)
+    assert shards.inputs.slices == ((0, 1), (1, 2), (2, 3), (3, 4))
+    assert shards.outputs.slices == ((0, 2), (2, 3), (3, 5), (5, 6))
+    assert shards.team_slices == ((0, 1), (1, 2))  # relative to group 1's first channel
+    assert shards.team("team group").own == (1, 2)
+    assert communicates(shards.placement, "sharded", "sharded")  # the team gathers its group
+
+
+def test_layer_shards_of_whole_groups():
+    shards = layer_shards(8, 8, 4, 2, 1)
+    assert shards.team_slices is None
+    assert not communicates(shards.placement, "sharded", "sharded")
+    others = [("replicated", "replicated"), ("replicated", "sharded"), ("sharded", "replicated")]
+    assert all(communicates(shards.placement, *layouts) for layouts in others)
+    assert not communicates(layer_shards(8, 8, 4, 1, 0).placement, "replicated", "replicated")
+    with pytest.raises(ValueError, match="holds whole groups"):
+        shards.team(None)
+
+
+def test_channel_shards_refuse_gaps_and_share_process_groups():
+    with pytest.raises(ValueError, match="contiguous"):
+        ChannelShards(None, ((0, 2), (3, 4)), 0)
+    shards = ChannelShards("a process group", ((0, 2), (2, 3)), 1)
+    assert copy.deepcopy(shards) is shards
+    with pytest.raises(TypeError, match="full_state_dict"):
+        pickle.dumps(shards)
+    assert pickle.loads(pickle.dumps(ChannelShards(None, ((0, 2),), 0))).slices == ((0, 2),)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mpgroups.groups import resolve_process_group
 from mpgroups.parallelize import parallelize
 from mpgroups.plan import ChannelLocal, GroupParallel
+from mpgroups.process_groups import resolve_process_group
 from mpgroups.state_dict import local_parameter_bytes
 
 __all__ = ["AlexNet"]

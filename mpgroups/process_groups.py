@@ -5,13 +5,14 @@ Nothing here moves tensor data; the collectives live in :mod:`mpgroups.collectiv
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_process_group", "team_subgroup"]
+__all__ = ["group_timeout", "resolve_process_group", "team_subgroup"]
 
 # A team subgroup is created once per (parent group, team) and shared by every layer that
 # needs it: creating one per layer would open new connections for each conv of a model.
@@ -69,9 +70,12 @@ def group_timeout(process_group: dist.ProcessGroup) -> timedelta | None:
 def team_subgroup(process_group: dist.ProcessGroup, team: tuple[int, int]) -> dist.ProcessGroup:
     """The subgroup of ``process_group`` made of its ranks ``team = (start, stop)``.
 
-    Only the team's members call this (``use_local_synchronization``), and each member must
-    create its teams in the same order, which layer construction guarantees. The subgroup
-    inherits the parent's backend and timeout, so a hang in it fails as fast as in the parent.
+    Only the team's members call this. The subgroup's name, and so the rendezvous keys its
+    members meet on, is derived from the parent group's name and the team's ranks alone, so
+    the members agree whatever other groups each of them has created before (``new_group``
+    names a locally synchronised group by how many groups the process has made, which differs
+    between ranks as soon as some of them make a group of their own). The subgroup inherits
+    the parent's backend and timeout, so a hang in it fails as fast as in the parent.
     """
     start, stop = team
     if start == 0 and stop == process_group.size():
@@ -79,10 +83,27 @@ def team_subgroup(process_group: dist.ProcessGroup, team: tuple[int, int]) -> di
     ranks = tuple(dist.get_process_group_ranks(process_group)[start:stop])
     teams = _team_cache.setdefault(process_group, {})
     if ranks not in teams:
-        teams[ranks] = dist.new_group(
-            list(ranks),
-            timeout=group_timeout(process_group),
-            backend=dist.get_backend(process_group),
-            use_local_synchronization=True,
-        )
+        teams[ranks] = _named_subgroup(process_group, list(ranks))
     return teams[ranks]
+
+
+def _named_subgroup(parent: dist.ProcessGroup, ranks: list[int]) -> dist.ProcessGroup:
+    """``dist.new_group(ranks, use_local_synchronization=True)`` with a name all members agree
+    on (``new_group`` has no name argument; this is its member-side path)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    key = f"{parent.group_name}:{','.join(map(str, ranks))}"
+    name = "mpgroups-team-" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]
+    backend = dist.get_backend(parent)
+    pg, _ = c10d._new_process_group_helper(
+        len(ranks),
+        ranks.index(dist.get_rank()),
+        ranks,
+        backend,
+        c10d._get_default_store(),
+        name,
+        timeout=group_timeout(parent) or c10d._get_default_timeout(backend),
+        group_desc="mpgroups_team",
+    )
+    c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(ranks)}
+    return pg

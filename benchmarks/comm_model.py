@@ -3,7 +3,8 @@
 :func:`layer_collectives` lists the data collectives of one forward + backward (DESIGN §3), with
 the byte counts :class:`~mpgroups.counter.CommCounter` records (padding of uneven shards
 included). :func:`collective_seconds` prices one collective with an α–β model in the
-bus-bandwidth convention of nccl-tests.
+bus-bandwidth convention of nccl-tests. ``cases.py`` lists a benchmark case's collectives
+with it; ``projection.py`` prices them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from dataclasses import dataclass
 
 from mpgroups.placement import place, shard_slice
 
-__all__ = ["LINKS", "Collective", "Link", "collective_seconds", "layer_collectives"]
+__all__ = [
+    "LINKS",
+    "Collective",
+    "Link",
+    "collective_seconds",
+    "layer_collectives",
+    "ring_bytes_factor",
+    "ring_steps",
+    "spatial_out",
+]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,123 @@
+"""Move channel-sharded data that lives on one rank, or must end on one or on all.
+
+``scatter_channels`` (rank ``src`` holds the whole tensor; every rank gets its shard) and
+``gather_channels`` (every rank, or just ``dst``, gets the whole tensor) are the explicit
+forms of the sharded layout's entry and exit (DESIGN §3). Both are checked like the layers:
+with checks on, the ranks first exchange a record of what they pass, so a mismatch raises
+on every rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mpgroups.collectives import (
+    all_gather_channels,
+    broadcast_meta,
+    comm_device,
+    gather_channels_to,
+    scatter_channels_from,
+    sum_over_ranks,
+)
+from mpgroups.input_checks import BAD_DIMS, NO_TENSOR, InputGuard, channel_counts
+from mpgroups.layout import ChannelShards, layout_shards
+from mpgroups.process_groups import resolve_process_group
+
+__all__ = ["gather_channels", "scatter_channels"]
+
+
+def _group_shards(process_group) -> ChannelShards:
+    """One slice per rank, for a guard over the whole group (the slices are not used)."""
+    size = process_group.size()
+    return ChannelShards(
+        process_group, tuple((r, r + 1) for r in range(size)), dist.get_rank(process_group)
+    )
+
+
+def _shape_problem(x) -> tuple[int, str] | None:
+    if not isinstance(x, Tensor):
+        return NO_TENSOR, f"expects a Tensor, got {type(x).__name__}"
+    if x.dim() < 2:
+        return BAD_DIMS, f"expects [N, C, *spatial], got shape {tuple(x.shape)}"
+    return None
+
+
+def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_group=None) -> Tensor:
+    """Forward: rank ``src`` sends each rank its channel shard; backward: gather onto ``src``.
+
+    Args:
+        x: ``[N, C, *spatial]`` on group rank ``src``; ignored (may be ``None``) elsewhere.
+        src: the holding rank, numbered within ``process_group``.
+        groups: conv groups that define the sharded layout (see ``placement.shard_slice``).
+        process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group).
+
+    Returns:
+        This rank's shard ``[N, c_r, *spatial]`` in the sharded layout. Shape, dtype and
+        ``requires_grad`` come from ``src`` (one small broadcast). When ``x`` requires grad,
+        every rank must run backward through the result.
+    """
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return x
+    rank = dist.get_rank(pg)
+    site = f"scatter_channels(groups={groups}, src={src})"
+    guard = InputGuard(site, ("scatter_channels", groups, src), _group_shards(pg))
+    holds = rank == src
+    guard(
+        x if holds else None,
+        problem=_shape_problem(x) if holds else None,
+        expected_channels=lambda sent: [sent[r] if r == src else None for r in range(len(sent))],
+        channels_note=lambda sent: [""] * len(sent),
+    )
+    shape, dtype, requires_grad = broadcast_meta(x, src, pg)
+    shards = layout_shards(shape[1], groups, pg.size(), rank, pg)
+    if not holds:
+        # A leaf that requires grad on non-source ranks keeps them in the backward gather.
+        x = torch.empty(0, dtype=dtype, device=comm_device(pg), requires_grad=requires_grad)
+    return scatter_channels_from(x, shards, src, shape, dtype, x.device)
+
+
+def gather_channels(
+    x: Tensor, dst: int | None = None, *, groups: int, process_group=None
+) -> Tensor:
+    """Forward: gather channel shards into the whole tensor; backward: the dual scatter.
+
+    ``dst=None``: every rank gets ``[N, C, *spatial]`` (all-gather; backward takes own slice).
+    ``dst=r``: only group rank ``r`` gets it, the others an empty tensor (gather; backward
+    scatters ``r``'s gradient, so every rank must run backward through the result).
+
+    Args:
+        x: this rank's shard ``[N, c_r, *spatial]`` of the sharded layout for ``groups``.
+    """
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return x
+    rank = dist.get_rank(pg)
+    world = pg.size()
+    site = f"gather_channels(groups={groups}, dst={dst})"
+    guard = InputGuard(site, ("gather_channels", groups, dst), _group_shards(pg))
+
+    def layout(sent: list[int]) -> list[int]:
+        return layout_shards(sum(sent), groups, world, 0).widths
+
+    records = guard(
+        x,
+        problem=_shape_problem(x),
+        expected_channels=layout,
+        channels_note=lambda sent: [f"the sharded layout of {sum(sent)} channels"] * world,
+    )
+    if records is not None:
+        total = sum(channel_counts(records))
+    else:
+        total = sum_over_ranks(x.shape[1], pg)
+    shards = layout_shards(total, groups, world, rank, pg)
+    if x.shape[1] != shards.widths[rank]:
+        raise ValueError(
+            f"rank {rank} holds {x.shape[1]} channels; the sharded layout of "
+            f"{shards.total} channels with groups={groups} gives it {shards.widths[rank]}"
+        )
+    if dst is None:
+        return all_gather_channels(x, shards)
+    return gather_channels_to(x, shards, dst)

@@ -1,0 +1,310 @@
+"""Input checks: a mismatch between ranks becomes one clear error on every rank, not a hang.
+
+Before a call site's collectives, every rank describes its input in a small record (shape,
+dtype, device type, whether a backward through it is recorded, which call site and which call
+of it, and whether its own local checks passed) and the ranks exchange the records in one tiny
+all-gather (:func:`~mpgroups.collectives.all_gather_records`). Each rank then reads all
+records the same way, so either every rank proceeds or every rank raises
+:class:`InputMismatchError` with the same message naming each rank's values.
+
+Every checked call site (the layers, :class:`~mpgroups.GatherChannels`, ``gather_channels``,
+``scatter_channels``, ``to_conv``/``full_weight``, ``full_state_dict``) goes through one
+:class:`InputGuard`.
+
+``MPGROUPS_CHECKS=0`` (or ``checks=False`` on a layer) skips the exchange for speed. Local
+checks still raise on the rank that fails them, but a mismatch *between* ranks is no longer
+caught: depending on the sizes involved it hangs until the process group's timeout, aborts
+one rank inside the backend (gloo: "Received data size doesn't match expected size"), or,
+when the element counts happen to agree, returns wrong numbers on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mpgroups.collectives import WIRE_DTYPES, all_gather_records
+from mpgroups.counter import record
+from mpgroups.layout import ChannelShards
+
+__all__ = [
+    "RECORD_SIZE",
+    "InputGuard",
+    "InputMismatchError",
+    "channel_counts",
+    "check_across_ranks",
+    "checks_enabled",
+    "fingerprint",
+]
+
+_DEVICE_TYPES = ("cpu", "cuda", "meta")
+_MAX_DIMS = 5
+# layout of a record: fingerprint, call, local problem, dtype, device, grad, ndim,
+# shape[_MAX_DIMS]; grad: whether this call records a backward through the input.
+_FINGERPRINT, _CALL, _PROBLEM, _DTYPE, _DEVICE, _GRAD, _NDIM, _SHAPE = range(8)
+RECORD_SIZE = _SHAPE + _MAX_DIMS
+
+
+class InputMismatchError(ValueError):
+    """Inputs that cannot go through a collective together; raised on every rank."""
+
+
+def checks_enabled(flag: bool | None = None) -> bool:
+    """``flag`` when given, else the ``MPGROUPS_CHECKS`` environment variable (default on)."""
+    if flag is not None:
+        return flag
+    return os.environ.get("MPGROUPS_CHECKS", "1").strip().lower() not in ("0", "false", "off")
+
+
+def fingerprint(*parts) -> int:
+    """A number that is the same on every process for the same ``parts`` (not ``hash()``)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+# What a rank's local check found, as sent to the other ranks.
+NO_TENSOR, BAD_DIMS, BAD_CHANNELS, BAD_DTYPE, BAD_DEVICE = 1, 2, 3, 4, 5
+_PROBLEMS = {
+    NO_TENSOR: "not a tensor",
+    BAD_DIMS: "the wrong number of dimensions for {site}",
+    BAD_CHANNELS: "the wrong number of channels",
+    BAD_DTYPE: "a dtype that does not match the weight's {weight_dtype}",
+    BAD_DEVICE: "a device that does not match the weight's ({weight_device})",
+}
+
+Problem = tuple[int, str]
+
+
+def _code(value, table) -> int:
+    return table.index(value) if value in table else -1
+
+
+def _encode(x, site_id: int, call: int, problem_code: int) -> Tensor:
+    rec = torch.full((RECORD_SIZE,), -1, dtype=torch.int64)
+    rec[_FINGERPRINT], rec[_CALL], rec[_PROBLEM] = site_id, call, problem_code
+    if isinstance(x, Tensor):
+        rec[_DTYPE] = _code(x.dtype, WIRE_DTYPES)
+        rec[_DEVICE] = _code(x.device.type, _DEVICE_TYPES)
+        rec[_GRAD] = int(torch.is_grad_enabled() and x.requires_grad)
+        rec[_NDIM] = x.dim()
+        for i, size in enumerate(x.shape[:_MAX_DIMS]):
+            rec[_SHAPE + i] = size
+    return rec
+
+
+def _describe(rec: list[int]) -> str:
+    ndim = rec[_NDIM]
+    if ndim < 0:
+        return "no tensor"
+    shape = rec[_SHAPE : _SHAPE + min(ndim, _MAX_DIMS)]
+    dtype = WIRE_DTYPES[rec[_DTYPE]] if rec[_DTYPE] >= 0 else "an unknown dtype"
+    device = _DEVICE_TYPES[rec[_DEVICE]] if rec[_DEVICE] >= 0 else "another device type"
+    return f"{list(shape)} {str(dtype).replace('torch.', '')} on {device}"
+
+
+def _channel_index(rec: list[int], channel_dim: int) -> int | None:
+    """Where this record's channels are: ``channel_dim``, or counted from its end if < 0."""
+    ndim = rec[_NDIM]
+    index = ndim + channel_dim if channel_dim < 0 else channel_dim
+    return index if 0 <= index < min(ndim, _MAX_DIMS) else None
+
+
+def channel_counts(records: list[list[int]], channel_dim: int = 1) -> list[int]:
+    """Each rank's channel count (-1 where it has none) from the exchanged records."""
+    counts = []
+    for rec in records:
+        index = _channel_index(rec, channel_dim)
+        counts.append(-1 if index is None else rec[_SHAPE + index])
+    return counts
+
+
+def check_across_ranks(x, **kwargs) -> list[list[int]]:
+    """See :func:`_check_across_ranks`; the whole check (records, exchange, comparison) is
+    recorded in open :class:`~mpgroups.CommCounter` s as op ``"input_check"``, kind
+    ``"check"``, with its wall time: the cost of the checks."""
+    start = time.perf_counter()
+    try:
+        return _check_across_ranks(x, **kwargs)
+    finally:
+        group = kwargs["process_group"]
+        size = group.size() if group is not None else 1
+        record("input_check", size, 0, kind="check", seconds=time.perf_counter() - start)
+
+
+def _check_across_ranks(
+    x,
+    *,
+    process_group,
+    rank: int,
+    layer: str,
+    layer_id: int,
+    call: int,
+    problem: Problem | None,
+    channel_dim: int,
+    expected_channels: Sequence[int | None] | Callable[[list[int]], Sequence[int | None]],
+    channels_note: Sequence[str] | Callable[[list[int]], Sequence[str]],
+    weight: Tensor | None = None,
+) -> list[list[int]]:
+    """Exchange input records and raise :class:`InputMismatchError` on every rank if needed.
+
+    Args:
+        x: this rank's input (``None`` on a rank that contributes no tensor).
+        layer: how to name the call site in messages.
+        layer_id: :func:`fingerprint` of the call site's configuration (catches ranks
+            calling different sites).
+        call: how many times this rank has called the site (catches ranks out of step).
+        problem: this rank's local check failure as ``(code, message)``, or ``None``.
+        channel_dim: the channel dimension of every rank's input; negative counts from each
+            record's own end (``-3`` for a Conv2d, batched or not).
+        expected_channels, channels_note: per rank, the channel count the site expects and
+            what it is ("its shard 16..32 of 64 channels"), ``None`` for a rank that sends no
+            tensor; or functions of the list of every rank's channel count that return them.
+        weight: the layer's weight, to name its dtype and device in messages.
+
+    Returns:
+        Every rank's record (rows of ``RECORD_SIZE`` integers), when nothing is wrong.
+        The message is the same on every rank.
+    """
+    code = 0 if problem is None else problem[0]
+    records = all_gather_records(_encode(x, layer_id, call, code), process_group).tolist()
+    sent_channels = channel_counts(records, channel_dim)
+    if callable(expected_channels):
+        expected_channels = expected_channels(sent_channels)
+    if callable(channels_note):
+        channels_note = channels_note(sent_channels)
+    details = {
+        "site": layer,
+        "weight_dtype": str(getattr(weight, "dtype", "?")).replace("torch.", ""),
+        "weight_device": getattr(getattr(weight, "device", None), "type", "?"),
+    }
+    lines = []
+    for r, rec in enumerate(records):
+        if rec[_FINGERPRINT] != layer_id:
+            lines.append(
+                f"rank {r} is calling something else than {layer} (ranks out of step, "
+                f"or another layer or model)"
+            )
+        elif rec[_CALL] != call:
+            lines.append(f"rank {r} is at call {rec[_CALL]} of {layer}, rank {rank} at call {call}")
+    holders = [r for r in range(len(records)) if expected_channels[r] is not None]
+    reference = records[holders[0]] if holders else None
+    for r in holders:
+        rec = records[r]
+        sent = _describe(rec)
+        if rec[_NDIM] < 0:
+            lines.append(f"rank {r} sent {sent}")
+            continue
+        if rec[_PROBLEM] > 0 and rec[_PROBLEM] != BAD_CHANNELS:
+            what = _PROBLEMS.get(rec[_PROBLEM], "an input its local checks refused")
+            lines.append(f"rank {r} sent {sent}: {what.format(**details)}")
+        if sent_channels[r] >= 0 and sent_channels[r] != expected_channels[r]:
+            lines.append(
+                f"rank {r} sent {sent_channels[r]} input channels ({sent}), {layer} expects "
+                f"{expected_channels[r]} ({channels_note[r]})"
+            )
+        for what, index in (("dtype", _DTYPE), ("device type", _DEVICE), ("dims", _NDIM)):
+            if rec[index] != reference[index]:
+                lines.append(
+                    f"rank {r} sent {sent}, rank {holders[0]} sent {_describe(reference)} ({what})"
+                )
+        if rec[_NDIM] == reference[_NDIM]:
+            channel_index = _channel_index(rec, channel_dim)
+            other = [
+                i
+                for i in range(min(rec[_NDIM], _MAX_DIMS))
+                if i != channel_index and rec[_SHAPE + i] != reference[_SHAPE + i]
+            ]
+            if other:
+                dims = ", ".join(map(str, other))
+                lines.append(
+                    f"rank {r} sent {sent}, rank {holders[0]} sent {_describe(reference)} "
+                    f"(dim {dims} differs)"
+                )
+    with_grad = [r for r in holders if records[r][_GRAD] == 1]
+    without_grad = [r for r in holders if records[r][_GRAD] == 0]
+    if with_grad and without_grad:
+        # The input grad's collectives in backward would wait for the ranks that record none.
+        lines.append(
+            f"ranks {with_grad} record a backward through the input and ranks {without_grad} "
+            f"do not (torch.no_grad() or an input without requires_grad): the backward's "
+            f"collectives need every rank"
+        )
+    if lines:
+        unique = list(dict.fromkeys(lines))
+        raise InputMismatchError(
+            f"{layer}: inputs on the ranks do not fit together:\n  " + "\n  ".join(unique)
+        )
+    return records
+
+
+class InputGuard:
+    """The check of one call site, run before its collectives.
+
+    With more than one rank and checks on, every call exchanges records (see the module
+    docstring) and any problem on any rank raises :class:`InputMismatchError` on all of
+    them. Otherwise a local problem raises on its own rank (``TypeError`` for a non-tensor,
+    ``ValueError`` else) and nothing is exchanged.
+
+    Args:
+        site: how messages name the call site, e.g. ``"GroupParallelConv2d(8, 8, groups=4)"``.
+        config: what identifies the site on every rank (its :func:`fingerprint`).
+        shards: the split the site's collectives run over (its process group and rank).
+        channel_dim: as in :func:`check_across_ranks`.
+        checks: ``True``/``False``, or ``None`` for ``MPGROUPS_CHECKS``.
+    """
+
+    def __init__(
+        self,
+        site: str,
+        config: tuple,
+        shards: ChannelShards,
+        *,
+        channel_dim: int = 1,
+        checks: bool | None = None,
+    ) -> None:
+        self.site = site
+        self.site_id = fingerprint(*config)
+        self.shards = shards
+        self.channel_dim = channel_dim
+        self.checks = checks
+        self.calls = 0
+
+    def exchanges(self, communicates: bool = True) -> bool:
+        """Whether a call exchanges records (it does when a collective follows)."""
+        return communicates and self.shards.world_size > 1 and checks_enabled(self.checks)
+
+    def __call__(
+        self,
+        x,
+        *,
+        problem: Problem | None,
+        expected_channels,
+        channels_note,
+        weight: Tensor | None = None,
+        communicates: bool = True,
+    ) -> list[list[int]] | None:
+        """Check ``x``; return every rank's record when they were exchanged, else ``None``."""
+        if self.exchanges(communicates):
+            self.calls += 1
+            return check_across_ranks(
+                x,
+                process_group=self.shards.process_group,
+                rank=self.shards.rank,
+                layer=self.site,
+                layer_id=self.site_id,
+                call=self.calls,
+                problem=problem,
+                channel_dim=self.channel_dim,
+                expected_channels=expected_channels,
+                channels_note=channels_note,
+                weight=weight,
+            )
+        if problem is not None:
+            error = TypeError if problem[0] == NO_TENSOR else ValueError
+            where = f"rank {self.shards.rank} of {self.shards.world_size}"
+            raise error(f"{self.site} on {where}: {problem[1]}")
+        return None

@@ -1,0 +1,173 @@
+"""Layouts of an activation and the channel shards of a layer (DESIGN §3).
+
+Pure bookkeeping on channel counts and ranks: nothing here moves data or calls
+``torch.distributed``, so all of it is tested without processes.
+
+* ``"replicated"``: every rank holds the whole tensor ``[N, C, *spatial]``.
+* ``"sharded"``: rank ``r`` holds the channels :func:`~mpgroups.placement.shard_slice` gives it,
+  ``[N, c_r, *spatial]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mpgroups.placement import Placement, Slice, place, shard_slice
+
+__all__ = [
+    "LAYOUTS",
+    "ChannelShards",
+    "LayerShards",
+    "check_layout",
+    "communicates",
+    "layer_shards",
+    "layout_shards",
+]
+
+LAYOUTS = ("replicated", "sharded")
+
+
+def check_layout(name: str, layout: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``layout`` is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelShards:
+    """How one tensor dimension is split over a process group.
+
+    Attributes:
+        process_group: the ``ProcessGroup`` the slices are spread over, or ``None`` for a
+            single rank.
+        slices: ``(start, stop)`` per rank of the group, starting at 0, contiguous, in rank
+            order; uneven (even empty) slices allowed.
+        rank: this process's rank in the group.
+
+    Immutable, and copies of it share the process group: ``copy.deepcopy`` of a module that
+    holds one returns the same object. Pickling one that holds a process group raises, since
+    a process group cannot travel to another process.
+    """
+
+    process_group: Any
+    slices: tuple[Slice, ...]
+    rank: int
+
+    def __post_init__(self) -> None:
+        if not self.slices or self.slices[0][0] != 0:
+            raise ValueError(f"shard slices must start at 0, got {self.slices}")
+        if any(a[1] != b[0] for a, b in zip(self.slices, self.slices[1:], strict=False)):
+            raise ValueError(f"shard slices must be contiguous, got {self.slices}")
+        if not 0 <= self.rank < len(self.slices):
+            raise ValueError(f"rank {self.rank} has no slice in {self.slices}")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.slices)
+
+    @property
+    def own(self) -> Slice:
+        """This rank's ``(start, stop)``."""
+        return self.slices[self.rank]
+
+    @property
+    def total(self) -> int:
+        return self.slices[-1][1]
+
+    @property
+    def widths(self) -> list[int]:
+        return [stop - start for start, stop in self.slices]
+
+    @classmethod
+    def relative(cls, process_group, slices, rank: int) -> ChannelShards:
+        """Shards from absolute slices, renumbered to start at 0."""
+        offset = slices[0][0]
+        return cls(process_group, tuple((a - offset, b - offset) for a, b in slices), rank)
+
+    def __deepcopy__(self, memo) -> ChannelShards:
+        return self
+
+    def __reduce_ex__(self, protocol):
+        if self.process_group is not None:
+            raise TypeError(
+                "a group-parallel module cannot be pickled: it holds a process group, which "
+                "does not travel to another process. Save mpgroups.full_state_dict(model) (or "
+                "mpgroups.save_sharded_state_dict) and load it into a model built there."
+            )
+        return super().__reduce_ex__(protocol)
+
+
+def layout_shards(
+    channels: int, groups: int, world_size: int, rank: int, process_group=None
+) -> ChannelShards:
+    """The sharded layout of ``channels`` channels for conv ``groups`` on ``world_size`` ranks."""
+    slices = tuple(shard_slice(channels, groups, world_size, r) for r in range(world_size))
+    return ChannelShards(process_group, slices, rank)
+
+
+@dataclass(frozen=True)
+class LayerShards:
+    """The channel splits one group-parallel layer works with.
+
+    Attributes:
+        placement: what this rank owns (:func:`~mpgroups.placement.place`).
+        inputs: the sharded layout of the layer's input channels.
+        outputs: the sharded layout of its output channels (each rank's ``out_slice``).
+        team_slices: for a filter split (``G < P``), how the team's group input channels
+            split over the team, relative to the group's first channel; else ``None``.
+    """
+
+    placement: Placement
+    inputs: ChannelShards
+    outputs: ChannelShards
+    team_slices: tuple[Slice, ...] | None
+
+    def team(self, team_process_group) -> ChannelShards:
+        """The team's input split over ``team_process_group`` (a filter split only)."""
+        if self.team_slices is None:
+            raise ValueError("this layer holds whole groups: it has no team")
+        return ChannelShards.relative(
+            team_process_group, self.team_slices, self.placement.team_rank
+        )
+
+
+def layer_shards(
+    in_channels: int,
+    out_channels: int,
+    groups: int,
+    world_size: int,
+    rank: int,
+    process_group=None,
+) -> LayerShards:
+    """Apply the placement rule to every rank and collect the splits of one layer."""
+    placement = place(in_channels, out_channels, groups, world_size, rank)
+    inputs = layout_shards(in_channels, groups, world_size, rank, process_group)
+    outputs = ChannelShards(
+        process_group,
+        tuple(
+            place(in_channels, out_channels, groups, world_size, r).out_slice
+            for r in range(world_size)
+        ),
+        rank,
+    )
+    team_slices = None
+    if placement.filter_split:
+        team_start, team_stop = placement.team
+        absolute = inputs.slices[team_start:team_stop]
+        offset = absolute[0][0]
+        team_slices = tuple((a - offset, b - offset) for a, b in absolute)
+    return LayerShards(placement, inputs, outputs, team_slices)
+
+
+def communicates(placement: Placement, input_layout: str, output_layout: str) -> bool:
+    """Whether a call of the layer can issue a collective, forward or backward (DESIGN §3).
+
+    Decided from the configuration alone, never from the input, so every rank agrees. Only a
+    sharded → sharded layer holding whole groups computes alone.
+    """
+    if placement.world_size == 1:
+        return False
+    if input_layout == "sharded" and output_layout == "sharded":
+        return placement.filter_split
+    return True

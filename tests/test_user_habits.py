@@ -1,0 +1,209 @@
+"""What experienced PyTorch users do that parity alone does not cover: gradient penalties
+(higher-order grads), process groups of their own made before the layer, weights shared under
+two names, ``copy.deepcopy`` for an EMA, pickling. (channels_last is asserted in every parity
+case, see ``parity.check_layer``.)"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_harness import run_in_one_rank_world
+from parity import LAYOUT_PAIRS, assert_close
+from torch import nn
+from torch.func import functional_call
+
+import mpgroups
+from mpgroups.collectives import all_gather_channels, slice_channels
+
+# (in, out, groups): whole groups per rank at P = 2, and a filter split (G = 1 < P).
+HIGHER_ORDER_CASES = [(4, 4, 2), (4, 4, 1)]
+
+
+def _as_full_function(layer):
+    """``f(x, weight, bias) -> y``: the layer as a function of the full tensors, replicated on
+    every rank, so each rank computes exactly the single-device function (and gradcheck's
+    perturbations happen in step on every rank). Each rank takes its rows of the weight and
+    bias and, for a sharded input, its input channels; a sharded output is gathered."""
+    in_shards, out_shards = layer.shards.inputs, layer.shards.outputs
+
+    def f(x, weight, bias):
+        x_in = slice_channels(x, in_shards) if layer.input_layout == "sharded" else x
+        local = {
+            "weight": slice_channels(weight, out_shards, dim=0),
+            "bias": slice_channels(bias, out_shards, dim=0),
+        }
+        y = functional_call(layer, local, (x_in,))
+        return all_gather_channels(y, out_shards) if layer.output_layout == "sharded" else y
+
+    return f
+
+
+def _gradgradcheck(ctx, cin, cout, groups, layouts) -> bool:
+    torch.manual_seed(0)
+    ref = nn.Conv2d(cin, cout, 3, padding=1, groups=groups, dtype=torch.float64)
+    layer = mpgroups.GroupParallelConv2d.from_conv(
+        ref, ctx.group, input_layout=layouts[0], output_layout=layouts[1]
+    )
+    assert layer.placement.filter_split == (groups < ctx.world_size)
+    f = _as_full_function(layer)
+    x = torch.randn(1, cin, 3, 3, dtype=torch.float64, requires_grad=True)
+    weight = ref.weight.detach().clone().requires_grad_()
+    bias = ref.bias.detach().clone().requires_grad_()
+    assert_close(f(x, weight, bias), ref(x), 1e-12, "forward")
+    inputs = (x, weight, bias)
+    return torch.autograd.gradcheck(f, inputs) and torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="->".join)
+@pytest.mark.parametrize("cin, cout, groups", HIGHER_ORDER_CASES, ids=["G>=P", "G<P"])
+def test_gradgradcheck_in_every_layout(pool, cin, cout, groups, layouts):
+    assert pool.run(_gradgradcheck, 2, cin, cout, groups, layouts) == [True, True]
+
+
+def _gradient_penalty(ctx, layouts, groups: int) -> None:
+    """An R1-style penalty |d(v.y)/dx|^2 through the layer: every grad as nn.Conv2d's."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    layer = mpgroups.GroupParallelConv2d.from_conv(
+        ref, ctx.group, input_layout=layouts[0], output_layout=layouts[1]
+    )
+    x, v = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+
+    def penalty_grads(fn) -> tuple:
+        xi = x.clone().requires_grad_()
+        weight = ref.weight.detach().clone().requires_grad_()
+        bias = ref.bias.detach().clone().requires_grad_()
+        y = fn(xi, weight, bias)
+        (grad_x,) = torch.autograd.grad((y * v).sum(), xi, create_graph=True)
+        (grad_x.square().sum() + y.square().mean()).backward()
+        return xi.grad, weight.grad, bias.grad
+
+    got = penalty_grads(_as_full_function(layer))
+    want = penalty_grads(lambda xi, w, b: F.conv2d(xi, w, b, padding=1, groups=groups))
+    for name, g, w in zip(("input", "weight", "bias"), got, want, strict=True):
+        assert_close(g, w, 1e-5, f"rank {ctx.rank} {layouts} penalty {name} grad")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids="->".join)
+def test_gradient_penalty_equals_nn_conv2d(pool, world_size, layouts):
+    pool.run(_gradient_penalty, world_size, layouts, 2)  # P = 4: teams of two
+
+
+def _drop_in_penalty(ctx) -> None:
+    """The drop-in layer itself (no wrapper): the weight grads of a penalty equal the rows of
+    nn.Conv2d's."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    layer = mpgroups.GroupParallelConv2d.from_conv(ref, ctx.group)
+    x = torch.randn(2, 8, 5, 5)
+    for module in (ref, layer):
+        xi = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(module(xi).square().sum(), xi, create_graph=True)
+        grad_x.square().sum().backward()
+    start, stop = layer.out_slice
+    assert_close(layer.weight.grad, ref.weight.grad[start:stop], 1e-5, "weight grad")
+    assert_close(layer.bias.grad, ref.bias.grad[start:stop], 1e-5, "bias grad")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_drop_in_layer_under_a_gradient_penalty(pool, world_size):
+    pool.run(_drop_in_penalty, world_size)
+
+
+def _own_group_first(ctx) -> None:
+    """A data-parallel group of ranks 0 and 2, made the ordinary way before the layer: only
+    its members register it, so the ranks no longer agree on how many groups they hold."""
+    data_parallel = dist.new_group([0, 2])
+    if ctx.rank in (0, 2):
+        dist.all_reduce(torch.ones(1), group=data_parallel)
+    # A new parent group, so that no team of it exists yet in any process.
+    model_parallel = dist.new_group([0, 1, 2, 3])
+    torch.manual_seed(0)
+    ref = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+    layer = mpgroups.GroupParallelConv2d.from_conv(ref, model_parallel)  # teams {0, 1}, {2, 3}
+    assert layer.placement.filter_split
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    assert_close(y, ref(x), 1e-5, "output")
+
+
+def test_team_groups_agree_whatever_groups_ranks_made_before(pool):
+    pool.run(_own_group_first, 4)
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        conv = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.a = conv
+        self.b = conv  # the same module under a second name: tied weights
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.stem(x))))
+
+
+def _train_shared(model, x, steps: int = 3) -> list[float]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _shared_module(ctx) -> None:
+    torch.manual_seed(0)
+    reference = _Shared()
+    model = copy.deepcopy(reference)
+    model = mpgroups.parallelize(model, ctx.group)
+    assert isinstance(model.a, mpgroups.GroupParallelConv2d)
+    assert model.a is model.b
+    x = torch.randn(2, 3, 6, 6)
+    losses, want = _train_shared(model, x), _train_shared(reference, x)
+    for got, expected in zip(losses, want, strict=True):
+        assert abs(got - expected) <= 1e-5 * max(1.0, abs(expected))
+    full = mpgroups.full_state_dict(model)
+    for key, value in reference.state_dict().items():
+        assert_close(full[key], value, 1e-5, key)
+    mpgroups.unparallelize(model)
+    assert type(model.a) is nn.Conv2d and model.a is model.b
+
+
+def test_parallelize_keeps_a_shared_module_shared(pool):
+    pool.run(_shared_module, 2)
+
+
+def _copies(ctx) -> None:
+    torch.manual_seed(0)
+    model = mpgroups.models.AlexNet(
+        10, channels=(16, 32, 48, 48, 32), hidden=64, dropout=0.0, process_group=ctx.group
+    )
+    x = torch.randn(2, 3, 32, 32)
+    twin = copy.deepcopy(model)
+    assert twin.features.conv2.process_group is model.features.conv2.process_group
+    assert twin.features.conv2.weight is not model.features.conv2.weight
+    assert torch.equal(twin(x), model(x))
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    ema.update_parameters(model)
+    assert torch.equal(ema(x), model(x))
+    with pytest.raises(TypeError, match="full_state_dict"):
+        pickle.dumps(model)
+
+
+def test_deepcopy_shares_process_groups_and_pickle_says_what_to_do(pool):
+    pool.run(_copies, 2)
+
+
+def test_deepcopy_in_a_one_rank_world():
+    run_in_one_rank_world(_copies)
