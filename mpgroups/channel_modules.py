@@ -21,7 +21,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mpgroups.collectives import all_gather_channels, gather_rows
-from mpgroups.input_checks import BAD_CHANNELS, InputGuard
+from mpgroups.input_checks import (
+    BAD_CHANNELS,
+    BAD_DIMS,
+    NO_TENSOR,
+    InputGuard,
+    Problem,
+    check_same_call,
+)
 from mpgroups.layout import ChannelShards, layout_shards
 from mpgroups.process_groups import resolve_process_group
 
@@ -162,6 +169,11 @@ def unshard_channel_module(module: nn.Module) -> nn.Module:
     shards = row_shards(module)
     if shards is None:
         return module
+    state = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    layout = tuple((name, tuple(t.shape[1:])) for name, t in state if t is not None)
+    check_same_call(
+        f"unsharding {type(module).__name__}", (shards.total, layout), shards.process_group
+    )
     with torch.no_grad():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dim() >= 1:
@@ -202,23 +214,15 @@ class GatherChannels(nn.Module):
         self.groups = groups
         site = f"GatherChannels({self.channels}, groups={groups})"
         self.input_guard = InputGuard(
-            site, ("GatherChannels", shards.slices), shards, channel_dim=1, checks=checks
+            site, ("GatherChannels", shards.slices), shards.process_group, checks=checks
         )
 
     def forward(self, x: Tensor) -> Tensor:
         shards = self.shards
         start, stop = shards.own
-        problem = None
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != stop - start:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            problem = (
-                BAD_CHANNELS,
-                f"expected a channel shard [N, {stop - start}, ...] (channels {start}..{stop} "
-                f"of {self.channels}), got {got}",
-            )
         self.input_guard(
             x,
-            problem=problem,
+            problem=_shard_problem(x, start, stop, self.channels),
             expected_channels=shards.widths,
             channels_note=[f"shard {a}..{b} of {self.channels}" for a, b in shards.slices],
         )
@@ -226,3 +230,14 @@ class GatherChannels(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, groups={self.groups}, shard={self.shards.own}"
+
+
+def _shard_problem(x, start: int, stop: int, channels: int) -> Problem | None:
+    expected = f"a channel shard [N, {stop - start}, ...] (channels {start}..{stop} of {channels})"
+    if not isinstance(x, Tensor):
+        return NO_TENSOR, f"expected {expected}, got {type(x).__name__}"
+    if x.dim() < 2:
+        return BAD_DIMS, f"expected {expected}, got shape {tuple(x.shape)}"
+    if x.shape[1] != stop - start:
+        return BAD_CHANNELS, f"expected {expected}, got shape {tuple(x.shape)}"
+    return None

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mpgroups.collectives import (
+    META_DIMS,
     all_gather_channels,
     broadcast_meta,
     comm_device,
@@ -21,26 +22,18 @@ from mpgroups.collectives import (
     scatter_channels_from,
     sum_over_ranks,
 )
-from mpgroups.input_checks import BAD_DIMS, NO_TENSOR, InputGuard, channel_counts
-from mpgroups.layout import ChannelShards, layout_shards
+from mpgroups.input_checks import BAD_DIMS, NO_TENSOR, InputGuard, Problem, channel_counts
+from mpgroups.layout import layout_shards
 from mpgroups.process_groups import resolve_process_group
 
 __all__ = ["gather_channels", "scatter_channels"]
 
 
-def _group_shards(process_group) -> ChannelShards:
-    """One slice per rank, for a guard over the whole group (the slices are not used)."""
-    size = process_group.size()
-    return ChannelShards(
-        process_group, tuple((r, r + 1) for r in range(size)), dist.get_rank(process_group)
-    )
-
-
-def _shape_problem(x) -> tuple[int, str] | None:
+def _shape_problem(x) -> Problem | None:
     if not isinstance(x, Tensor):
         return NO_TENSOR, f"expects a Tensor, got {type(x).__name__}"
-    if x.dim() < 2:
-        return BAD_DIMS, f"expects [N, C, *spatial], got shape {tuple(x.shape)}"
+    if not 2 <= x.dim() <= META_DIMS:
+        return BAD_DIMS, f"expects [N, C, *spatial] (2 to {META_DIMS} dims), got {tuple(x.shape)}"
     return None
 
 
@@ -54,29 +47,38 @@ def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_gro
         process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group).
 
     Returns:
-        This rank's shard ``[N, c_r, *spatial]`` in the sharded layout. Shape, dtype and
-        ``requires_grad`` come from ``src`` (one small broadcast). When ``x`` requires grad,
-        every rank must run backward through the result.
+        This rank's shard ``[N, c_r, *spatial]`` in the sharded layout, laid out as ``x``
+        (channels_last stays channels_last). Shape, dtype, layout and whether a backward is
+        recorded come from ``src`` (one small broadcast); when one is, every rank must run
+        backward through the result.
     """
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
     rank = dist.get_rank(pg)
-    site = f"scatter_channels(groups={groups}, src={src})"
-    guard = InputGuard(site, ("scatter_channels", groups, src), _group_shards(pg))
     holds = rank == src
+    guard = InputGuard(
+        f"scatter_channels(groups={groups}, src={src})", ("scatter_channels", groups, src), pg
+    )
     guard(
         x if holds else None,
         problem=_shape_problem(x) if holds else None,
         expected_channels=lambda sent: [sent[r] if r == src else None for r in range(len(sent))],
         channels_note=lambda sent: [""] * len(sent),
     )
-    shape, dtype, requires_grad = broadcast_meta(x, src, pg)
-    shards = layout_shards(shape[1], groups, pg.size(), rank, pg)
+    meta = broadcast_meta(x, src, pg)
+    guard.raise_together(
+        holds or torch.is_grad_enabled() or not meta.requires_grad,
+        f"rank {src} records a backward through its input, and a rank that runs under "
+        f"torch.no_grad() would not join the gather of its gradient",
+    )
+    shards = layout_shards(meta.shape[1], groups, pg.size(), rank, pg)
     if not holds:
-        # A leaf that requires grad on non-source ranks keeps them in the backward gather.
-        x = torch.empty(0, dtype=dtype, device=comm_device(pg), requires_grad=requires_grad)
-    return scatter_channels_from(x, shards, src, shape, dtype, x.device)
+        # A leaf that requires grad on the other ranks keeps them in the backward gather.
+        x = torch.empty(
+            0, dtype=meta.dtype, device=comm_device(pg), requires_grad=meta.requires_grad
+        )
+    return scatter_channels_from(x, shards, src, meta, x.device)
 
 
 def gather_channels(
@@ -94,12 +96,14 @@ def gather_channels(
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
-    rank = dist.get_rank(pg)
-    world = pg.size()
-    site = f"gather_channels(groups={groups}, dst={dst})"
-    guard = InputGuard(site, ("gather_channels", groups, dst), _group_shards(pg))
+    rank, world = dist.get_rank(pg), pg.size()
+    guard = InputGuard(
+        f"gather_channels(groups={groups}, dst={dst})", ("gather_channels", groups, dst), pg
+    )
 
     def layout(sent: list[int]) -> list[int]:
+        if min(sent) < 0:  # a rank without channels: its record says what it sent instead
+            return sent
         return layout_shards(sum(sent), groups, world, 0).widths
 
     records = guard(

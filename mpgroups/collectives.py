@@ -6,10 +6,13 @@ A channel dimension split over a process group is described by
 collective and trimmed after, since gloo has no all-gather of uneven sizes; the padding counts
 as sent in :class:`~mpgroups.counter.CommCounter`.
 
-Every public function is the identity on a group of one rank and issues no collective there.
-Each wraps a private ``autograd.Function`` whose backward applies the dual Function (gather ↔
-slice, all-gather ↔ reduce-scatter, scatter ↔ gather), so backward is itself differentiable
-and higher-order gradients (``create_graph=True``) are those of the single-device op.
+The autograd collectives (``all_gather_channels``, ``all_gather_channels_partial``,
+``slice_channels``) are the identity on a group of one rank; callers of the others only call
+them with more than one rank. Each wraps a private ``autograd.Function`` whose backward applies
+the dual Function (gather ↔ slice, all-gather ↔ reduce-scatter, scatter ↔ gather), so backward
+is itself differentiable and higher-order gradients (``create_graph=True``) are those of the
+single-device op. The functions without autograd (``gather_rows``, ``broadcast_*``, the
+records) move state and metadata.
 
 Gradient convention: a replicated tensor's gradient is the complete gradient on every rank;
 a sharded tensor's gradient is the complete gradient of the shard.
@@ -20,6 +23,8 @@ activation gives a channels_last result), as ``nn.Conv2d`` does.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -29,7 +34,9 @@ from mpgroups.layout import ChannelShards
 from mpgroups.placement import Slice
 
 __all__ = [
+    "META_DIMS",
     "WIRE_DTYPES",
+    "TensorMeta",
     "all_gather_channels",
     "all_gather_channels_partial",
     "all_gather_records",
@@ -68,7 +75,7 @@ WIRE_DTYPES = (
     torch.complex64,
     torch.complex128,
 )
-_MAX_DIMS = 8
+META_DIMS = 8  # at most this many dims in a tensor broadcast_meta describes
 
 
 # --- Layout helpers. A custom Function must return neither a view nor one of its inputs (the
@@ -80,21 +87,26 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _dense_order(x: Tensor) -> tuple[int, ...]:
-    """``x``'s dims from outermost to innermost in memory: ``(0, 2, 3, 1)`` for a
-    channels_last ``[N, C, H, W]`` (``(0, 2, 3, 4, 1)`` in 3-D), else the identity.
+    """The order in which to lay out a result computed from ``x``: ``(0, 2, 3, 1)`` when ``x``
+    is channels_last (``(0, 2, 3, 4, 1)`` in 3-D), else the identity.
 
-    One channel makes both layouts contiguous; then the strides tell (channels_last puts
-    stride 1 on the channel dim).
+    As ``suggest_memory_format`` decides: from the order of the strides, so a channel slice
+    of a channels_last tensor (a view with gaps) counts as channels_last too. With one
+    channel both layouts can be contiguous; then channels_last puts stride 1 on the channel.
     """
     identity = tuple(range(x.dim()))
-    last = _CHANNELS_LAST.get(x.dim())
-    if last is None or not x.is_contiguous(memory_format=last):
+    if x.dim() not in (4, 5):
         return identity
+    last = (0, *range(2, x.dim()), 1)
     if x.is_contiguous():
-        spatial = x.shape[2:].numel()
-        if not (x.shape[1] == 1 and x.stride(1) == 1 and spatial > 1):
-            return identity
-    return (0, *range(2, x.dim()), 1)
+        one_channel_last = x.shape[1] == 1 and x.stride(1) == 1 and x.shape[2:].numel() > 1
+        return last if one_channel_last else identity
+    # Innermost first: channels, then the spatial dims from the last, then the batch.
+    inner_to_outer = [d for d in reversed(last) if x.shape[d] > 1]
+    strides = [x.stride(d) for d in inner_to_outer]
+    if len(strides) > 1 and inner_to_outer[0] == 1 and strides == sorted(strides):
+        return last
+    return identity
 
 
 def _empty_like_order(shape, order, like: Tensor) -> Tensor:
@@ -142,11 +154,16 @@ def _all_gather(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     recv = send.new_empty((shards.world_size, *send.shape))
     with counted("all_gather", shards.world_size, recv.numel() * recv.element_size()):
         _all_gather_single(recv.view(-1), send.view(-1), group=shards.process_group)
-    shape = list(x.shape)
+    return _assemble(recv, shards, dim, x)
+
+
+def _assemble(received, shards: ChannelShards, dim: int, like: Tensor) -> Tensor:
+    """The full tensor from each rank's padded piece ``received[r]``, laid out as ``like``."""
+    shape = list(like.shape)
     shape[dim] = shards.total
-    whole = _empty_like_order(shape, _dense_order(x), x)
+    whole = _empty_like_order(shape, _dense_order(like), like)
     for r, (start, stop) in enumerate(shards.slices):
-        whole.narrow(dim, start, stop - start).copy_(recv[r].narrow(dim, 0, stop - start))
+        whole.narrow(dim, start, stop - start).copy_(received[r].narrow(dim, 0, stop - start))
     return whole
 
 
@@ -180,23 +197,35 @@ def comm_device(process_group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def scatter_from(x: Tensor | None, shards: ChannelShards, src: int, shape, dtype, device) -> Tensor:
-    """Scatter ``x`` (whole, on group rank ``src``) along dim 1; every rank gets its shard."""
+class TensorMeta(NamedTuple):
+    """What ranks other than a tensor's holder need to receive a shard of it."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    requires_grad: bool  # a backward through it is recorded on the holder
+    order: tuple[int, ...]  # its memory layout (see _dense_order)
+
+
+def scatter_from(x: Tensor | None, shards: ChannelShards, src: int, meta: TensorMeta, device):
+    """Scatter ``x`` (whole, on group rank ``src``) along dim 1; every rank gets its shard,
+    laid out as ``x`` is (contiguous on the wire)."""
     width = max(shards.widths)
-    recv = torch.empty((shape[0], width, *shape[2:]), dtype=dtype, device=device)
+    recv = torch.empty((meta.shape[0], width, *meta.shape[2:]), dtype=meta.dtype, device=device)
     chunks = None
     if shards.rank == src:
-        x = x.contiguous()
         chunks = [_padded(x.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
     nbytes = recv.numel() * recv.element_size() * shards.world_size
     with counted("scatter", shards.world_size, nbytes):
         dist.scatter(recv, chunks, group=shards.process_group, group_src=src)
     own_width = shards.widths[shards.rank]
-    return recv if own_width == width else _own_slice(recv, 0, own_width, 1)
+    if own_width == width and meta.order == tuple(range(recv.dim())):
+        return recv
+    return _narrow_copy(recv, 0, own_width, 1, meta.order)
 
 
 def gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
-    """Gather shards along dim 1 onto group rank ``dst``; other ranks get an empty tensor."""
+    """Gather shards along dim 1 onto group rank ``dst``, laid out as ``x`` is; the other
+    ranks get an empty tensor."""
     width = max(shards.widths)
     send = _padded(x, width, 1)
     recv = None
@@ -207,7 +236,7 @@ def gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
         dist.gather(send, recv, group=shards.process_group, group_dst=dst)
     if shards.rank != dst:
         return x.new_empty(0)
-    return torch.cat([r.narrow(1, 0, w) for r, w in zip(recv, shards.widths, strict=True)], dim=1)
+    return _assemble(recv, shards, 1, x)
 
 
 # --- Autograd functions: each backward applies the dual Function, so it is differentiable.
@@ -274,13 +303,13 @@ class _ScatterFrom(torch.autograd.Function):
     """Forward: scatter from ``src``; backward: gather onto ``src``."""
 
     @staticmethod
-    def forward(ctx, x, shards, src, shape, dtype, device):
+    def forward(ctx, x, shards, src, meta, device):
         ctx.shards, ctx.src = shards, src
-        return scatter_from(x, shards, src, shape, dtype, device)
+        return scatter_from(x, shards, src, meta, device)
 
     @staticmethod
     def backward(ctx, grad):
-        return _GatherTo.apply(grad, ctx.shards, ctx.src), None, None, None, None, None
+        return _GatherTo.apply(grad, ctx.shards, ctx.src), None, None, None, None
 
 
 class _GatherTo(torch.autograd.Function):
@@ -289,13 +318,14 @@ class _GatherTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shards, dst):
         ctx.shards, ctx.dst = shards, dst
-        ctx.shape = (x.shape[0], None, *x.shape[2:])
+        ctx.shard_shape, ctx.order = x.shape, _dense_order(x)
         return gather_to(x, shards, dst)
 
     @staticmethod
     def backward(ctx, grad):
-        shard = _ScatterFrom.apply(grad, ctx.shards, ctx.dst, ctx.shape, grad.dtype, grad.device)
-        return shard, None, None
+        shape = (ctx.shard_shape[0], ctx.shards.total, *ctx.shard_shape[2:])
+        meta = TensorMeta(torch.Size(shape), grad.dtype, False, ctx.order)
+        return _ScatterFrom.apply(grad, ctx.shards, ctx.dst, meta, grad.device), None, None
 
 
 def all_gather_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
@@ -344,11 +374,11 @@ def slice_group_channels(
 
 
 def scatter_channels_from(
-    x: Tensor, shards: ChannelShards, src: int, shape, dtype, device
+    x: Tensor, shards: ChannelShards, src: int, meta: TensorMeta, device
 ) -> Tensor:
     """Forward: rank ``src`` sends each rank its shard of ``x`` ``[N, C, *spatial]`` along
-    dim 1; backward: gather onto ``src``. ``shape``/``dtype`` are ``x``'s, known everywhere."""
-    return _ScatterFrom.apply(x, shards, src, shape, dtype, device)
+    dim 1; backward: gather onto ``src``. ``meta`` describes ``x`` (see ``broadcast_meta``)."""
+    return _ScatterFrom.apply(x, shards, src, meta, device)
 
 
 def gather_channels_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
@@ -357,18 +387,22 @@ def gather_channels_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
     return _GatherTo.apply(x, shards, dst)
 
 
-def broadcast_meta(
-    x: Tensor | None, src: int, process_group
-) -> tuple[torch.Size, torch.dtype, bool]:
-    """Send ``x``'s shape, dtype and ``requires_grad`` from group rank ``src`` to every rank."""
-    meta = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64, device=comm_device(process_group))
+def broadcast_meta(x: Tensor | None, src: int, process_group) -> TensorMeta:
+    """Describe group rank ``src``'s ``x`` to every rank (one tiny broadcast)."""
+    meta = torch.zeros(4 + META_DIMS, dtype=torch.int64, device=comm_device(process_group))
     if dist.get_rank(process_group) == src:
-        values = [x.dim(), WIRE_DTYPES.index(x.dtype), int(x.requires_grad), *x.shape]
+        records_grad = torch.is_grad_enabled() and x.requires_grad
+        channels_last = _dense_order(x) != tuple(range(x.dim()))
+        values = [x.dim(), WIRE_DTYPES.index(x.dtype), records_grad, channels_last, *x.shape]
         meta[: len(values)] = torch.tensor(values)
     record("broadcast", process_group.size(), meta.numel() * meta.element_size(), kind="meta")
     dist.broadcast(meta, group=process_group, group_src=src)
-    ndim, dtype_index, requires_grad = meta[:3].tolist()
-    return torch.Size(meta[3 : 3 + ndim].tolist()), WIRE_DTYPES[dtype_index], bool(requires_grad)
+    ndim, dtype_index, requires_grad, channels_last = meta[:4].tolist()
+    order = tuple(range(ndim))
+    if channels_last:
+        order = (0, *range(2, ndim), 1)
+    shape = torch.Size(meta[4 : 4 + ndim].tolist())
+    return TensorMeta(shape, WIRE_DTYPES[dtype_index], bool(requires_grad), order)
 
 
 def gather_rows(x: Tensor, shards: ChannelShards, dst: int | None = None) -> Tensor | None:

@@ -37,7 +37,14 @@ from mpgroups.input_checks import (
     InputGuard,
     Problem,
 )
-from mpgroups.layout import LAYOUTS, ChannelShards, check_layout, communicates, layer_shards
+from mpgroups.layout import (
+    LAYOUTS,
+    NOT_PICKLABLE,
+    ChannelShards,
+    check_layout,
+    communicates,
+    layer_shards,
+)
 from mpgroups.placement import Placement
 from mpgroups.process_groups import resolve_process_group, team_subgroup
 
@@ -115,12 +122,12 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
         self._communicates = communicates(self.placement, input_layout, output_layout)
         config = (type(self).__name__, conv_arguments(spec), input_layout, output_layout)
         self.input_guard = InputGuard(
-            self._name(), config, self.shards.outputs, channel_dim=-self._dims - 1, checks=checks
+            self._name(), config, pg, channel_dim=-self._dims - 1, checks=checks
         )
         self.state_guard = InputGuard(
             f"{self._name()} gathering its parameters",
             ("state", *config),
-            self.shards.outputs,
+            pg,
             channel_dim=0,
             checks=checks,
         )
@@ -137,8 +144,13 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
         if _init_weights:
             self.reset_parameters()
 
+    # Copies as nn.Module's own (which go through __reduce_ex__), sharing the process groups.
+    def __copy__(self) -> _GroupParallelConvNd:
+        twin = type(self).__new__(type(self))
+        twin.__setstate__(self.__getstate__())
+        return twin
+
     def __deepcopy__(self, memo) -> _GroupParallelConvNd:
-        # As nn.Module's own copy; the process groups are shared (see ChannelShards).
         twin = type(self).__new__(type(self))
         memo[id(self)] = twin
         twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
@@ -146,7 +158,7 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
 
     def __reduce_ex__(self, protocol):
         if self.process_group is not None:
-            self.shards.outputs.__reduce_ex__(protocol)  # raises, saying what to do instead
+            raise TypeError(NOT_PICKLABLE)
         return super().__reduce_ex__(protocol)
 
     @property

@@ -25,7 +25,8 @@ class CommRecord:
     all-gather, the whole input for a reduce-scatter, the tensor for an all-reduce or a
     broadcast, and all shards for a scatter or a gather. Padding of uneven shards counts
     as sent. ``kind`` is ``"data"`` for activations, gradients and weights, ``"meta"`` for
-    the small validation records, ``"check"`` for a whole input check (exchange included).
+    metadata (input-check records, shapes, flags, barriers), ``"check"`` for a whole input
+    check (exchange included).
     ``seconds`` is the wall time of the call on this rank (for a synchronous backend such as
     gloo, the time the collective took; 0 where not timed).
     """
@@ -46,7 +47,7 @@ class CommCounter:
             y = layer(x)
             y.backward(grad)
         comm.count("all_gather")  # collectives of that op
-        comm.bytes()  # data bytes, validation records excluded
+        comm.bytes()  # data bytes, metadata excluded
     """
 
     def __init__(self) -> None:
@@ -69,7 +70,7 @@ class CommCounter:
         ]
 
     def count(self, op: str | None = None, kind: str | None = "data") -> int:
-        """Number of collectives, of one ``op`` or all; ``kind=None`` includes validation."""
+        """Number of collectives, of one ``op`` or all; ``kind=None`` counts every kind."""
         return len(self._select(op, kind))
 
     def seconds(self, op: str | None = None, kind: str | None = "data") -> float:

@@ -20,34 +20,36 @@ when the element counts happen to agree, returns wrong numbers on every rank.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from mpgroups.collectives import WIRE_DTYPES, all_gather_records
+from mpgroups.collectives import WIRE_DTYPES, all_gather_records, all_ranks_agree
 from mpgroups.counter import record
-from mpgroups.layout import ChannelShards
 
 __all__ = [
     "RECORD_SIZE",
     "InputGuard",
     "InputMismatchError",
     "channel_counts",
+    "check_same_call",
     "check_across_ranks",
     "checks_enabled",
     "fingerprint",
 ]
 
 _DEVICE_TYPES = ("cpu", "cuda", "meta")
-_MAX_DIMS = 5
+_RECORD_DIMS = 5
 # layout of a record: fingerprint, call, local problem, dtype, device, grad, ndim,
-# shape[_MAX_DIMS]; grad: whether this call records a backward through the input.
+# shape[_RECORD_DIMS]; grad: whether this call records a backward through the input.
 _FINGERPRINT, _CALL, _PROBLEM, _DTYPE, _DEVICE, _GRAD, _NDIM, _SHAPE = range(8)
-RECORD_SIZE = _SHAPE + _MAX_DIMS
+RECORD_SIZE = _SHAPE + _RECORD_DIMS
 
 
 class InputMismatchError(ValueError):
@@ -91,7 +93,7 @@ def _encode(x, site_id: int, call: int, problem_code: int) -> Tensor:
         rec[_DEVICE] = _code(x.device.type, _DEVICE_TYPES)
         rec[_GRAD] = int(torch.is_grad_enabled() and x.requires_grad)
         rec[_NDIM] = x.dim()
-        for i, size in enumerate(x.shape[:_MAX_DIMS]):
+        for i, size in enumerate(x.shape[:_RECORD_DIMS]):
             rec[_SHAPE + i] = size
     return rec
 
@@ -100,7 +102,7 @@ def _describe(rec: list[int]) -> str:
     ndim = rec[_NDIM]
     if ndim < 0:
         return "no tensor"
-    shape = rec[_SHAPE : _SHAPE + min(ndim, _MAX_DIMS)]
+    shape = rec[_SHAPE : _SHAPE + min(ndim, _RECORD_DIMS)]
     dtype = WIRE_DTYPES[rec[_DTYPE]] if rec[_DTYPE] >= 0 else "an unknown dtype"
     device = _DEVICE_TYPES[rec[_DEVICE]] if rec[_DEVICE] >= 0 else "another device type"
     return f"{list(shape)} {str(dtype).replace('torch.', '')} on {device}"
@@ -110,7 +112,7 @@ def _channel_index(rec: list[int], channel_dim: int) -> int | None:
     """Where this record's channels are: ``channel_dim``, or counted from its end if < 0."""
     ndim = rec[_NDIM]
     index = ndim + channel_dim if channel_dim < 0 else channel_dim
-    return index if 0 <= index < min(ndim, _MAX_DIMS) else None
+    return index if 0 <= index < min(ndim, _RECORD_DIMS) else None
 
 
 def channel_counts(records: list[list[int]], channel_dim: int = 1) -> list[int]:
@@ -167,7 +169,7 @@ def _check_across_ranks(
 
     Returns:
         Every rank's record (rows of ``RECORD_SIZE`` integers), when nothing is wrong.
-        The message is the same on every rank.
+        The message's lines are the same on every rank; its first names this rank's site.
     """
     code = 0 if problem is None else problem[0]
     records = all_gather_records(_encode(x, layer_id, call, code), process_group).tolist()
@@ -182,14 +184,17 @@ def _check_across_ranks(
         "weight_device": getattr(getattr(weight, "device", None), "type", "?"),
     }
     lines = []
-    for r, rec in enumerate(records):
-        if rec[_FINGERPRINT] != layer_id:
-            lines.append(
-                f"rank {r} is calling something else than {layer} (ranks out of step, "
-                f"or another layer or model)"
-            )
-        elif rec[_CALL] != call:
-            lines.append(f"rank {r} is at call {rec[_CALL]} of {layer}, rank {rank} at call {call}")
+    sites = [rec[_FINGERPRINT] for rec in records]
+    calls = [rec[_CALL] for rec in records]
+    if len(set(sites)) > 1:
+        by_site = [[r for r, site in enumerate(sites) if site == s] for s in dict.fromkeys(sites)]
+        # Nothing else compares across different call sites.
+        raise InputMismatchError(
+            f"{layer}: ranks {' and '.join(map(str, by_site))} are calling different call "
+            f"sites (ranks out of step, or another layer or model)"
+        )
+    if len(set(calls)) > 1:
+        lines.append(f"the ranks are at calls {calls} of {layer} (ranks out of step)")
     holders = [r for r in range(len(records)) if expected_channels[r] is not None]
     reference = records[holders[0]] if holders else None
     for r in holders:
@@ -215,7 +220,7 @@ def _check_across_ranks(
             channel_index = _channel_index(rec, channel_dim)
             other = [
                 i
-                for i in range(min(rec[_NDIM], _MAX_DIMS))
+                for i in range(min(rec[_NDIM], _RECORD_DIMS))
                 if i != channel_index and rec[_SHAPE + i] != reference[_SHAPE + i]
             ]
             if other:
@@ -252,7 +257,7 @@ class InputGuard:
     Args:
         site: how messages name the call site, e.g. ``"GroupParallelConv2d(8, 8, groups=4)"``.
         config: what identifies the site on every rank (its :func:`fingerprint`).
-        shards: the split the site's collectives run over (its process group and rank).
+        process_group: where the site's collectives run (``None``: a single rank).
         channel_dim: as in :func:`check_across_ranks`.
         checks: ``True``/``False``, or ``None`` for ``MPGROUPS_CHECKS``.
     """
@@ -261,21 +266,28 @@ class InputGuard:
         self,
         site: str,
         config: tuple,
-        shards: ChannelShards,
+        process_group,
         *,
         channel_dim: int = 1,
         checks: bool | None = None,
     ) -> None:
         self.site = site
         self.site_id = fingerprint(*config)
-        self.shards = shards
+        self.process_group = process_group
+        self.rank = 0 if process_group is None else dist.get_rank(process_group)
+        self.world_size = 1 if process_group is None else process_group.size()
         self.channel_dim = channel_dim
         self.checks = checks
         self.calls = 0
 
+    def __deepcopy__(self, memo) -> InputGuard:
+        twin = copy.copy(self)  # shares the process group
+        memo[id(self)] = twin
+        return twin
+
     def exchanges(self, communicates: bool = True) -> bool:
         """Whether a call exchanges records (it does when a collective follows)."""
-        return communicates and self.shards.world_size > 1 and checks_enabled(self.checks)
+        return communicates and self.world_size > 1 and checks_enabled(self.checks)
 
     def __call__(
         self,
@@ -292,8 +304,8 @@ class InputGuard:
             self.calls += 1
             return check_across_ranks(
                 x,
-                process_group=self.shards.process_group,
-                rank=self.shards.rank,
+                process_group=self.process_group,
+                rank=self.rank,
                 layer=self.site,
                 layer_id=self.site_id,
                 call=self.calls,
@@ -305,6 +317,23 @@ class InputGuard:
             )
         if problem is not None:
             error = TypeError if problem[0] == NO_TENSOR else ValueError
-            where = f"rank {self.shards.rank} of {self.shards.world_size}"
+            where = f"rank {self.rank} of {self.world_size}"
             raise error(f"{self.site} on {where}: {problem[1]}")
         return None
+
+    def raise_together(self, ok: bool, message: str) -> None:
+        """Raise :class:`InputMismatchError` with ``message`` on every rank unless ``ok`` holds
+        on every rank (one tiny all-reduce; nothing when checks are off or on one rank)."""
+        if self.exchanges() and not all_ranks_agree(ok, self.process_group):
+            raise InputMismatchError(f"{self.site}: {message}")
+
+
+def check_same_call(site: str, config: tuple, process_group) -> None:
+    """Raise :class:`InputMismatchError` on every rank unless every rank of the group reaches
+    this collective with the same ``config`` (e.g. the names and shapes of the tensors it is
+    about to move): the check for collectives over state rather than an input."""
+    world_size = 1 if process_group is None else process_group.size()
+    guard = InputGuard(site, (site, config), process_group)
+    guard(
+        None, problem=None, expected_channels=[None] * world_size, channels_note=[""] * world_size
+    )

@@ -17,6 +17,7 @@ from mpgroups.placement import Placement, Slice, place, shard_slice
 
 __all__ = [
     "LAYOUTS",
+    "NOT_PICKLABLE",
     "ChannelShards",
     "LayerShards",
     "check_layout",
@@ -26,6 +27,11 @@ __all__ = [
 ]
 
 LAYOUTS = ("replicated", "sharded")
+NOT_PICKLABLE = (
+    "a group-parallel module cannot be pickled: it holds a process group, which does not "
+    "travel to another process. Save mpgroups.full_state_dict(model) (or "
+    "mpgroups.save_sharded_state_dict) and load it into a model built there."
+)
 
 
 def check_layout(name: str, layout: str) -> None:
@@ -85,16 +91,15 @@ class ChannelShards:
         offset = slices[0][0]
         return cls(process_group, tuple((a - offset, b - offset) for a, b in slices), rank)
 
+    def __copy__(self) -> ChannelShards:
+        return self
+
     def __deepcopy__(self, memo) -> ChannelShards:
         return self
 
     def __reduce_ex__(self, protocol):
         if self.process_group is not None:
-            raise TypeError(
-                "a group-parallel module cannot be pickled: it holds a process group, which "
-                "does not travel to another process. Save mpgroups.full_state_dict(model) (or "
-                "mpgroups.save_sharded_state_dict) and load it into a model built there."
-            )
+            raise TypeError(NOT_PICKLABLE)
         return super().__reduce_ex__(protocol)
 
 

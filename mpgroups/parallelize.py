@@ -28,7 +28,8 @@ from mpgroups.conv import (
     GroupParallelConv3d,
     _GroupParallelConvNd,
 )
-from mpgroups.layout import ChannelShards
+from mpgroups.input_checks import check_same_call
+from mpgroups.layout import NOT_PICKLABLE, ChannelShards
 from mpgroups.plan import ChannelLocal, GroupParallel
 from mpgroups.process_groups import resolve_process_group
 
@@ -97,6 +98,23 @@ def _describe(info: _Sharded) -> str:
     )
 
 
+class _PlanHook:
+    """A hook ``parallelize`` registers. Deep copies of the model share it (as they share
+    plain function hooks); pickling it raises the error that says how to save the model."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo) -> _PlanHook:
+        return self
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NOT_PICKLABLE)
+
+
 def _needs_whole(tracker: _Tracker, name: str):
     def hook(module, args):
         info = tracker.first_sharded(args)
@@ -108,7 +126,7 @@ def _needs_whole(tracker: _Tracker, name: str):
                 f"or add '{name}' to the plan"
             )
 
-    return hook
+    return _PlanHook(hook)
 
 
 def _expects_shards(tracker: _Tracker, name: str, shards: ChannelShards):
@@ -121,7 +139,7 @@ def _expects_shards(tracker: _Tracker, name: str, shards: ChannelShards):
                 f"{list(info.shards.slices)}"
             )
 
-    return hook
+    return _PlanHook(hook)
 
 
 def _marks_output(tracker: _Tracker, name: str, shards: ChannelShards | None):
@@ -130,7 +148,7 @@ def _marks_output(tracker: _Tracker, name: str, shards: ChannelShards | None):
         if info is not None:
             tracker.mark(output, info)
 
-    return hook
+    return _PlanHook(hook)
 
 
 def _gathers_output(tracker: _Tracker, shards: ChannelShards):
@@ -141,7 +159,7 @@ def _gathers_output(tracker: _Tracker, shards: ChannelShards):
         tracker.forget(whole)  # on one rank the gather hands back ``output`` itself
         return whole
 
-    return hook
+    return _PlanHook(hook)
 
 
 def _planned_style(name: str, plan: dict) -> object | None:
@@ -244,7 +262,10 @@ def parallelize(
             raise PlanError(f"plan entry '{key}' matches no module of {type(model).__name__}")
 
     if sync_module_states:
-        broadcast_tensors_([*model.parameters(), *model.buffers()], pg)
+        state = [*model.parameters(), *model.buffers()]
+        layout = tuple((str(t.dtype), tuple(t.shape)) for t in state)
+        check_same_call(f"parallelize({type(model).__name__})", layout, pg)
+        broadcast_tensors_(state, pg)
 
     tracker = _Tracker()
     producer: tuple[str, ChannelShards] | None = None  # last sharded output, in module order
@@ -375,10 +396,10 @@ def unparallelize(model: nn.Module) -> nn.Module:
 
 
 def _drop_plan_hooks(module: nn.Module) -> None:
-    """Remove the hooks ``parallelize`` added (they are closures defined in this module)."""
+    """Remove the hooks ``parallelize`` added."""
     for attr in ("_forward_hooks", "_forward_pre_hooks"):
         hooks = getattr(module, attr)
-        for key in [k for k, fn in hooks.items() if fn.__module__ == __name__]:
+        for key in [k for k, fn in hooks.items() if isinstance(fn, _PlanHook)]:
             del hooks[key]
             for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
                 getattr(module, extra).pop(key, None)

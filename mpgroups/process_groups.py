@@ -70,26 +70,40 @@ def group_timeout(process_group: dist.ProcessGroup) -> timedelta | None:
 def team_subgroup(process_group: dist.ProcessGroup, team: tuple[int, int]) -> dist.ProcessGroup:
     """The subgroup of ``process_group`` made of its ranks ``team = (start, stop)``.
 
-    Only the team's members call this. The subgroup's name, and so the rendezvous keys its
-    members meet on, is derived from the parent group's name and the team's ranks alone, so
-    the members agree whatever other groups each of them has created before (``new_group``
-    names a locally synchronised group by how many groups the process has made, which differs
-    between ranks as soon as some of them make a group of their own). The subgroup inherits
+    Every rank of ``process_group`` calls this for its own team, in the same order (layer
+    construction guarantees it); the teams of one size tile the group. The subgroup inherits
     the parent's backend and timeout, so a hang in it fails as fast as in the parent.
+
+    Ranks must agree on the subgroup whatever other groups each has created before. NCCL
+    splits the parent's communicator (``dist.split_group``, every parent rank taking part).
+    gloo meets on the rendezvous store under the subgroup's name, which ``new_group`` derives
+    from how many groups the process has made (a count that differs between ranks as soon as
+    some of them make a group of their own); here the name comes from the parent's name and
+    the team's ranks alone.
     """
     start, stop = team
-    if start == 0 and stop == process_group.size():
+    size = stop - start
+    if size == process_group.size():
         return process_group
-    ranks = tuple(dist.get_process_group_ranks(process_group)[start:stop])
+    ranks = dist.get_process_group_ranks(process_group)
     teams = _team_cache.setdefault(process_group, {})
-    if ranks not in teams:
-        teams[ranks] = _named_subgroup(process_group, list(ranks))
-    return teams[ranks]
+    if size not in teams:
+        if dist.get_backend(process_group) == "nccl":
+            tiles = [ranks[i : i + size] for i in range(0, len(ranks), size)]
+            teams[size] = dist.split_group(
+                process_group,
+                split_ranks=tiles,
+                timeout=group_timeout(process_group),
+                group_desc="mpgroups_team",
+            )
+        else:
+            teams[size] = _named_subgroup(process_group, ranks[start:stop])
+    return teams[size]
 
 
 def _named_subgroup(parent: dist.ProcessGroup, ranks: list[int]) -> dist.ProcessGroup:
-    """``dist.new_group(ranks, use_local_synchronization=True)`` with a name all members agree
-    on (``new_group`` has no name argument; this is its member-side path)."""
+    """``dist.new_group(ranks, use_local_synchronization=True)`` with a name every member
+    derives alike (``new_group`` has no name argument; this is its member-side path)."""
     from torch.distributed import distributed_c10d as c10d
 
     key = f"{parent.group_name}:{','.join(map(str, ranks))}"

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mpgroups.channel_modules import row_shards
 from mpgroups.collectives import gather_rows
-from mpgroups.input_checks import InputGuard
+from mpgroups.input_checks import check_same_call
 from mpgroups.layout import ChannelShards
 
 __all__ = [
@@ -65,10 +65,7 @@ def _gather_all(
         for key, shards in sharded.items()
         if key in items and shards.world_size > 1
     ]
-    world = group_shards.world_size
-    InputGuard(what, (what, layout), group_shards)(
-        None, problem=None, expected_channels=[None] * world, channels_note=[""] * world
-    )
+    check_same_call(what, tuple(layout), group_shards.process_group)
     keep = not rank0_only or group_shards.rank == 0
     out = {}
     for key, value in items.items():

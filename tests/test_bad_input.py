@@ -111,8 +111,9 @@ def _short_timeout_group():
     )
 
 
-def _unchecked_outcome(ctx, case: str) -> tuple[str, float]:
-    """What this rank's call does without the exchange: the error type, or ``"returned"``."""
+def _unchecked_outcome(ctx, case: str) -> tuple[str, str, float]:
+    """What this rank's call does without the exchange: the error type (or ``"returned"``),
+    its message and the seconds it took."""
     layer = _layer(case, False, _short_timeout_group(), 1)
     x, _ = _bad_input(case, ctx.rank)
     start = time.monotonic()
@@ -120,14 +121,14 @@ def _unchecked_outcome(ctx, case: str) -> tuple[str, float]:
         layer(x)
     except (ValueError, RuntimeError) as err:
         assert not isinstance(err, InputMismatchError)
-        return type(err).__name__, time.monotonic() - start
-    return "returned", time.monotonic() - start
+        return type(err).__name__, str(err), time.monotonic() - start
+    return "returned", "", time.monotonic() - start
 
 
 @pytest.mark.parametrize("case", EVERY_RANK_REFUSES_LOCALLY)
 def test_without_checks_a_problem_on_every_rank_raises_locally(pool, case):
     outcomes = pool.run(_unchecked_outcome, 2, case)
-    assert [kind for kind, _ in outcomes] == ["ValueError", "ValueError"]
+    assert [kind for kind, _, _ in outcomes] == ["ValueError", "ValueError"]
 
 
 @pytest.mark.parametrize("case", ONE_RANK_REFUSES_THE_OTHER_TIMES_OUT)
@@ -136,9 +137,13 @@ def test_without_checks_the_other_rank_waits_out_the_timeout(pool, case):
     the group's timeout (5 s here) ends it."""
     outcomes = pool.run(_unchecked_outcome, 2, case)
     bad = ONE_RANK_REFUSES_THE_OTHER_TIMES_OUT[case]
-    (bad_kind, bad_seconds), (other_kind, other_seconds) = outcomes[bad], outcomes[1 - bad]
+    (bad_kind, _, bad_seconds), (other_kind, other_message, other_seconds) = (
+        outcomes[bad],
+        outcomes[1 - bad],
+    )
     assert (bad_kind, other_kind) == ("ValueError", "RuntimeError")
-    assert bad_seconds < other_seconds
+    assert "Timed out" in other_message, other_message
+    assert other_seconds >= 4.5 > bad_seconds
 
 
 @pytest.mark.parametrize("case", GLOO_ABORTS)
@@ -207,15 +212,44 @@ def _collective_helpers_out_of_step(ctx, what: str) -> None:
         call = layer.to_conv
     else:
         channels = 8 if ctx.rank == 0 else 16  # a different model on rank 1
-        model = mpgroups.parallelize(torch.nn.Conv2d(8, channels, 1, groups=4), ctx.group)
-        call = lambda: mpgroups.full_state_dict(model)  # noqa: E731
+        conv = torch.nn.Conv2d(8, channels, 1, groups=4)
+        if what == "parallelize":  # its broadcast of rank 0's state
+            call = lambda: mpgroups.parallelize(conv, ctx.group)  # noqa: E731
+        else:
+            model = mpgroups.parallelize(conv, ctx.group, sync_module_states=False)
+            call = lambda: mpgroups.full_state_dict(model)  # noqa: E731
     with pytest.raises(InputMismatchError, match="ranks out of step, or another layer or model"):
         call()
 
 
-@pytest.mark.parametrize("what", ["scatter_channels", "to_conv", "full_state_dict"])
+@pytest.mark.parametrize("what", ["scatter_channels", "to_conv", "parallelize", "full_state_dict"])
 def test_collective_helpers_check_before_they_communicate(pool, what):
     pool.run(_collective_helpers_out_of_step, 2, what)
+
+
+def _gather_without_channels(ctx) -> str:
+    x = torch.randn(5) if ctx.rank == 1 else torch.randn(2, 4, 3, 3)
+    with pytest.raises(InputMismatchError) as info:
+        mpgroups.gather_channels(x, groups=4, process_group=ctx.group)
+    return str(info.value)
+
+
+def test_gather_channels_names_a_rank_without_channels(pool):
+    messages = pool.run(_gather_without_channels, 2)
+    assert messages[0] == messages[1]
+    assert "rank 1 sent [5] float32 on cpu: the wrong number of dimensions" in messages[0]
+
+
+def _scatter_under_no_grad_on_one_rank(ctx) -> str:
+    x = torch.randn(2, 8, 4, 4, requires_grad=True) if ctx.rank == 0 else None
+    with torch.set_grad_enabled(ctx.rank == 0), pytest.raises(InputMismatchError) as info:
+        mpgroups.scatter_channels(x, 0, groups=4, process_group=ctx.group)
+    return str(info.value)
+
+
+def test_scatter_with_a_backward_on_the_source_only_raises_on_every_rank(pool):
+    messages = pool.run(_scatter_under_no_grad_on_one_rank, 2)
+    assert messages[0] == messages[1] and "torch.no_grad()" in messages[0]
 
 
 def _nan_passes_through(ctx):
@@ -248,12 +282,14 @@ def _checks_switch(ctx) -> dict:
 
     layer = GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.group)
     counts = {}
-    for value in ("1", "0"):
-        os.environ["MPGROUPS_CHECKS"] = value
-        with mpgroups.CommCounter() as comm:
-            layer(torch.randn(GOOD))
-        counts[value] = comm.count(kind="meta")
-    del os.environ["MPGROUPS_CHECKS"]
+    try:
+        for value in ("1", "0"):
+            os.environ["MPGROUPS_CHECKS"] = value
+            with mpgroups.CommCounter() as comm:
+                layer(torch.randn(GOOD))
+            counts[value] = comm.count(kind="meta")
+    finally:
+        os.environ.pop("MPGROUPS_CHECKS", None)
     explicit = GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.group, checks=False)
     with mpgroups.CommCounter() as comm:
         explicit(torch.randn(GOOD))

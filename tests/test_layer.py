@@ -131,7 +131,7 @@ def _comm_counts(ctx) -> None:
             y = layer(x)
         with mpgroups.CommCounter() as backward:
             y.backward(torch.ones_like(y))
-        # The validation record: one tiny all-gather per call that communicates, counted apart
+        # The input-check record: one tiny all-gather per call that communicates, counted apart
         # from data; none where the layer computes alone (sharded -> sharded, whole groups).
         record_bytes = ctx.world_size * RECORD_SIZE * 8
         alone = layouts == ("sharded", "sharded") and not layer.placement.filter_split
@@ -181,12 +181,13 @@ def _comm_counts(ctx) -> None:
         shard = mpgroups.scatter_channels(
             x_full if ctx.rank == 0 else None, 0, groups=4, process_group=ctx.group
         )
-    # The check's record exchange and the broadcast of the source's shape are metadata.
-    assert comm.ops(kind="meta") == {"all_gather": 1, "broadcast": 1}
+    # Metadata: the check's record exchange, the broadcast of the source's shape, and the
+    # agreement on recording a backward.
+    assert comm.ops(kind="meta") == {"all_gather": 1, "broadcast": 1, "all_reduce": 1}
     assert comm.count(kind="check") == 1 and comm.count() == 1
     assert comm.ops() == {"scatter": 1}
     assert comm.bytes() == world * n * (8 // world) * hw * elt
-    assert comm.count(kind=None) == 4
+    assert comm.count(kind=None) == 5
     assert torch.equal(shard, x_full[:, ctx.rank * 8 // world : (ctx.rank + 1) * 8 // world])
 
 

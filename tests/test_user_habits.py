@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import run_in_one_rank_world
+from dist_harness import WorkerPool, run_in_one_rank_world
 from parity import LAYOUT_PAIRS, assert_close
 from torch import nn
 from torch.func import functional_call
@@ -134,8 +134,14 @@ def _own_group_first(ctx) -> None:
     assert_close(y, ref(x), 1e-5, "output")
 
 
-def test_team_groups_agree_whatever_groups_ranks_made_before(pool):
-    pool.run(_own_group_first, 4)
+def test_team_groups_agree_whatever_groups_ranks_made_before():
+    # A pool of its own: afterwards its ranks hold different numbers of groups, which would
+    # break the shared pool's later use_local_synchronization groups.
+    pool = WorkerPool()
+    try:
+        pool.run(_own_group_first, 4)
+    finally:
+        pool.close()
 
 
 class _Shared(nn.Module):
@@ -201,9 +207,56 @@ def _copies(ctx) -> None:
         pickle.dumps(model)
 
 
+def _copies_of_a_planned_model(ctx) -> None:
+    """A plan puts guards on the modules outside it; the first module here is one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU())
+    plan = {"1": mpgroups.GroupParallel(output_layout="sharded"), "2": mpgroups.ChannelLocal()}
+    model = mpgroups.parallelize(model, ctx.group, plan=plan)
+    shallow = copy.copy(model[1])
+    assert shallow.weight is model[1].weight and shallow.process_group is model[1].process_group
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(twin(x), model(x))
+    with pytest.raises(TypeError, match="full_state_dict"):
+        pickle.dumps(model)
+
+
+def test_copies_of_a_planned_model(pool):
+    pool.run(_copies_of_a_planned_model, 2)
+
+
 def test_deepcopy_shares_process_groups_and_pickle_says_what_to_do(pool):
     pool.run(_copies, 2)
 
 
 def test_deepcopy_in_a_one_rank_world():
     run_in_one_rank_world(_copies)
+
+
+def _channels_last_views(ctx) -> None:
+    """A channel slice of a channels_last tensor (a view with gaps, as from torch.chunk) and
+    the one-rank entry and exit points keep channels_last, as nn.Conv2d does."""
+    torch.manual_seed(0)
+    big = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    x = big[:, :8]
+    assert not x.is_contiguous(memory_format=torch.channels_last)
+    for groups in (4, 1):  # whole groups, and a filter split (G < P)
+        ref = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+        layer = mpgroups.GroupParallelConv2d.from_conv(ref, ctx.group)
+        y, y_ref = layer(x), ref(x)
+        assert y_ref.is_contiguous(memory_format=torch.channels_last)
+        assert y.is_contiguous(memory_format=torch.channels_last), y.stride()
+        assert_close(y, y_ref, 1e-5, f"groups={groups} output")
+    shard = mpgroups.scatter_channels(
+        big if ctx.rank == 0 else None, 0, groups=4, process_group=ctx.group
+    )
+    assert shard.is_contiguous(memory_format=torch.channels_last), shard.stride()
+    whole = mpgroups.gather_channels(shard, 0, groups=4, process_group=ctx.group)
+    if ctx.rank == 0:
+        assert whole.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(whole, big)
+
+
+def test_channels_last_views_and_the_scatter_and_gather_keep_their_layout(pool):
+    pool.run(_channels_last_views, 2)
