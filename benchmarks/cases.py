@@ -108,18 +108,18 @@ def build_single(case: Case) -> nn.Module:
     )
 
 
-def build_parallel(case: Case, group) -> nn.Module:
+def build_parallel(case: Case, process_group) -> nn.Module:
     """The group-parallel model with the single-device model's weights."""
     if case.alexnet is not None:
         from mpgroups.models import AlexNet
 
         torch.manual_seed(0)
-        return AlexNet(process_group=group, **case.alexnet)
+        return AlexNet(process_group=process_group, **case.alexnet)
     single = build_single(case)
     return nn.Sequential(
         *(
             GroupParallelConv2d.from_conv(
-                conv, group, input_layout=c.layouts[0], output_layout=c.layouts[1]
+                conv, process_group, input_layout=c.layouts[0], output_layout=c.layouts[1]
             )
             for conv, c in zip(single, case.convs, strict=True)
         )

@@ -169,10 +169,10 @@ def _labels(case: Case) -> torch.Tensor | None:
 def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args, loopback) -> dict:
     """Time ``case``'s variants at ``world`` ranks; ``loopback`` (a group of the same ranks
     that moves no data; ``None`` at one rank) carries the ``local`` variant."""
-    group = dist.group.WORLD if world > 1 else None
+    process_group = dist.group.WORLD if world > 1 else None
     is_step = case.alexnet is not None
     single = build_single(case)
-    gp = build_parallel(case, group)
+    gp = build_parallel(case, process_group)
     x_full = make_input(case, case.batch)
     labels = _labels(case)
 
@@ -330,8 +330,8 @@ def _local_compute_time(case: Case, world: int, args) -> float:
     torch.set_num_threads(1)
     times = []
     try:
-        with loopback_world(world) as group:
-            model = build_parallel(case, group)
+        with loopback_world(world) as process_group:
+            model = build_parallel(case, process_group)
             x = make_input(case, case.batch, model)
             step = _without_collectives(_step_and_forward(model, x, _labels(case))[0])
             for rep in range(args.warmup + args.reps):
@@ -363,11 +363,11 @@ def _link_sizes(world: int, cases: list[Case]) -> dict[tuple[str, int], list[int
     return {key: sorted(found) for key, found in sorted(sizes.items())}
 
 
-def _link_call(op: str, shard: torch.Tensor, full: torch.Tensor, group):
+def _link_call(op: str, shard: torch.Tensor, full: torch.Tensor, process_group):
     """One collective as the layers make it, into a fresh output tensor."""
     if op == "all_gather":
-        return lambda: _all_gather_single(torch.empty_like(full), shard, group=group)
-    return lambda: _reduce_scatter_single(torch.empty_like(shard), full, group=group)
+        return lambda: _all_gather_single(torch.empty_like(full), shard, group=process_group)
+    return lambda: _reduce_scatter_single(torch.empty_like(shard), full, group=process_group)
 
 
 def _measure_link(world: int, cases: list[Case], args) -> dict:
@@ -384,15 +384,17 @@ def _measure_link(world: int, cases: list[Case], args) -> dict:
     the gathered tensor, or the reduce-scatter's input).
     """
     calls = []  # (key, bytes, call)
-    groups = {world: dist.group.WORLD}  # one set of team subgroups per team size
+    team_process_groups = {world: dist.group.WORLD}  # one set of subgroups per team size
     for (op, size), sizes in _link_sizes(world, cases).items():
-        if size not in groups:
-            groups[size] = dist.new_subgroups(size)[0]
-        group = groups[size]
+        if size not in team_process_groups:
+            team_process_groups[size] = dist.new_subgroups(size)[0]
+        process_group = team_process_groups[size]
         for nbytes in sizes:
             shard = torch.zeros(max(1, nbytes // (4 * size)))
             full = torch.zeros(size * shard.numel())
-            calls.append((f"{op}/{size}", full.numel() * 4, _link_call(op, shard, full, group)))
+            calls.append(
+                (f"{op}/{size}", full.numel() * 4, _link_call(op, shard, full, process_group))
+            )
     times = {(key, nbytes): [] for key, nbytes, _ in calls}
     for rep in range(args.warmup + max(args.reps, 9)):
         for key, nbytes, call in calls:

@@ -141,10 +141,10 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
     over an older one) are refused together at load.
     """
     directory = Path(directory)
-    group = model_process_group(model)
-    rank = 0 if group is None else dist.get_rank(group)
-    world_size = 1 if group is None else group.size()
-    (save_id,) = broadcast_ints([secrets.randbits(62)], group)
+    process_group = model_process_group(model)
+    rank = 0 if process_group is None else dist.get_rank(process_group)
+    world_size = 1 if process_group is None else process_group.size()
+    (save_id,) = broadcast_ints([secrets.randbits(62)], process_group)
     sharded = sharded_keys(model)
     state = model.state_dict()
     rows, tensors = {}, {}
@@ -165,7 +165,7 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
         "tensors": tensors,
     }
     atomic_save(record, directory / f"shard-{rank:05d}-of-{world_size:05d}.pt")
-    barrier(group)
+    barrier(process_group)
     if rank == 0:
         for path in directory.iterdir():
             match = _SHARD_FILE.match(path.name)

@@ -40,7 +40,7 @@ class RankContext:
 
     rank: int
     world_size: int
-    group: object  # torch.distributed.ProcessGroup
+    process_group: object  # torch.distributed.ProcessGroup, or a string where there is none
 
 
 def _free_port() -> int:
@@ -60,10 +60,10 @@ def _worker_main(rank: int, init_method: str, tasks, results) -> None:
         "gloo", init_method=init_method, rank=rank, world_size=POOL_SIZE, timeout=PG_TIMEOUT
     )
     # A one-rank gloo subgroup breaks later use_local_synchronization subgroups (torch 2.13),
-    # so world size 1 has no process group here; a task that passes its ``group`` to mpgroups
+    # so world size 1 has no process group here; a task that passes its ``process_group`` on
     # fails loudly instead of falling back to the 4-rank default group. One-rank runs with a
     # real process group use ``run_in_one_rank_world``.
-    groups = {1: NO_GROUP, 2: dist.new_group([0, 1]), POOL_SIZE: dist.group.WORLD}
+    process_groups = {1: NO_GROUP, 2: dist.new_group([0, 1]), POOL_SIZE: dist.group.WORLD}
     results.put(("ready", rank, None))
     while True:
         message = tasks.get()
@@ -74,7 +74,7 @@ def _worker_main(rank: int, init_method: str, tasks, results) -> None:
             results.put((seq, rank, ("skip", None)))
             continue
         try:
-            value = fn(RankContext(rank, world_size, groups[world_size]), *args)
+            value = fn(RankContext(rank, world_size, process_groups[world_size]), *args)
             results.put((seq, rank, ("ok", value)))
         except BaseException:
             results.put((seq, rank, ("error", traceback.format_exc())))

@@ -158,7 +158,7 @@ def check_layer(ctx, c: dict, layout_pairs=LAYOUT_PAIRS) -> dict:
     worst = Counter()
     for layouts in LAYOUT_PAIRS if layout_pairs is None else layout_pairs:
         layer = PARALLEL[c["dims"]].from_conv(
-            ref, ctx.group, input_layout=layouts[0], output_layout=layouts[1]
+            ref, ctx.process_group, input_layout=layouts[0], output_layout=layouts[1]
         )
         what = f"rank {ctx.rank}/{ctx.world_size} {layouts[0]}->{layouts[1]}"
         in_keep = slice(*layer.input_shard) if layouts[0] == "sharded" else slice(None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def _layer(case: str, checks: bool, group, good_calls: int) -> GroupParallelConv
 
 
 def _run_with_checks(ctx, case: str, good_calls: int) -> str:
-    layer = _layer(case, True, ctx.group, good_calls)
+    layer = _layer(case, True, ctx.process_group, good_calls)
     x, words = _bad_input(case, ctx.rank)
     with pytest.raises(InputMismatchError) as info:
         layer(x)
@@ -170,7 +171,9 @@ def test_without_checks_equal_element_counts_give_wrong_numbers(pool, case):
 
 
 def _sharded_wrong_width(ctx):
-    layer = GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.group, input_layout="sharded")
+    layer = GroupParallelConv2d(
+        8, 8, 3, groups=4, process_group=ctx.process_group, input_layout="sharded"
+    )
     start, stop = layer.input_shard
     x = torch.randn(2, stop - start + (1 if ctx.rank == 0 else 0), 5, 5)
     with pytest.raises(InputMismatchError, match="its shard 0..4 of 8 channels, groups=4"):
@@ -182,7 +185,7 @@ def test_sharded_input_message_names_the_expected_shard(pool):
 
 
 def _unbatched_on_one_rank(ctx) -> str:
-    layer = GroupParallelConv2d(8, 8, 3, padding=1, groups=4, process_group=ctx.group)
+    layer = GroupParallelConv2d(8, 8, 3, padding=1, groups=4, process_group=ctx.process_group)
     x = torch.randn(8, 6, 6) if ctx.rank == 1 else torch.randn(4, 8, 6, 6)
     with pytest.raises(InputMismatchError) as info:
         layer(x)
@@ -205,19 +208,21 @@ def _collective_helpers_out_of_step(ctx, what: str) -> None:
     if what == "scatter_channels":
         x = torch.randn(2, 8, 4, 4) if ctx.rank == 0 else None
         groups = 4 if ctx.rank == 0 else 2  # rank 1 expects another layout
-        call = lambda: mpgroups.scatter_channels(x, 0, groups=groups, process_group=ctx.group)  # noqa: E731
+        call = partial(
+            mpgroups.scatter_channels, x, 0, groups=groups, process_group=ctx.process_group
+        )
     elif what == "to_conv":
         cout = 8 if ctx.rank == 0 else 12  # rank 1 gathers another layer
-        layer = GroupParallelConv2d(8, cout, 3, groups=4, process_group=ctx.group)
+        layer = GroupParallelConv2d(8, cout, 3, groups=4, process_group=ctx.process_group)
         call = layer.to_conv
     else:
         channels = 8 if ctx.rank == 0 else 16  # a different model on rank 1
         conv = torch.nn.Conv2d(8, channels, 1, groups=4)
         if what == "parallelize":  # its broadcast of rank 0's state
-            call = lambda: mpgroups.parallelize(conv, ctx.group)  # noqa: E731
+            call = partial(mpgroups.parallelize, conv, ctx.process_group)
         else:
-            model = mpgroups.parallelize(conv, ctx.group, sync_module_states=False)
-            call = lambda: mpgroups.full_state_dict(model)  # noqa: E731
+            model = mpgroups.parallelize(conv, ctx.process_group, sync_module_states=False)
+            call = partial(mpgroups.full_state_dict, model)
     with pytest.raises(InputMismatchError, match="ranks out of step, or another layer or model"):
         call()
 
@@ -230,7 +235,7 @@ def test_collective_helpers_check_before_they_communicate(pool, what):
 def _gather_without_channels(ctx) -> str:
     x = torch.randn(5) if ctx.rank == 1 else torch.randn(2, 4, 3, 3)
     with pytest.raises(InputMismatchError) as info:
-        mpgroups.gather_channels(x, groups=4, process_group=ctx.group)
+        mpgroups.gather_channels(x, groups=4, process_group=ctx.process_group)
     return str(info.value)
 
 
@@ -243,7 +248,7 @@ def test_gather_channels_names_a_rank_without_channels(pool):
 def _scatter_under_no_grad_on_one_rank(ctx) -> str:
     x = torch.randn(2, 8, 4, 4, requires_grad=True) if ctx.rank == 0 else None
     with torch.set_grad_enabled(ctx.rank == 0), pytest.raises(InputMismatchError) as info:
-        mpgroups.scatter_channels(x, 0, groups=4, process_group=ctx.group)
+        mpgroups.scatter_channels(x, 0, groups=4, process_group=ctx.process_group)
     return str(info.value)
 
 
@@ -255,7 +260,7 @@ def test_scatter_with_a_backward_on_the_source_only_raises_on_every_rank(pool):
 def _nan_passes_through(ctx):
     torch.manual_seed(0)
     ref = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
-    layer = GroupParallelConv2d.from_conv(ref, ctx.group)
+    layer = GroupParallelConv2d.from_conv(ref, ctx.process_group)
     x = torch.randn(GOOD)
     x[0, 0, 2, 2] = float("nan")
     y, y_ref = layer(x), ref(x)
@@ -270,7 +275,7 @@ def test_nan_input_passes_through_like_nn_conv2d(pool):
 def _gather_mismatch(ctx):
     x = torch.randn(2 if ctx.rank == 0 else 3, 4, 5, 5)
     with pytest.raises(InputMismatchError, match=r"rank 1 sent \[3, 4, 5, 5\]"):
-        mpgroups.gather_channels(x, groups=4, process_group=ctx.group)
+        mpgroups.gather_channels(x, groups=4, process_group=ctx.process_group)
 
 
 def test_gather_channels_checks_its_inputs(pool):
@@ -280,7 +285,7 @@ def test_gather_channels_checks_its_inputs(pool):
 def _checks_switch(ctx) -> dict:
     import os
 
-    layer = GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.group)
+    layer = GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.process_group)
     counts = {}
     try:
         for value in ("1", "0"):
@@ -290,7 +295,7 @@ def _checks_switch(ctx) -> dict:
             counts[value] = comm.count(kind="meta")
     finally:
         os.environ.pop("MPGROUPS_CHECKS", None)
-    explicit = GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.group, checks=False)
+    explicit = GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.process_group, checks=False)
     with mpgroups.CommCounter() as comm:
         explicit(torch.randn(GOOD))
     counts["argument"] = comm.count(kind="meta")
@@ -304,10 +309,12 @@ def test_checks_can_be_switched_off(pool):
 def _mismatch_through_a_local_layer(ctx):
     """A layer that computes alone checks locally; the next collective catches the rest."""
     local = GroupParallelConv2d(
-        8, 8, 3, padding=1, groups=4, process_group=ctx.group,
+        8, 8, 3, padding=1, groups=4, process_group=ctx.process_group,
         input_layout="sharded", output_layout="sharded",
     )  # fmt: skip
-    gather = GroupParallelConv2d(8, 8, 1, groups=4, process_group=ctx.group, input_layout="sharded")
+    gather = GroupParallelConv2d(
+        8, 8, 1, groups=4, process_group=ctx.process_group, input_layout="sharded"
+    )
     start, stop = local.input_shard
     x = torch.randn(3 if ctx.rank == 1 else 4, stop - start, 5, 5)  # batch differs on rank 1
     with mpgroups.CommCounter() as comm:
@@ -324,7 +331,7 @@ def test_layer_without_collectives_defers_to_the_next_check(pool):
 def _grad_mode_on_one_rank(ctx, output_layout: str) -> str:
     """A backward recorded on rank 0 only would leave its input-grad gather waiting forever."""
     layer = GroupParallelConv2d(
-        8, 8, 3, padding=1, groups=4, process_group=ctx.group, output_layout=output_layout
+        8, 8, 3, padding=1, groups=4, process_group=ctx.process_group, output_layout=output_layout
     )
     x = torch.randn(GOOD, requires_grad=True)
     with torch.set_grad_enabled(ctx.rank == 0), pytest.raises(InputMismatchError) as info:

@@ -163,10 +163,10 @@ def _step_records(
 
 
 def _loopback_model_does_the_ranks_work(ctx, suite: str) -> list[str]:
-    loopback = loopback_group(ctx.group)
+    loopback = loopback_group(ctx.process_group)
     checked = []
     for name, c in (QUICK if suite == "quick" else CASES).items():
-        real = build_parallel(c, ctx.group)
+        real = build_parallel(c, ctx.process_group)
         local = build_parallel(c, loopback)
         # The rank's own shards (state_dict would gather the full tensors over the group).
         real_params, local_params = dict(real.named_parameters()), dict(local.named_parameters())

@@ -92,13 +92,13 @@ def test_manager_falls_back_past_a_corrupt_checkpoint(tmp_path):
 def _fallback_on_two_ranks(ctx, directory: str) -> int:
     import warnings
 
-    manager = CheckpointManager(directory, keep=2, process_group=ctx.group)
+    manager = CheckpointManager(directory, keep=2, process_group=ctx.process_group)
     manager.save(1, {"rank": ctx.rank, "step": 1})
     manager.save(2, {"rank": ctx.rank, "step": 2})
     if ctx.rank == 1:  # only rank 1's newest file is damaged
         path = Path(directory) / "step-00000002" / "rank-00001-of-00002.pt"
         path.write_bytes(b"not a checkpoint")
-    mpgroups.collectives.barrier(ctx.group)
+    mpgroups.collectives.barrier(ctx.process_group)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         state = manager.load_latest()
@@ -172,7 +172,7 @@ def test_killed_rank_resumes_to_the_same_final_state(tmp_path):
 
 
 def _resume_at_another_size(ctx, directory: str) -> None:
-    manager = CheckpointManager(directory, process_group=ctx.group)
+    manager = CheckpointManager(directory, process_group=ctx.process_group)
     with pytest.raises(ValueError, match=r"a job with \[1\] processes; this job has 2"):
         manager.load_latest()
 
@@ -184,7 +184,7 @@ def test_training_checkpoints_of_another_world_size_are_refused_clearly(pool, tm
 
 def _two_sharded_saves(ctx, directory: str) -> None:
     torch.manual_seed(0)
-    layer = mpgroups.GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.group)
+    layer = mpgroups.GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.process_group)
     mpgroups.save_sharded_state_dict(layer, f"{directory}/first")
     with torch.no_grad():
         layer.weight.add_(1.0)

@@ -26,7 +26,7 @@ SINGLE_DEVICE_CASES = [
 
 def _bitwise_single_device(ctx, c: dict) -> None:
     """Outputs and grads bitwise equal to nn.ConvNd; same state_dict keys and shapes."""
-    group = None if ctx is None else ctx.group
+    group = None if ctx is None else ctx.process_group
     ref, x = make_reference(c)
     layer = PARALLEL[c["dims"]].from_conv(ref, group)
     assert layer.world_size == 1 and layer.weight.shape == ref.weight.shape
@@ -91,7 +91,9 @@ def _seeded_init(ctx, seed: int) -> int:
             continue
         for bias in (True, False):
             torch.manual_seed(seed)
-            layer = PARALLEL[dims](cin, cout, 3, groups=groups, bias=bias, process_group=ctx.group)
+            layer = PARALLEL[dims](
+                cin, cout, 3, groups=groups, bias=bias, process_group=ctx.process_group
+            )
             layer_next_draw = torch.rand(3)
             torch.manual_seed(seed)
             ref = REFERENCE[dims](cin, cout, 3, groups=groups, bias=bias)
@@ -121,7 +123,7 @@ def _comm_counts(ctx) -> None:
     def run(cin, cout, groups, layouts):
         ref = nn.Conv2d(cin, cout, 3, padding=1, groups=groups)
         layer = GroupParallelConv2d.from_conv(
-            ref, ctx.group, input_layout=layouts[0], output_layout=layouts[1]
+            ref, ctx.process_group, input_layout=layouts[0], output_layout=layouts[1]
         )
         x = x_full[:, :cin]
         if layouts[0] == "sharded":
@@ -179,7 +181,7 @@ def _comm_counts(ctx) -> None:
     # Validation records are counted apart from data.
     with mpgroups.CommCounter() as comm:
         shard = mpgroups.scatter_channels(
-            x_full if ctx.rank == 0 else None, 0, groups=4, process_group=ctx.group
+            x_full if ctx.rank == 0 else None, 0, groups=4, process_group=ctx.process_group
         )
     # Metadata: the check's record exchange, the broadcast of the source's shape, and the
     # agreement on recording a backward.
@@ -209,8 +211,8 @@ def _sharded_chain(ctx, groups: int, mid: int) -> dict:
         ref[1].weight.uniform_(0.5, 1.5)
         ref[1].bias.uniform_(-0.5, 0.5)
     x = torch.randn(4, 8, 7, 7)
-    conv1 = GroupParallelConv2d.from_conv(ref[0], ctx.group, output_layout="sharded")
-    conv2 = GroupParallelConv2d.from_conv(ref[3], ctx.group, input_layout="sharded")
+    conv1 = GroupParallelConv2d.from_conv(ref[0], ctx.process_group, output_layout="sharded")
+    conv2 = GroupParallelConv2d.from_conv(ref[3], ctx.process_group, input_layout="sharded")
     assert conv1.output_shard == conv2.input_shard
     c0, c1 = conv1.output_shard
     bn = nn.BatchNorm2d(c1 - c0)
@@ -259,13 +261,15 @@ def _scatter_layer_gather(ctx, c: dict, dst) -> None:
     y_ref.backward(grad)
 
     layer = PARALLEL[c["dims"]].from_conv(
-        ref, ctx.group, input_layout="sharded", output_layout="sharded"
+        ref, ctx.process_group, input_layout="sharded", output_layout="sharded"
     )
     source = x.clone().requires_grad_() if ctx.rank == 0 else None
-    x_shard = mpgroups.scatter_channels(source, 0, groups=c["groups"], process_group=ctx.group)
+    x_shard = mpgroups.scatter_channels(
+        source, 0, groups=c["groups"], process_group=ctx.process_group
+    )
     assert x_shard.shape[1] == layer.input_shard[1] - layer.input_shard[0]
     y_shard = layer(x_shard)
-    y = mpgroups.gather_channels(y_shard, dst, groups=c["groups"], process_group=ctx.group)
+    y = mpgroups.gather_channels(y_shard, dst, groups=c["groups"], process_group=ctx.process_group)
     if dst is None or ctx.rank == dst:
         assert_close(y, y_ref, tol, "gathered output")
         y.backward(grad)
@@ -300,9 +304,9 @@ def _in_place_on_outputs(ctx, groups: int, channels: int) -> None:
     (y_ref * y_ref).sum().backward()
 
     source = x.clone().requires_grad_() if ctx.rank == 0 else None
-    shard = mpgroups.scatter_channels(source, 0, groups=groups, process_group=ctx.group)
+    shard = mpgroups.scatter_channels(source, 0, groups=groups, process_group=ctx.process_group)
     shard.mul_(3).relu_()
-    layer = GroupParallelConv2d.from_conv(ref, ctx.group, input_layout="sharded")
+    layer = GroupParallelConv2d.from_conv(ref, ctx.process_group, input_layout="sharded")
     y = layer(shard).add_(1).relu_()
     (y * y).sum().backward()
     assert_close(y, y_ref, TOLERANCE[torch.float32], "output")
@@ -324,7 +328,7 @@ def test_in_place_ops_on_returned_tensors(pool, world_size, groups, channels):
 def _conversions(ctx) -> str:
     torch.manual_seed(3)
     ref = nn.Conv2d(6, 12, (3, 1), padding=(1, 0), groups=6, padding_mode="reflect")
-    layer = GroupParallelConv2d.from_conv(ref, ctx.group)
+    layer = GroupParallelConv2d.from_conv(ref, ctx.process_group)
     assert layer.weight is not ref.weight and layer.weight.requires_grad
     back = layer.to_conv()
     assert type(back) is nn.Conv2d and repr(back) == repr(ref)
@@ -332,11 +336,11 @@ def _conversions(ctx) -> str:
     assert torch.equal(layer.full_weight(), ref.weight) and torch.equal(layer.full_bias(), ref.bias)
     ref.weight.requires_grad_(False)
     ref.eval()
-    frozen = GroupParallelConv2d.from_conv(ref, ctx.group)
+    frozen = GroupParallelConv2d.from_conv(ref, ctx.process_group)
     assert not frozen.weight.requires_grad and not frozen.training
     assert not frozen.to_conv().weight.requires_grad
     with pytest.raises(TypeError, match="expects an Conv2d, got Conv1d"):
-        GroupParallelConv2d.from_conv(nn.Conv1d(4, 4, 3), ctx.group)
+        GroupParallelConv2d.from_conv(nn.Conv1d(4, 4, 3), ctx.process_group)
     return repr(layer)
 
 
@@ -367,14 +371,16 @@ def _group_arguments(ctx) -> None:
         with pytest.raises(ValueError, match="not a member of the process group"):
             GroupParallelConv2d(8, 8, 3, groups=4, process_group=pair)
     with pytest.raises(mpgroups.PlacementError, match="groups=3 cannot be placed on 4 ranks"):
-        GroupParallelConv2d(6, 9, 3, groups=3, process_group=ctx.group)
+        GroupParallelConv2d(6, 9, 3, groups=3, process_group=ctx.process_group)
     with pytest.raises(
         ValueError,
         match=r"divisible by groups \(got in_channels=6, out_channels=9, groups=2",
     ):
-        GroupParallelConv2d(6, 9, 3, groups=2, process_group=ctx.group)
+        GroupParallelConv2d(6, 9, 3, groups=2, process_group=ctx.process_group)
     with pytest.raises(ValueError, match="input_layout must be one of"):
-        GroupParallelConv2d(8, 8, 3, groups=4, process_group=ctx.group, input_layout="split")
+        GroupParallelConv2d(
+            8, 8, 3, groups=4, process_group=ctx.process_group, input_layout="split"
+        )
 
 
 def test_device_mesh_membership_and_construction_errors(pool):

@@ -76,7 +76,9 @@ def _alexnet_init(ctx) -> None:
     torch.manual_seed(0)
     reference = mpgroups.models.AlexNet(parallel=False, batch_norm=True, **ALEXNET_SMALL)
     torch.manual_seed(0)
-    model = mpgroups.models.AlexNet(process_group=ctx.group, batch_norm=True, **ALEXNET_SMALL)
+    model = mpgroups.models.AlexNet(
+        process_group=ctx.process_group, batch_norm=True, **ALEXNET_SMALL
+    )
     full = mpgroups.full_state_dict(model)
     assert list(full) == list(reference.state_dict())
     assert all(torch.equal(full[k], v) for k, v in reference.state_dict().items())
@@ -115,7 +117,7 @@ def _biases_into_batch_norm(model: nn.Module) -> set[str]:
 def _model_parity(ctx, kind: str) -> dict:
     reference, x = build(kind, None, parallel=False)
     zero_in_train = _biases_into_batch_norm(reference)
-    model, _ = build(kind, ctx.group)
+    model, _ = build(kind, ctx.process_group)
     tol = 1e-5
     assert list(mpgroups.full_state_dict(model)) == list(reference.state_dict())
     errors = {}
@@ -157,7 +159,7 @@ def test_parallelized_model_equals_unconverted(pool, kind, world_size):
 
 
 def _train(ctx, kind: str, parallel: bool, steps: int = 20):
-    group = ctx.group if parallel else None
+    group = ctx.process_group if parallel else None
     model, _ = build(kind, group, parallel=parallel)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     torch.manual_seed(2)
@@ -199,7 +201,7 @@ def _round_trip(ctx, kind: str) -> None:
     plain, x = build(kind, None, parallel=False)
     state = copy.deepcopy(plain.state_dict())
     plan = resnext_tower_plan() if kind == "resnext_plan" else None
-    model = mpgroups.parallelize(plain, ctx.group, plan=plan)
+    model = mpgroups.parallelize(plain, ctx.process_group, plan=plan)
     assert any(isinstance(m, _GroupParallelConvNd) for m in model.modules())
     restored = mpgroups.unparallelize(model)
     assert not any(isinstance(m, _GroupParallelConvNd) for m in restored.modules())
@@ -216,7 +218,7 @@ def test_unparallelize_restores_the_state_dict_bitwise(pool, kind):
 
 
 def _save_at_two(ctx, directory: str) -> list:
-    model, x = build("alexnet_bn", ctx.group)
+    model, x = build("alexnet_bn", ctx.process_group)
     model.train()
     _forward_backward(model, x, seed=0)  # moves the BatchNorm running stats
     full = mpgroups.full_state_dict(model, rank0_only=True)
@@ -235,11 +237,11 @@ def _load_elsewhere(ctx, directory: str) -> list:
     plain, x = build("alexnet_bn", None, parallel=False)
     plain.load_state_dict(full, strict=True)
     outputs.append(plain.eval()(x))
-    model, _ = build("alexnet_bn", ctx.group)
+    model, _ = build("alexnet_bn", ctx.process_group)
     torch.nn.init.zeros_(model.features.conv2.weight)  # so loading has to restore it
     mpgroups.load_full_state_dict(model, full)
     outputs.append(model.eval()(x))
-    resharded, _ = build("alexnet_bn", ctx.group)
+    resharded, _ = build("alexnet_bn", ctx.process_group)
     mpgroups.load_sharded_state_dict(resharded, f"{directory}/sharded")
     outputs.append(resharded.eval()(x))
     return [o.tolist() for o in outputs]
@@ -260,7 +262,7 @@ def test_checkpoints_written_at_two_load_at_four_and_one(pool, tmp_path):
 
 
 def _parameter_counts(ctx) -> dict:
-    model, _ = build("alexnet", ctx.group)
+    model, _ = build("alexnet", ctx.process_group)
     plain, _ = build("alexnet", None, parallel=False)
     for name, module in model.named_modules():
         if isinstance(module, _GroupParallelConvNd):
@@ -283,7 +285,7 @@ def test_grouped_layers_hold_one_pth_of_their_parameters(pool, world_size):
 def _plan_mistakes(ctx) -> None:
     model, x = build("resnext", None, parallel=False)
     bad = mpgroups.parallelize(
-        model, ctx.group, plan={"layer1.0.conv2": GroupParallel(output_layout="sharded")}
+        model, ctx.process_group, plan={"layer1.0.conv2": GroupParallel(output_layout="sharded")}
     )
     with pytest.raises(mpgroups.PlanError, match=r"module 'layer1.0.bn2' \(BatchNorm2d\)"):
         bad(x)
@@ -293,15 +295,19 @@ def _plan_mistakes(ctx) -> None:
         nn.Flatten(),
         nn.Linear(8 * 4 * 4, 3),
     )
-    alex = mpgroups.parallelize(alex, ctx.group, plan={"0": GroupParallel(output_layout="sharded")})
+    alex = mpgroups.parallelize(
+        alex, ctx.process_group, plan={"0": GroupParallel(output_layout="sharded")}
+    )
     with pytest.raises(mpgroups.PlanError, match=r"module '2' \(Flatten\) received an activation"):
         alex(torch.randn(2, 8, 6, 6))
     with pytest.raises(mpgroups.PlanError, match="matches no module"):
-        mpgroups.parallelize(TinyResNeXt(), ctx.group, plan={"layer9.conv": GroupParallel()})
+        mpgroups.parallelize(
+            TinyResNeXt(), ctx.process_group, plan={"layer9.conv": GroupParallel()}
+        )
     with pytest.raises(mpgroups.PlanError, match="it applies to nn.Conv1d/2d/3d"):
-        mpgroups.parallelize(TinyResNeXt(), ctx.group, plan={"fc": GroupParallel()})
+        mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"fc": GroupParallel()})
     with pytest.raises(mpgroups.PlanError, match="no sharded-output conv before it"):
-        mpgroups.parallelize(TinyResNeXt(), ctx.group, plan={"stem.1": ChannelLocal()})
+        mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"stem.1": ChannelLocal()})
 
 
 def test_plan_mistakes_raise_naming_the_module(pool):
@@ -322,7 +328,7 @@ def _conversion_keeps(ctx) -> None:
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     reference = model(x)
     seen.clear()
-    converted = mpgroups.parallelize(model, ctx.group, plan=plan)
+    converted = mpgroups.parallelize(model, ctx.process_group, plan=plan)
     conv = converted[0]
     assert isinstance(conv, mpgroups.GroupParallelConv2d) and not conv.training
     assert conv.weight.dtype == torch.float64 and not conv.bias.requires_grad
@@ -340,7 +346,7 @@ def _conversion_keeps(ctx) -> None:
     with pytest.raises(mpgroups.PlanError, match="fall inside a norm group"):
         mpgroups.parallelize(
             split_norm,
-            ctx.group,
+            ctx.process_group,
             plan={"0": GroupParallel(output_layout="sharded"), "1": ChannelLocal()},
         )
 
@@ -355,7 +361,7 @@ def _sync_from_rank0(ctx) -> None:
     model = TinyResNeXt()
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    model = mpgroups.parallelize(model, ctx.group)
+    model = mpgroups.parallelize(model, ctx.process_group)
     torch.manual_seed(0)  # rank 0's initialisation
     assert_close(model.eval()(x), TinyResNeXt().eval()(x), 1e-5, "synchronised from rank 0")
 
@@ -366,7 +372,7 @@ def test_parallelize_synchronises_module_states_from_rank0(pool):
 
 def _alexnet_comm_sites(ctx) -> tuple[dict, list]:
     """Which modules issue data collectives in forward, and which ops the backward issues."""
-    model, x = build("alexnet", ctx.group)
+    model, x = build("alexnet", ctx.process_group)
     sites, marks = {}, {}
     with mpgroups.CommCounter() as comm:
 

@@ -47,7 +47,7 @@ def _gradgradcheck(ctx, cin, cout, groups, layouts) -> bool:
     torch.manual_seed(0)
     ref = nn.Conv2d(cin, cout, 3, padding=1, groups=groups, dtype=torch.float64)
     layer = mpgroups.GroupParallelConv2d.from_conv(
-        ref, ctx.group, input_layout=layouts[0], output_layout=layouts[1]
+        ref, ctx.process_group, input_layout=layouts[0], output_layout=layouts[1]
     )
     assert layer.placement.filter_split == (groups < ctx.world_size)
     f = _as_full_function(layer)
@@ -70,7 +70,7 @@ def _gradient_penalty(ctx, layouts, groups: int) -> None:
     torch.manual_seed(0)
     ref = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
     layer = mpgroups.GroupParallelConv2d.from_conv(
-        ref, ctx.group, input_layout=layouts[0], output_layout=layouts[1]
+        ref, ctx.process_group, input_layout=layouts[0], output_layout=layouts[1]
     )
     x, v = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
 
@@ -100,7 +100,7 @@ def _drop_in_penalty(ctx) -> None:
     nn.Conv2d's."""
     torch.manual_seed(0)
     ref = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-    layer = mpgroups.GroupParallelConv2d.from_conv(ref, ctx.group)
+    layer = mpgroups.GroupParallelConv2d.from_conv(ref, ctx.process_group)
     x = torch.randn(2, 8, 5, 5)
     for module in (ref, layer):
         xi = x.clone().requires_grad_()
@@ -172,7 +172,7 @@ def _shared_module(ctx) -> None:
     torch.manual_seed(0)
     reference = _Shared()
     model = copy.deepcopy(reference)
-    model = mpgroups.parallelize(model, ctx.group)
+    model = mpgroups.parallelize(model, ctx.process_group)
     assert isinstance(model.a, mpgroups.GroupParallelConv2d)
     assert model.a is model.b
     x = torch.randn(2, 3, 6, 6)
@@ -193,7 +193,7 @@ def test_parallelize_keeps_a_shared_module_shared(pool):
 def _copies(ctx) -> None:
     torch.manual_seed(0)
     model = mpgroups.models.AlexNet(
-        10, channels=(16, 32, 48, 48, 32), hidden=64, dropout=0.0, process_group=ctx.group
+        10, channels=(16, 32, 48, 48, 32), hidden=64, dropout=0.0, process_group=ctx.process_group
     )
     x = torch.randn(2, 3, 32, 32)
     twin = copy.deepcopy(model)
@@ -212,7 +212,7 @@ def _copies_of_a_planned_model(ctx) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU())
     plan = {"1": mpgroups.GroupParallel(output_layout="sharded"), "2": mpgroups.ChannelLocal()}
-    model = mpgroups.parallelize(model, ctx.group, plan=plan)
+    model = mpgroups.parallelize(model, ctx.process_group, plan=plan)
     shallow = copy.copy(model[1])
     assert shallow.weight is model[1].weight and shallow.process_group is model[1].process_group
     twin = copy.deepcopy(model)
@@ -243,16 +243,16 @@ def _channels_last_views(ctx) -> None:
     assert not x.is_contiguous(memory_format=torch.channels_last)
     for groups in (4, 1):  # whole groups, and a filter split (G < P)
         ref = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
-        layer = mpgroups.GroupParallelConv2d.from_conv(ref, ctx.group)
+        layer = mpgroups.GroupParallelConv2d.from_conv(ref, ctx.process_group)
         y, y_ref = layer(x), ref(x)
         assert y_ref.is_contiguous(memory_format=torch.channels_last)
         assert y.is_contiguous(memory_format=torch.channels_last), y.stride()
         assert_close(y, y_ref, 1e-5, f"groups={groups} output")
     shard = mpgroups.scatter_channels(
-        big if ctx.rank == 0 else None, 0, groups=4, process_group=ctx.group
+        big if ctx.rank == 0 else None, 0, groups=4, process_group=ctx.process_group
     )
     assert shard.is_contiguous(memory_format=torch.channels_last), shard.stride()
-    whole = mpgroups.gather_channels(shard, 0, groups=4, process_group=ctx.group)
+    whole = mpgroups.gather_channels(shard, 0, groups=4, process_group=ctx.process_group)
     if ctx.rank == 0:
         assert whole.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(whole, big)
@@ -260,3 +260,26 @@ def _channels_last_views(ctx) -> None:
 
 def test_channels_last_views_and_the_scatter_and_gather_keep_their_layout(pool):
     pool.run(_channels_last_views, 2)
+
+
+def _modes_and_precisions(ctx) -> None:
+    torch.manual_seed(0)
+    ref = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+    layer = mpgroups.GroupParallelConv2d.from_conv(ref, ctx.process_group)
+    x = torch.randn(2, 8, 5, 5)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert_close(layer(x), ref(x), 1e-5, mode.__name__)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = layer(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close(y, y_ref, 1e-2, "autocast")
+    for dtype in (torch.float16, torch.bfloat16):
+        low = copy.deepcopy(ref).to(dtype)
+        y = mpgroups.GroupParallelConv2d.from_conv(low, ctx.process_group)(x.to(dtype))
+        assert y.dtype == dtype
+        assert_close(y, low(x.to(dtype)), 1e-2, str(dtype))
+
+
+def test_grad_modes_autocast_and_half_precision(pool):
+    pool.run(_modes_and_precisions, 2)
