@@ -311,7 +311,7 @@ def _check_seconds(world: int, calls: int = 30) -> float:
     start = time.perf_counter()
     for call in range(calls):
         check_across_ranks(
-            x, process_group=dist.group.WORLD, rank=dist.get_rank(), layer="benchmark",
+            x, process_group=dist.group.WORLD, layer="benchmark",
             layer_id=fingerprint("benchmark"), call=call, problem=None, channel_dim=1,
             expected_channels=[64] * world, channels_note=["replicated input"] * world,
         )  # fmt: skip

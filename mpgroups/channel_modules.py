@@ -17,20 +17,18 @@ dim 0 (``num_batches_tracked`` and other scalars are the same on every rank).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mpgroups.collectives import all_gather_channels, gather_rows
 from mpgroups.input_checks import (
     BAD_CHANNELS,
-    BAD_DIMS,
-    NO_TENSOR,
     InputGuard,
     Problem,
     check_same_call,
+    tensor_problem,
 )
 from mpgroups.layout import ChannelShards, layout_shards
-from mpgroups.process_groups import resolve_process_group
+from mpgroups.process_groups import rank_and_world_size, resolve_process_group
 
 __all__ = [
     "CHANNEL_AGNOSTIC",
@@ -91,8 +89,7 @@ def channel_shards(channels: int, groups: int, process_group=None) -> ChannelSha
     """The sharded layout of ``channels`` channels for conv ``groups`` over ``process_group``
     (``None``: the default group, or a single rank)."""
     pg = resolve_process_group(process_group)
-    world_size = 1 if pg is None else pg.size()
-    rank = 0 if pg is None else dist.get_rank(pg)
+    rank, world_size = rank_and_world_size(pg)
     return layout_shards(channels, groups, world_size, rank, pg)
 
 
@@ -233,11 +230,8 @@ class GatherChannels(nn.Module):
 
 
 def _shard_problem(x, start: int, stop: int, channels: int) -> Problem | None:
-    expected = f"a channel shard [N, {stop - start}, ...] (channels {start}..{stop} of {channels})"
-    if not isinstance(x, Tensor):
-        return NO_TENSOR, f"expected {expected}, got {type(x).__name__}"
-    if x.dim() < 2:
-        return BAD_DIMS, f"expected {expected}, got shape {tuple(x.shape)}"
-    if x.shape[1] != stop - start:
-        return BAD_CHANNELS, f"expected {expected}, got shape {tuple(x.shape)}"
-    return None
+    expects = f"a channel shard [N, {stop - start}, ...] (channels {start}..{stop} of {channels})"
+    problem = tensor_problem(x, expects, 2)
+    if problem is None and x.shape[1] != stop - start:
+        return BAD_CHANNELS, f"expects {expects}, got shape {tuple(x.shape)}"
+    return problem

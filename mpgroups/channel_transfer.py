@@ -22,7 +22,7 @@ from mpgroups.collectives import (
     scatter_channels_from,
     sum_over_ranks,
 )
-from mpgroups.input_checks import BAD_DIMS, NO_TENSOR, InputGuard, Problem, channel_counts
+from mpgroups.input_checks import InputGuard, Problem, channel_counts, tensor_problem
 from mpgroups.layout import layout_shards
 from mpgroups.process_groups import resolve_process_group
 
@@ -30,11 +30,7 @@ __all__ = ["gather_channels", "scatter_channels"]
 
 
 def _shape_problem(x) -> Problem | None:
-    if not isinstance(x, Tensor):
-        return NO_TENSOR, f"expects a Tensor, got {type(x).__name__}"
-    if not 2 <= x.dim() <= META_DIMS:
-        return BAD_DIMS, f"expects [N, C, *spatial] (2 to {META_DIMS} dims), got {tuple(x.shape)}"
-    return None
+    return tensor_problem(x, f"[N, C, *spatial] (2 to {META_DIMS} dims)", 2, META_DIMS)
 
 
 def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_group=None) -> Tensor:

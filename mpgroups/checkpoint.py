@@ -31,11 +31,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mpgroups.collectives import all_ranks_agree, barrier, broadcast_ints
-from mpgroups.process_groups import resolve_process_group
+from mpgroups.process_groups import rank_and_world_size, resolve_process_group
 from mpgroups.state_dict import load_full_state_dict, model_process_group, sharded_keys
 
 __all__ = [
@@ -142,8 +141,7 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
     """
     directory = Path(directory)
     process_group = model_process_group(model)
-    rank = 0 if process_group is None else dist.get_rank(process_group)
-    world_size = 1 if process_group is None else process_group.size()
+    rank, world_size = rank_and_world_size(process_group)
     (save_id,) = broadcast_ints([secrets.randbits(62)], process_group)
     sharded = sharded_keys(model)
     state = model.state_dict()
@@ -244,9 +242,7 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep = keep
         self.process_group = resolve_process_group(process_group)
-        pg = self.process_group
-        self.rank = 0 if pg is None else dist.get_rank(pg)
-        self.world_size = 1 if pg is None else pg.size()
+        self.rank, self.world_size = rank_and_world_size(self.process_group)
 
     def _file(self, step: int) -> Path:
         name = f"rank-{self.rank:05d}-of-{self.world_size:05d}.pt"

@@ -124,6 +124,14 @@ def _own_slice(x: Tensor, start: int, width: int, dim: int) -> Tensor:
     return _narrow_copy(x, start, width, dim, _dense_order(x))
 
 
+def _trimmed(buffer: Tensor, width: int, dim: int, order: tuple[int, ...]) -> Tensor:
+    """The first ``width`` entries of a padded receive buffer along ``dim``, laid out in
+    ``order``: the buffer itself when it is whole and already in that order."""
+    if buffer.shape[dim] == width and order == tuple(range(buffer.dim())):
+        return buffer
+    return _narrow_copy(buffer, 0, width, dim, order)
+
+
 def _padded(x: Tensor, width: int, dim: int) -> Tensor:
     """``x`` widened to ``width`` along ``dim`` with zeros, contiguous."""
     if x.shape[dim] == width:
@@ -179,11 +187,7 @@ def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     recv = send.new_empty(send.shape[1:])
     with counted("reduce_scatter", shards.world_size, send.numel() * send.element_size()):
         _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.process_group)
-    own_width = shards.widths[shards.rank]
-    order = _dense_order(x)
-    if own_width == width and order == tuple(range(x.dim())):
-        return recv
-    return _narrow_copy(recv, 0, own_width, dim, order)
+    return _trimmed(recv, shards.widths[shards.rank], dim, _dense_order(x))
 
 
 def comm_device(process_group: dist.ProcessGroup) -> torch.device:
@@ -217,10 +221,7 @@ def scatter_from(x: Tensor | None, shards: ChannelShards, src: int, meta: Tensor
     nbytes = recv.numel() * recv.element_size() * shards.world_size
     with counted("scatter", shards.world_size, nbytes):
         dist.scatter(recv, chunks, group=shards.process_group, group_src=src)
-    own_width = shards.widths[shards.rank]
-    if own_width == width and meta.order == tuple(range(recv.dim())):
-        return recv
-    return _narrow_copy(recv, 0, own_width, 1, meta.order)
+    return _trimmed(recv, shards.widths[shards.rank], 1, meta.order)
 
 
 def gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
@@ -449,24 +450,24 @@ def broadcast_tensors_(tensors: list[Tensor], process_group, src: int = 0) -> No
                 offset += t.numel()
 
 
+def _all_reduce_int(value: int, op, process_group) -> int:
+    """``value`` reduced with ``op`` over the ranks of the group (one tiny all-reduce)."""
+    if process_group is None or process_group.size() == 1:
+        return value
+    reduced = torch.tensor([value], dtype=torch.int64, device=comm_device(process_group))
+    record("all_reduce", process_group.size(), reduced.element_size(), kind="meta")
+    dist.all_reduce(reduced, op=op, group=process_group)
+    return int(reduced.item())
+
+
 def all_ranks_agree(flag: bool, process_group) -> bool:
     """``True`` on every rank when ``flag`` is true on every rank (one tiny all-reduce)."""
-    if process_group is None or process_group.size() == 1:
-        return flag
-    value = torch.tensor([int(flag)], dtype=torch.int64, device=comm_device(process_group))
-    record("all_reduce", process_group.size(), value.element_size(), kind="meta")
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=process_group)
-    return bool(value.item())
+    return bool(_all_reduce_int(int(flag), dist.ReduceOp.MIN, process_group))
 
 
 def sum_over_ranks(value: int, process_group) -> int:
     """The sum of ``value`` over the ranks of the group (one tiny all-reduce)."""
-    if process_group is None or process_group.size() == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.int64, device=comm_device(process_group))
-    record("all_reduce", process_group.size(), total.element_size(), kind="meta")
-    dist.all_reduce(total, group=process_group)
-    return int(total.item())
+    return _all_reduce_int(value, dist.ReduceOp.SUM, process_group)
 
 
 def broadcast_ints(values: list[int], process_group, src: int = 0) -> list[int]:

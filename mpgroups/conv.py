@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,11 +30,10 @@ from mpgroups.conv_conversion import ConvConversion, conv_arguments
 from mpgroups.input_checks import (
     BAD_CHANNELS,
     BAD_DEVICE,
-    BAD_DIMS,
     BAD_DTYPE,
-    NO_TENSOR,
     InputGuard,
     Problem,
+    tensor_problem,
 )
 from mpgroups.layout import (
     LAYOUTS,
@@ -46,7 +44,7 @@ from mpgroups.layout import (
     layer_shards,
 )
 from mpgroups.placement import Placement
-from mpgroups.process_groups import resolve_process_group, team_subgroup
+from mpgroups.process_groups import rank_and_world_size, resolve_process_group, team_subgroup
 
 __all__ = ["GroupParallelConv1d", "GroupParallelConv2d", "GroupParallelConv3d", "LAYOUTS"]
 
@@ -111,8 +109,7 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
         self.output_layout = output_layout
 
         pg = resolve_process_group(process_group)
-        self.world_size = 1 if pg is None else pg.size()
-        self.rank = 0 if pg is None else dist.get_rank(pg)
+        self.rank, self.world_size = rank_and_world_size(pg)
         self.shards = layer_shards(
             in_channels, out_channels, groups, self.world_size, self.rank, pg
         )
@@ -120,6 +117,10 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
         if self.placement.filter_split:
             self._team_shards = self.shards.team(team_subgroup(pg, self.placement.team))
         self._communicates = communicates(self.placement, input_layout, output_layout)
+        # Each rank's expected input channels and what they are, for the checks' messages.
+        expected = [self._expected_channels(r) for r in range(self.world_size)]
+        self._input_channels = [channels for channels, _ in expected]
+        self._input_notes = [note for _, note in expected]
         config = (type(self).__name__, conv_arguments(spec), input_layout, output_layout)
         self.input_guard = InputGuard(
             self._name(), config, pg, channel_dim=-self._dims - 1, checks=checks
@@ -223,12 +224,14 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
         return stop - start, f"{note}, groups={self.groups}"
 
     def _check_input(self, x) -> None:
-        expected = [self._expected_channels(r) for r in range(self.world_size)]
+        rank = self.rank
         self.input_guard(
             x,
-            problem=_input_problem(x, self._dims, *expected[self.rank], self.weight),
-            expected_channels=[channels for channels, _ in expected],
-            channels_note=[note for _, note in expected],
+            problem=_input_problem(
+                x, self._dims, self._input_channels[rank], self._input_notes[rank], self.weight
+            ),
+            expected_channels=self._input_channels,
+            channels_note=self._input_notes,
             weight=self.weight,
             communicates=self._communicates,
         )
@@ -293,13 +296,10 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
 def _input_problem(x, dims: int, channels: int, note: str, weight: Tensor) -> Problem | None:
     """``(code, message)`` when ``x`` cannot be this rank's input, found without
     communication; ``None`` when it can."""
-    if not isinstance(x, Tensor):
-        return NO_TENSOR, f"expects a Tensor, got {type(x).__name__}"
-    if x.dim() not in (dims + 1, dims + 2):
-        return BAD_DIMS, (
-            f"expects a {dims + 2}-D input [N, C, *spatial] (or {dims + 1}-D unbatched), "
-            f"got {x.dim()}-D of shape {tuple(x.shape)}"
-        )
+    expects = f"a {dims + 2}-D input [N, C, *spatial] (or {dims + 1}-D unbatched)"
+    problem = tensor_problem(x, expects, dims + 1, dims + 2)
+    if problem is not None:
+        return problem
     if x.shape[-dims - 1] != channels:
         return BAD_CHANNELS, (
             f"input has {x.shape[-dims - 1]} channels, the layer expects {channels} ({note})"

@@ -27,11 +27,11 @@ import zlib
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from mpgroups.collectives import WIRE_DTYPES, all_gather_records, all_ranks_agree
 from mpgroups.counter import record
+from mpgroups.process_groups import rank_and_world_size
 
 __all__ = [
     "RECORD_SIZE",
@@ -41,6 +41,7 @@ __all__ = [
     "check_same_call",
     "check_across_ranks",
     "checks_enabled",
+    "tensor_problem",
     "fingerprint",
 ]
 
@@ -79,6 +80,16 @@ _PROBLEMS = {
 }
 
 Problem = tuple[int, str]
+
+
+def tensor_problem(x, expects: str, min_dims: int, max_dims: int | None = None) -> Problem | None:
+    """The local problem when ``x`` is no tensor, or has fewer than ``min_dims`` or more than
+    ``max_dims`` dims (``expects`` says what the call site takes); else ``None``."""
+    if not isinstance(x, Tensor):
+        return NO_TENSOR, f"expects {expects}, got {type(x).__name__}"
+    if x.dim() < min_dims or (max_dims is not None and x.dim() > max_dims):
+        return BAD_DIMS, f"expects {expects}, got {x.dim()}-D of shape {tuple(x.shape)}"
+    return None
 
 
 def _code(value, table) -> int:
@@ -141,7 +152,6 @@ def _check_across_ranks(
     x,
     *,
     process_group,
-    rank: int,
     layer: str,
     layer_id: int,
     call: int,
@@ -274,8 +284,7 @@ class InputGuard:
         self.site = site
         self.site_id = fingerprint(*config)
         self.process_group = process_group
-        self.rank = 0 if process_group is None else dist.get_rank(process_group)
-        self.world_size = 1 if process_group is None else process_group.size()
+        self.rank, self.world_size = rank_and_world_size(process_group)
         self.channel_dim = channel_dim
         self.checks = checks
         self.calls = 0
@@ -305,7 +314,6 @@ class InputGuard:
             return check_across_ranks(
                 x,
                 process_group=self.process_group,
-                rank=self.rank,
                 layer=self.site,
                 layer_id=self.site_id,
                 call=self.calls,
@@ -332,8 +340,6 @@ def check_same_call(site: str, config: tuple, process_group) -> None:
     """Raise :class:`InputMismatchError` on every rank unless every rank of the group reaches
     this collective with the same ``config`` (e.g. the names and shapes of the tensors it is
     about to move): the check for collectives over state rather than an input."""
-    world_size = 1 if process_group is None else process_group.size()
     guard = InputGuard(site, (site, config), process_group)
-    guard(
-        None, problem=None, expected_channels=[None] * world_size, channels_note=[""] * world_size
-    )
+    nothing = [None] * guard.world_size
+    guard(None, problem=None, expected_channels=nothing, channels_note=nothing)

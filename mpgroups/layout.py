@@ -85,12 +85,6 @@ class ChannelShards:
     def widths(self) -> list[int]:
         return [stop - start for start, stop in self.slices]
 
-    @classmethod
-    def relative(cls, process_group, slices, rank: int) -> ChannelShards:
-        """Shards from absolute slices, renumbered to start at 0."""
-        offset = slices[0][0]
-        return cls(process_group, tuple((a - offset, b - offset) for a, b in slices), rank)
-
     def __copy__(self) -> ChannelShards:
         return self
 
@@ -132,9 +126,7 @@ class LayerShards:
         """The team's input split over ``team_process_group`` (a filter split only)."""
         if self.team_slices is None:
             raise ValueError("this layer holds whole groups: it has no team")
-        return ChannelShards.relative(
-            team_process_group, self.team_slices, self.placement.team_rank
-        )
+        return ChannelShards(team_process_group, self.team_slices, self.placement.team_rank)
 
 
 def layer_shards(

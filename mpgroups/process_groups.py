@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_timeout", "resolve_process_group", "team_subgroup"]
+__all__ = ["group_timeout", "rank_and_world_size", "resolve_process_group", "team_subgroup"]
 
 # A team subgroup is created once per (parent group, team) and shared by every layer that
 # needs it: creating one per layer would open new connections for each conv of a model.
@@ -55,6 +55,13 @@ def resolve_process_group(process_group=None) -> dist.ProcessGroup | None:
             f"got {type(process_group).__name__}"
         )
     return process_group
+
+
+def rank_and_world_size(process_group) -> tuple[int, int]:
+    """This process's rank in ``process_group`` and the group's size; ``(0, 1)`` for ``None``."""
+    if process_group is None:
+        return 0, 1
+    return dist.get_rank(process_group), process_group.size()
 
 
 def group_timeout(process_group: dist.ProcessGroup) -> timedelta | None:
