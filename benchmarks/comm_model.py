@@ -1,18 +1,29 @@
-"""What a group-parallel layer communicates, from the placement rule alone, and what it costs.
+"""What a group-parallel layer or model communicates, from the placement rule alone, and what
+it costs.
 
-:func:`layer_collectives` lists the data collectives of one forward + backward (DESIGN §3), with
-the byte counts :class:`~mpgroups.counter.CommCounter` records (padding of uneven shards
-included). :func:`collective_seconds` prices one collective with an α–β model in the
-bus-bandwidth convention of nccl-tests. ``cases.py`` lists a benchmark case's collectives
-with it; ``projection.py`` prices them.
+:func:`shard_collectives` lists the data collectives of one forward + backward of a layer from
+its :class:`~mpgroups.layout.LayerShards` (DESIGN §3, §3b; the table in
+``mpgroups/layer_comm.py``), with the byte counts :class:`~mpgroups.counter.CommCounter`
+records (padding of uneven shards included). :func:`layer_collectives` does it for a conv or a
+Linear given by its sizes, through :func:`mpgroups.layout.layer_shards`, the one function that
+places every layer; :func:`model_collectives` for a whole model and a plan, as
+:func:`mpgroups.parallelize` applies it. :func:`collective_seconds` prices one collective with
+an α–β model in the bus-bandwidth convention of nccl-tests. ``cases.py`` lists a benchmark
+case's collectives with these; ``projection.py`` prices them.
 """
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 import math
 from dataclasses import dataclass
 
-from mpgroups.placement import place, shard_slice
+import torch
+from torch import nn
+
+from mpgroups.layout import LayerShards, layer_shards, layout_shards
+from mpgroups.plan import ChannelLocal, GroupParallel
 
 __all__ = [
     "LINKS",
@@ -20,8 +31,10 @@ __all__ = [
     "Link",
     "collective_seconds",
     "layer_collectives",
+    "model_collectives",
     "ring_bytes_factor",
     "ring_steps",
+    "shard_collectives",
     "spatial_out",
 ]
 
@@ -29,12 +42,13 @@ __all__ = [
 @dataclass(frozen=True)
 class Collective:
     """One collective: ``op``, the ranks taking part, bytes (CommCounter's convention),
-    and whether it runs in the forward or the backward pass."""
+    whether it runs in the forward or the backward pass, and the layer that issues it."""
 
     op: str
     group_size: int
     nbytes: int
     phase: str
+    layer: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,76 @@ LINKS = {
 }
 
 
+def shard_collectives(
+    shards: LayerShards,
+    input_layout: str,
+    output_layout: str,
+    in_rows: int,
+    out_rows: int,
+    element_size: int,
+    input_requires_grad: bool = True,
+    layer: str = "",
+) -> list[Collective]:
+    """The data collectives of one forward + backward of a layer on ``shards.placement.rank``.
+
+    ``in_rows``/``out_rows``: elements per channel (feature) of the input and the output
+    (``N·H·W`` for a conv, the leading dims for a Linear). Backward collectives of the input
+    side run only when the input requires grad; for a forward alone (inference) keep the
+    ``"forward"`` ones. As ``mpgroups/layer_comm.py``:
+
+    ========  ==========  =========================================  ============================
+    split     input       before the local op                        output layout
+    ========  ==========  =========================================  ============================
+    "out"     replicated  G >= P: own slice, bwd all-gather          replicated: fwd all-gather
+                          one team (G=1): bwd all-reduce             sharded: none
+                          teams: bwd reduce-scatter + all-gather
+              sharded     G >= P: none; teams: fwd all-gather,
+                          bwd reduce-scatter (team)
+    "in"      sharded     none                                       replicated: fwd all-reduce
+                                                                     sharded: fwd reduce-scatter,
+                                                                     bwd all-gather
+    ========  ==========  =========================================  ============================
+    """
+    pl = shards.placement
+    world = pl.world_size
+    if world == 1:
+        return []
+    out: list[Collective] = []
+
+    def add(op: str, group_size: int, nbytes: int, phase: str) -> None:
+        out.append(Collective(op, group_size, nbytes, phase, layer))
+
+    inputs, outputs = shards.inputs, shards.outputs
+    gathered_in = world * max(inputs.widths) * in_rows * element_size
+    if input_layout == "replicated":
+        if not pl.filter_split:
+            if input_requires_grad:
+                add("all_gather", world, gathered_in, "backward")
+        elif pl.team_size == world:
+            # One team reads every channel: the ranks' partial input grads are summed.
+            if input_requires_grad:
+                add("all_reduce", world, inputs.total * in_rows * element_size, "backward")
+        elif input_requires_grad:
+            team = pl.team_size * max(b - a for a, b in shards.team_slices)
+            add("reduce_scatter", pl.team_size, team * in_rows * element_size, "backward")
+            add("all_gather", world, gathered_in, "backward")
+    elif pl.filter_split and shards.split == "out":
+        team = pl.team_size * max(b - a for a, b in shards.team_slices)
+        add("all_gather", pl.team_size, team * in_rows * element_size, "forward")
+        if input_requires_grad:
+            add("reduce_scatter", pl.team_size, team * in_rows * element_size, "backward")
+    gathered_out = world * max(outputs.widths) * out_rows * element_size
+    if shards.split == "in":
+        if output_layout == "replicated":
+            add("all_reduce", world, outputs.total * out_rows * element_size, "forward")
+        else:
+            add("reduce_scatter", world, gathered_out, "forward")
+            add("all_gather", world, gathered_out, "backward")
+    elif output_layout == "replicated":
+        add("all_gather", world, gathered_out, "forward")
+    return out
+
+
 def layer_collectives(
     in_channels: int,
     out_channels: int,
@@ -65,46 +149,139 @@ def layer_collectives(
     out_spatial: int,
     element_size: int,
     input_requires_grad: bool = True,
+    *,
+    split: str = "out",
+    shard_groups: int | None = None,
+    layer: str = "",
 ) -> list[Collective]:
     """The data collectives of one forward + backward of a group-parallel conv on ``rank``.
 
-    ``in_spatial``/``out_spatial`` are the numbers of spatial positions (H·W).
+    ``in_spatial``/``out_spatial`` are the numbers of spatial positions (H·W); for a
+    ``ParallelLinear`` (``groups=1``) pass ``batch`` = the leading dims' elements and 1.
+    ``split``/``shard_groups`` as on the layer.
+    """
+    shards = layer_shards(
+        in_channels, out_channels, groups, world_size, rank,
+        split=split, shard_groups=shard_groups,
+        input_layout=layouts[0], output_layout=layouts[1],
+    )  # fmt: skip
+    return shard_collectives(
+        shards, *layouts, batch * in_spatial, batch * out_spatial, element_size,
+        input_requires_grad, layer,
+    )  # fmt: skip
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _style(name: str, module: nn.Module, plan: dict):
+    """The plan's style for ``name`` as :func:`mpgroups.parallelize` reads it: the entry of
+    that name, else the first matching ``fnmatch`` pattern, else the drop-in for a grouped
+    conv (``GroupParallel()``)."""
+    if name in plan:
+        return plan[name]
+    for pattern, style in plan.items():
+        if any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(name, pattern):
+            return style
+    if type(module) in _CONVS and module.groups > 1:
+        return GroupParallel()
+    return None
+
+
+def trace_shapes(
+    model: nn.Module, input_shape: tuple[int, ...], *, training: bool, input_requires_grad: bool
+) -> dict[str, tuple]:
+    """``{module name: (input shape, output shape, input requires grad, dtype)}`` of each
+    module's first call, from a forward of a copy of ``model`` on the meta device (no
+    memory, no arithmetic)."""
+    traced = copy.deepcopy(model).to("meta").train(training)
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name, module in traced.named_modules():
+
+        def hook(module, args, output, name=name):
+            if name not in seen and args and torch.is_tensor(args[0]):
+                x = args[0]
+                seen[name] = (tuple(x.shape), tuple(output.shape), x.requires_grad, x.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    with torch.set_grad_enabled(training):
+        x = torch.empty(input_shape, device="meta", requires_grad=training and input_requires_grad)
+        traced(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def _rows(shape: tuple[int, ...], channel_dim: int) -> int:
+    return math.prod(shape) // shape[channel_dim]
+
+
+def model_collectives(
+    model: nn.Module,
+    plan: dict,
+    input_shape: tuple[int, ...],
+    world_size: int,
+    rank: int,
+    *,
+    training: bool = True,
+    input_requires_grad: bool = False,
+) -> list[Collective]:
+    """The data collectives of one forward (+ backward when ``training``) of ``model``
+    (plain ``torch.nn``) after ``parallelize(model, plan=plan)`` on ``world_size`` ranks.
+
+    Walks the modules in ``named_modules()`` order as :func:`mpgroups.parallelize` does: each
+    ``GroupParallel`` layer (a planned conv or Linear, or a grouped conv outside the plan)
+    is placed by :func:`~mpgroups.layout.layer_shards` with its style; a
+    ``ChannelLocal(output_layout="replicated")`` gathers its output in the layout of the
+    nearest sharded-output layer before it (or its own ``channels``/``groups``). Activation
+    shapes, and whether a layer's input requires grad, come from a forward on the meta
+    device (:func:`trace_shapes`). Without ``training`` (a forward under ``torch.no_grad``)
+    only forward collectives remain.
     """
     if world_size == 1:
         return []
-    pl = place(in_channels, out_channels, groups, world_size, rank)
-    in_widths = [
-        b - a
-        for a, b in (shard_slice(in_channels, groups, world_size, r) for r in range(world_size))
-    ]
-    out_widths = [
-        b - a
-        for a, b in (
-            place(in_channels, out_channels, groups, world_size, r).out_slice
-            for r in range(world_size)
-        )
-    ]
-    unit = batch * element_size
-    out = []
-    in_layout, out_layout = layouts
-    if pl.filter_split:
-        team_widths = in_widths[pl.team[0] : pl.team[1]]
-        team_bytes = pl.team_size * max(team_widths) * in_spatial * unit
-        if in_layout == "replicated":
-            if input_requires_grad:
-                out.append(Collective("reduce_scatter", pl.team_size, team_bytes, "backward"))
-                full = world_size * max(in_widths) * in_spatial * unit
-                out.append(Collective("all_gather", world_size, full, "backward"))
-        else:
-            out.append(Collective("all_gather", pl.team_size, team_bytes, "forward"))
-            if input_requires_grad:
-                out.append(Collective("reduce_scatter", pl.team_size, team_bytes, "backward"))
-    elif in_layout == "replicated" and input_requires_grad:
-        full = world_size * max(in_widths) * in_spatial * unit
-        out.append(Collective("all_gather", world_size, full, "backward"))
-    if out_layout == "replicated":
-        full = world_size * max(out_widths) * out_spatial * unit
-        out.append(Collective("all_gather", world_size, full, "forward"))
+    shapes = trace_shapes(
+        model, input_shape, training=training, input_requires_grad=input_requires_grad
+    )
+    out: list[Collective] = []
+    producer = None  # the ChannelShards of the last sharded output, in module order
+    for name, module in model.named_modules():
+        style = _style(name, module, plan)
+        if name not in shapes or not isinstance(style, GroupParallel | ChannelLocal):
+            continue
+        in_shape, out_shape, requires_grad, dtype = shapes[name]
+        element_size = torch.empty(0, dtype=dtype).element_size()
+        if isinstance(style, GroupParallel):
+            linear = isinstance(module, nn.Linear)
+            if linear:
+                cin, cout, groups, dim = module.in_features, module.out_features, 1, -1
+            else:
+                cin, cout, groups, dim = module.in_channels, module.out_channels, module.groups, 1
+            shards = layer_shards(
+                cin, cout, groups, world_size, rank, split=style.split,
+                shard_groups=style.shard_groups, input_layout=style.input_layout,
+                output_layout=style.output_layout,
+            )  # fmt: skip
+            # The traced shapes are the plain model's: whole tensors, whatever the layout.
+            out += shard_collectives(
+                shards, style.input_layout, style.output_layout, _rows(in_shape, dim),
+                _rows(out_shape, dim), element_size, requires_grad and training, name,
+            )  # fmt: skip
+            if style.output_layout == "sharded":
+                producer = shards.outputs
+        elif style.output_layout == "replicated":
+            if style.groups is not None:
+                channels = style.channels or getattr(module, "num_features", None)
+                channels = channels or module.num_channels
+                shards = layout_shards(channels, style.groups, world_size, rank)
+            else:
+                shards = producer
+            rows = math.prod(out_shape) // shards.total
+            nbytes = world_size * max(shards.widths) * rows * element_size
+            out.append(Collective("all_gather", world_size, nbytes, "forward", name))
+    if not training:
+        out = [c for c in out if c.phase == "forward"]
     return out
 
 

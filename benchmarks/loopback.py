@@ -31,13 +31,14 @@ def loopback_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
 
 
 @contextmanager
-def loopback_world(world: int) -> Iterator[dist.ProcessGroup]:
-    """A default group of ``world`` ranks that moves no data, this process its rank 0.
+def loopback_world(world: int, rank: int = 0) -> Iterator[dist.ProcessGroup]:
+    """A default group of ``world`` ranks that moves no data, this process its ``rank``.
 
     For a process that has no process group (the one-process run): the model built over it
-    is rank 0's share at ``world`` ranks. The group is destroyed on exit.
+    is that rank's share at ``world`` ranks (rank 0 by default), and a ``CommCounter`` sees
+    the collectives that rank issues. The group is destroyed on exit.
     """
-    dist.init_process_group(BACKEND, store=dist.HashStore(), rank=0, world_size=world)
+    dist.init_process_group(BACKEND, store=dist.HashStore(), rank=rank, world_size=world)
     try:
         yield dist.group.WORLD
     finally:

@@ -16,8 +16,15 @@ Step time at P ranks = compute + communication, where
   that the machine's noise hits both alike), else as rank 0 alone at one
   thread × max(1, P·t / cores);
 * communication = Σ over the collectives the placement rule prescribes (``comm_model``)
-  of (P-1)·α + bytes·(P-1)/P / busbw (nccl-tests' bus-bandwidth convention), plus the
-  per-call input-check exchanges.
+  of (P-1)·α + bytes·(P-1)/P / busbw (nccl-tests' bus-bandwidth convention; 2(P-1) steps
+  and 2(P-1)/P for an all-reduce), plus the per-call input-check exchanges. The collectives
+  are those the run stored (measured P: the analytic list it checked against CommCounter;
+  other P: the list it stored for the projection), else those of ``cases.py`` today.
+
+:func:`project` is the projection to another link with one core per rank (the issue's
+"NVLink 4, P = 8"): compute = rank 0's own work at P on one thread, and it reports the
+**speedup** = the one-process step (one thread, timed the same way: the model at P = 1)
+/ the projected step, and the **efficiency** = speedup / P (1 = perfect scaling).
 
 ``validate`` fits α and busbw to gloo's measured times of each collective the cases use (per
 op and group size, at each P on this machine, at the message sizes the cases move) and
@@ -43,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import CASES, QUICK, analytic_collectives  # noqa: E402
 from comm_model import (  # noqa: E402
     LINKS,
+    Collective,
     Link,
     collective_seconds,
     ring_bytes_factor,
@@ -112,6 +120,41 @@ def _seconds(op: str, group_size: int, nbytes: int, pricing: Pricing) -> float:
     return collective_seconds(op, group_size, nbytes, pricing)
 
 
+def collectives_at(result: dict, case: str, world: int) -> list[Collective]:
+    """The collectives of rank 0 at ``world`` ranks: stored by the run (the analytic list of
+    a measured P, or the list stored for a projected P), else ``cases.py``'s today."""
+    measured = result["runs"].get(str(world), {}).get("cases", {}).get(case)
+    if measured is not None:
+        return [Collective(**c) for c in measured["comm"]["collectives"]]
+    one = result["runs"]["1"]["cases"][case]
+    stored = one.get("projected_collectives", {}).get(str(world))
+    if stored is not None:
+        return [Collective(**c) for c in stored]
+    cases = QUICK if result.get("quick") else CASES
+    return analytic_collectives(cases[case], world, 0)
+
+
+def _meta_ops(result: dict, case: str, world: int) -> int:
+    """Input-check exchanges per step at ``world``: counted in the run at that P, else in
+    rank 0's local work at that P (``local_meta_ops_per_step``), else 0."""
+    measured = result["runs"].get(str(world), {}).get("cases", {}).get(case)
+    if measured is not None:
+        return measured.get("comm", {}).get("meta_ops_per_step", 0)
+    local = result["runs"]["1"]["cases"][case].get("local_meta_ops_per_step", {})
+    return local.get(str(world), 0)
+
+
+def comm_seconds(result: dict, case: str, world: int, link: Pricing | dict[str, Pricing]) -> float:
+    """Seconds in the data collectives and the input-check exchanges of one step."""
+    comm = sum(
+        _seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size))
+        for c in collectives_at(result, case, world)
+    )
+    record_link = _link_for(link, "all_gather", world)
+    record = _seconds("all_gather", world, world * RECORD_SIZE * 8, record_link)
+    return comm + _meta_ops(result, case, world) * record
+
+
 def predict(
     result: dict,
     case: str,
@@ -124,7 +167,6 @@ def predict(
     ``link`` is one link for every collective (a preset), or per collective keyed ``"op/P"``
     (fitted :class:`Link` s, or :class:`MeasuredTimes`).
     """
-    cases = QUICK if result.get("quick") else CASES
     cores = cores or result["machine"]["cores"]
     threads = max(1, cores // world)
     oversubscribe = max(1.0, world * threads / cores)
@@ -139,15 +181,30 @@ def predict(
             f"no compute time for {case} at {world} ranks: the run timed rank 0's work at "
             f"{', '.join(sorted(local, key=int))} ranks"
         )
-    collectives = analytic_collectives(cases[case], world, 0)
-    comm = sum(
-        _seconds(c.op, c.group_size, c.nbytes, _link_for(link, c.op, c.group_size))
-        for c in collectives
-    )
-    meta_ops = measured_run.get("comm", {}).get("meta_ops_per_step", 0)
-    record_link = _link_for(link, "all_gather", world)
-    comm += meta_ops * _seconds("all_gather", world, world * RECORD_SIZE * 8, record_link)
+    comm = comm_seconds(result, case, world, link)
     return {"compute": compute, "comm": comm, "step": compute + comm}
+
+
+def project(result: dict, case: str, world: int, link: Link) -> dict[str, float] | None:
+    """``case`` at ``world`` ranks on ``link``, one core per rank: compute (rank 0's own work
+    at ``world``, one thread), comm, step, the one-process step, speedup and efficiency
+    (speedup / ``world``). ``None`` for a run that did not time the one-process step
+    (``local_compute_1thread["1"]``, from format 2 on)."""
+    local = result["runs"]["1"]["cases"][case]["local_compute_1thread"]
+    if "1" not in local or str(world) not in local:
+        return None
+    compute = local[str(world)]
+    comm = comm_seconds(result, case, world, link)
+    step = compute + comm
+    speedup = local["1"] / step
+    return {
+        "compute": compute,
+        "comm": comm,
+        "step": step,
+        "one_process": local["1"],
+        "speedup": speedup,
+        "efficiency": speedup / world,
+    }
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -219,12 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"link: {link.name}, α = {link.latency_s * 1e6:.1f} µs, busbw = "
           f"{link.busbw_bytes_per_s / 1e9:.1f} GB/s; compute: this machine's one-thread times, "
           f"{cores} cores (one per rank)")  # fmt: skip
-    print(f"{'case':<18} {'P':>3} {'compute ms':>11} {'comm ms':>9} {'step ms':>9}")
+    print("speedup: the one-process step (one thread) / the step at P; efficiency: speedup / P "
+          "(where the run timed the one-process step)")  # fmt: skip
+    print(f"{'case':<20} {'P':>3} {'compute ms':>11} {'comm ms':>9} {'step ms':>9} "
+          f"{'speedup':>8} {'efficiency':>10}")  # fmt: skip
     for case in result["runs"]["1"]["cases"]:
         for world in args.world_sizes:
             p = predict(result, case, world, link, cores)
-            print(f"{case:<18} {world:>3} {p['compute'] * 1e3:>11.2f} {p['comm'] * 1e3:>9.2f} "
-                  f"{p['step'] * 1e3:>9.2f}")  # fmt: skip
+            one = result["runs"]["1"]["cases"][case]["local_compute_1thread"].get("1")
+            speedup = f"{one / p['step']:>7.2f}×" if one else f"{'–':>8}"
+            efficiency = f"{one / p['step'] / world:>10.0%}" if one else f"{'–':>10}"
+            print(f"{case:<20} {world:>3} {p['compute'] * 1e3:>11.2f} {p['comm'] * 1e3:>9.2f} "
+                  f"{p['step'] * 1e3:>9.2f} {speedup} {efficiency}")  # fmt: skip
     return 0
 
 

@@ -13,12 +13,23 @@ for a short step, so that its slowest variant runs ``--min-time`` seconds in all
 
 * ``single_t``: one process with the threads of one rank (rank 0 while the others wait);
 * ``single_T``: one process with the threads of all ranks together;
-* ``group_parallel``: the case's layers built with mpgroups over the P ranks;
-* ``ddp``: ``DistributedDataParallel`` around the single-device model, global batch split;
+* ``group_parallel``: the case's layers built with mpgroups over the P ranks (AlexNet: split
+  as in 2012; the ResNeXt block: ``plan="auto"``);
+* ``group_parallel_towers`` (AlexNet step: the classifier replicated) and
+  ``group_parallel_dropin`` (ResNeXt block: only the grouped conv parallel): other plans of
+  the same model, each with its own bytes, share in collectives and memory;
+* ``ddp``: ``DistributedDataParallel`` around the single-device model, global batch split
+  (not for a batch-1 inference case: DDP cannot split a batch of one);
 * ``group_parallel_nochecks`` (AlexNet step): the same with ``MPGROUPS_CHECKS=0``;
 * ``local``: the group-parallel model over a group that moves no data (``loopback``), on
   every rank at once, less its time inside collectives: each rank's own work without the
   wire (the compute of the projection).
+
+An inference case (batch 1) times an eval forward under ``torch.no_grad`` (its "step" is that
+forward). For every group-parallel variant the run records the data bytes per step (measured
+by ``CommCounter`` and from the analytic model), the share of the step spent inside
+collectives (in all and per op: ``CommCounter.seconds()`` times each gloo call), and
+parameters + SGD momentum per rank against DDP's.
 
 Writes ``OUT/scaling.json``, ``OUT/table.md``, ``OUT/scaling.png`` and ``OUT/comm_share.png``
 (``--out``; by default ``benchmarks/out/``, which git ignores), and prints the table and the
@@ -52,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import (  # noqa: E402
     CASES,
+    MAIN,
     QUICK,
     Case,
     analytic_collectives,
@@ -68,6 +80,10 @@ from mpgroups.collectives import _all_gather_single, _reduce_scatter_single  # n
 from mpgroups.input_checks import RECORD_SIZE, check_across_ranks, fingerprint  # noqa: E402
 
 PROJECTED_WORLD_SIZES = (2, 4, 8)
+# Rank 0's local work is timed at these P (one thread, no wire); P = 1 is the one-process
+# step the projection's speedup and efficiency are relative to.
+LOCAL_WORLD_SIZES = (1, *PROJECTED_WORLD_SIZES)
+FORMAT = 2  # of scaling.json: 2 adds variants, inference cases, per-op shares, local P = 1
 MAX_REPS_FACTOR = 6
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out"  # ignored by git: a run never writes over the published results
@@ -120,13 +136,26 @@ def _optimizer_state_bytes(model, step) -> int:
     return params + state
 
 
-def _step_and_forward(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None):
+def _step_and_forward(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    inference: bool = False,
+):
     """``(step, forward)`` closures over ``model`` and its input.
 
     A block case's step is forward + backward of ``out.pow(2).mean()`` with the input grad
     (as inside a network); with ``labels`` (the AlexNet step) it is cross-entropy, backward
-    and an SGD step. ``step(keep_grads=True)`` leaves the gradients for an optimizer.
+    and an SGD step. ``step(keep_grads=True)`` leaves the gradients for an optimizer. With
+    ``inference`` both are the forward under ``torch.no_grad`` (the model in eval mode).
     """
+    if inference:
+
+        def forward_only(keep_grads: bool = False):
+            with torch.no_grad():
+                model(x)
+
+        return forward_only, forward_only
     is_step = labels is not None
     x = x.detach().requires_grad_(not is_step)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if is_step else None
@@ -160,7 +189,7 @@ def _without_collectives(fn):
 
 
 def _labels(case: Case) -> torch.Tensor | None:
-    if case.alexnet is None:
+    if not case.is_step:
         return None
     torch.manual_seed(2)
     return torch.randint(0, case.alexnet["num_classes"], (case.batch,))
@@ -170,21 +199,25 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
     """Time ``case``'s variants at ``world`` ranks; ``loopback`` (a group of the same ranks
     that moves no data; ``None`` at one rank) carries the ``local`` variant."""
     process_group = dist.group.WORLD if world > 1 else None
-    is_step = case.alexnet is not None
     single = build_single(case)
-    gp = build_parallel(case, process_group)
     x_full = make_input(case, case.batch)
     labels = _labels(case)
 
+    def closures(model, x, y=labels):
+        return _step_and_forward(model, x, y, case.inference)
+
     variants = {}  # name -> (all ranks?, threads, step, forward)
-    variants["single_t"] = (False, threads, *_step_and_forward(single, x_full, labels))
+    variants["single_t"] = (False, threads, *closures(single, x_full))
     total = min(cores, world * threads)
     if total != threads:
-        variants["single_T"] = (False, total, *_step_and_forward(single, x_full, labels))
-    x_gp = make_input(case, case.batch, gp)
-    variants["group_parallel"] = (True, threads, *_step_and_forward(gp, x_gp, labels))
-    if is_step and world > 1:
-        gp_step, gp_forward = variants["group_parallel"][2:]
+        variants["single_T"] = (False, total, *closures(single, x_full))
+    gp_models = {}
+    for name in case.gp_variants:
+        gp_models[name] = build_parallel(case, process_group, name)
+        x_gp = make_input(case, case.batch, gp_models[name])
+        variants[name] = (True, threads, *closures(gp_models[name], x_gp))
+    if case.is_step and world > 1:
+        gp_step, gp_forward = variants[MAIN][2:]
 
         def without_checks(fn):
             def run():
@@ -199,26 +232,30 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
         variants["group_parallel_nochecks"] = (
             True, threads, without_checks(gp_step), without_checks(gp_forward),
         )  # fmt: skip
+    ddp = None
     if world > 1:
         # Each rank's own work without the wire, on every rank at once (the projection's
         # compute): what it costs when the ranks share this machine's cores and memory
         # bandwidth, timed alongside the rest so that the machine's noise hits it alike.
         local_model = build_parallel(case, loopback)
         x_local = make_input(case, case.batch, local_model)
-        local_fns = _step_and_forward(local_model, x_local, labels)
+        local_fns = closures(local_model, x_local)
         variants["local"] = (True, threads, *map(_without_collectives, local_fns))
-        local = case.batch // world
-        ddp = DistributedDataParallel(build_single(case))
-        y_local = labels[rank * local : (rank + 1) * local] if is_step else None
-        variants["ddp"] = (
-            True,
-            threads,
-            *_step_and_forward(ddp, x_full[rank * local : (rank + 1) * local], y_local),
-        )
+        if not case.inference:  # DDP cannot split a batch of one
+            local = case.batch // world
+            ddp = DistributedDataParallel(build_single(case))
+            y_local = labels[rank * local : (rank + 1) * local] if labels is not None else None
+            variants["ddp"] = (
+                True,
+                threads,
+                *closures(ddp, x_full[rank * local : (rank + 1) * local], y_local),
+            )
 
     times = {name: {"step": [], "forward": []} for name in variants}
     names = list(variants)
-    for phase, index in (("step", 2), ("forward", 3)):
+    # An inference case's step is its forward: timed once, reported as both.
+    phases = (("step", 2),) if case.inference else (("step", 2), ("forward", 3))
+    for phase, index in phases:
         last_warmup, rep, reps = [], 0, args.reps
         while rep < args.warmup + reps:
             order = names[rep % len(names) :] + names[: rep % len(names)]
@@ -239,64 +276,96 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
                     last_warmup.append(elapsed)
             rep += 1
             if rep == args.warmup:
-                reps = _timed_reps(max(last_warmup), args)
+                min_time = args.forward_min_time if phase == "forward" else args.min_time
+                reps = _timed_reps(max(last_warmup), args, min_time)
+    if case.inference:
+        for t in times.values():
+            t["forward"] = t["step"]
     reps_timed = {phase: len(times[names[0]][phase]) for phase in ("step", "forward")}
 
     result = {
         "description": case.description,
         "batch": case.batch,
+        "inference": case.inference,
         "reps": reps_timed,
         "times": {n: {p: _summary(v) for p, v in t.items()} for n, t in times.items()},
     }
-    # Communication of the group-parallel model: bytes per step, time in collectives.
-    gp_step = variants["group_parallel"][2]
-    comm_share, check_share = [], []
-    for _ in range(5):
-        _barrier(world)
-        with mpgroups.CommCounter() as comm:
-            start = time.perf_counter()
-            gp_step()
-            elapsed = time.perf_counter() - start
-        comm_share.append(comm.seconds() / elapsed)
-        check_share.append(_max_over_ranks(comm.seconds(kind="check") / elapsed, world))
-    analytic = analytic_collectives(case, world, rank)
-    result["comm"] = {
-        "measured_bytes": comm.bytes(),
-        "analytic_bytes": sum(c.nbytes for c in analytic),
-        "collectives": [c.__dict__ for c in analytic],
-        "meta_ops_per_step": comm.count(kind="meta"),
-        "share_of_step": statistics.median(comm_share),
-        "checks_share_of_step": statistics.median(check_share),
-    }
+    # Communication of each group-parallel model: bytes per step, time in collectives.
+    comm = {name: _comm_record(case, name, variants[name][2], world, rank) for name in gp_models}
+    result["comm"] = comm.pop(MAIN)
+    if comm:
+        result["variant_comm"] = comm
     if world == 1 and rank == 0:
-        result["local_compute_1thread"] = {
-            str(p): _local_compute_time(case, p, args) for p in PROJECTED_WORLD_SIZES
+        local = {str(p): _local_compute_time(case, p, args) for p in LOCAL_WORLD_SIZES}
+        result["local_compute_1thread"] = {p: t for p, (t, _) in local.items()}
+        result["local_meta_ops_per_step"] = {p: ops for p, (_, ops) in local.items()}
+        # The collectives priced at each projected P, stored with the run: a stored JSON is
+        # projected with the model it measured, whatever the cases say later.
+        result["projected_collectives"] = {
+            str(p): [c.__dict__ for c in analytic_collectives(case, p, 0)]
+            for p in PROJECTED_WORLD_SIZES
         }
     if world > 1:
         result["local_compute_concurrent"] = result["times"]["local"]["step"]["median"]
         result["check_seconds"] = _check_seconds(world)
-    # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
-    memory = {"group_parallel": _optimizer_state_bytes(gp, gp_step)}
-    if world > 1:
-        memory["ddp"] = _optimizer_state_bytes(ddp.module, variants["ddp"][2])
-    memory["single"] = _optimizer_state_bytes(single, variants["single_t"][2])
-    result["param_and_optimizer_bytes"] = memory
+    if case.inference:
+        # No optimizer for inference: the parameters per rank.
+        memory = {name: mpgroups.local_parameter_bytes(m) for name, m in gp_models.items()}
+        memory["single"] = mpgroups.local_parameter_bytes(single)
+        result["parameter_bytes"] = memory
+    else:
+        # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
+        memory = {
+            name: _optimizer_state_bytes(m, variants[name][2]) for name, m in gp_models.items()
+        }
+        if ddp is not None:
+            memory["ddp"] = _optimizer_state_bytes(ddp.module, variants["ddp"][2])
+        memory["single"] = _optimizer_state_bytes(single, variants["single_t"][2])
+        result["param_and_optimizer_bytes"] = memory
     result["rss_bytes"] = psutil.Process().memory_info().rss
-    result["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(single) if world > 1 else 0
+    result["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(single) if ddp is not None else 0
     return result
 
 
-def _timed_reps(slowest_seconds: float, args) -> int:
+def _comm_record(case: Case, variant: str, step, world: int, rank: int) -> dict:
+    """Bytes per step of ``variant`` (measured and analytic, with the analytic list) and the
+    share of its step spent inside collectives, in all and per op (medians of 5 steps)."""
+    shares, check_shares, op_shares = [], [], []
+    for _ in range(5):
+        _barrier(world)
+        with mpgroups.CommCounter() as comm:
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+        shares.append(comm.seconds() / elapsed)
+        op_shares.append({op: comm.seconds(op) / elapsed for op in comm.ops()})
+        check_shares.append(_max_over_ranks(comm.seconds(kind="check") / elapsed, world))
+    ops = sorted({op for found in op_shares for op in found})
+    analytic = analytic_collectives(case, world, rank, variant)
+    return {
+        "measured_bytes": comm.bytes(),
+        "analytic_bytes": sum(c.nbytes for c in analytic),
+        "collectives": [c.__dict__ for c in analytic],
+        "meta_ops_per_step": comm.count(kind="meta"),
+        "share_of_step": statistics.median(shares),
+        "share_by_op": {op: statistics.median(s.get(op, 0.0) for s in op_shares) for op in ops},
+        "checks_share_of_step": statistics.median(check_shares),
+    }
+
+
+def _timed_reps(slowest_seconds: float, args, min_time: float | None = None) -> int:
     """Repetitions to time after the warm-up: ``args.reps``, or more for a short step.
 
     Enough that the slowest variant (by its last warm-up time, slowest rank) runs
-    ``args.min_time`` seconds in all, at most ``MAX_REPS_FACTOR × args.reps``: a step of tens of
+    ``min_time`` seconds in all (default ``args.min_time``; the forward phase passes
+    ``args.forward_min_time``), at most ``MAX_REPS_FACTOR × args.reps``: a step of tens of
     milliseconds is otherwise timed in well under a second, and one noisy spell of this host
     moves its median by a fifth. The inputs are the same on every rank, and so is the count.
     """
     if slowest_seconds <= 0:
         return args.reps
-    wanted = math.ceil(args.min_time / slowest_seconds)
+    min_time = args.min_time if min_time is None else min_time
+    wanted = math.ceil(min_time / slowest_seconds)
     return min(max(args.reps, wanted), MAX_REPS_FACTOR * args.reps)
 
 
@@ -318,13 +387,14 @@ def _check_seconds(world: int, calls: int = 30) -> float:
     return _max_over_ranks((time.perf_counter() - start) / calls, world)
 
 
-def _local_compute_time(case: Case, world: int, args) -> float:
-    """One thread, no communication: rank 0's share of a step at ``world`` ranks.
+def _local_compute_time(case: Case, world: int, args) -> tuple[float, int]:
+    """One thread, no communication: rank 0's share of a step at ``world`` ranks, and the
+    metadata exchanges (input checks) of that step.
 
     The group-parallel model over a ``world``-rank group that moves no data, with this
     process as its rank 0 (for a process without a process group), less the time inside
     its collectives; for the AlexNet step that includes everything else every rank runs
-    (pools, the classifier, the SGD step).
+    (pools, dropout masks, the SGD step). At ``world = 1`` it is the one-process step.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -333,15 +403,18 @@ def _local_compute_time(case: Case, world: int, args) -> float:
         with loopback_world(world) as process_group:
             model = build_parallel(case, process_group)
             x = make_input(case, case.batch, model)
-            step = _without_collectives(_step_and_forward(model, x, _labels(case))[0])
+            closures = _step_and_forward(model, x, _labels(case), case.inference)
+            step = _without_collectives(closures[0])
             for rep in range(args.warmup + args.reps):
                 start = time.perf_counter()
                 excluded = step()
                 if rep >= args.warmup:
                     times.append(time.perf_counter() - start - excluded)
+            with mpgroups.CommCounter() as comm:
+                closures[0]()
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times)
+    return statistics.median(times), comm.count(kind="meta")
 
 
 def _link_sizes(world: int, cases: list[Case]) -> dict[tuple[str, int], list[int]]:
@@ -355,8 +428,9 @@ def _link_sizes(world: int, cases: list[Case]) -> dict[tuple[str, int], list[int
     record = world * RECORD_SIZE * 8
     sizes = {("all_gather", world): {record}}
     for case in cases:
-        for c in analytic_collectives(case, world, 0):
-            sizes.setdefault((c.op, c.group_size), {record}).add(c.nbytes)
+        for variant in case.gp_variants:
+            for c in analytic_collectives(case, world, 0, variant):
+                sizes.setdefault((c.op, c.group_size), {record}).add(c.nbytes)
     for found in sizes.values():
         if len(found) == 1:
             found.add(2**20)
@@ -364,9 +438,12 @@ def _link_sizes(world: int, cases: list[Case]) -> dict[tuple[str, int], list[int
 
 
 def _link_call(op: str, shard: torch.Tensor, full: torch.Tensor, process_group):
-    """One collective as the layers make it, into a fresh output tensor."""
+    """One collective as the layers make it, into a fresh output tensor (an all-reduce: in
+    place on a buffer just written, as the layers copy the partial sums into one first)."""
     if op == "all_gather":
         return lambda: _all_gather_single(torch.empty_like(full), shard, group=process_group)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(full, group=process_group)
     return lambda: _reduce_scatter_single(torch.empty_like(shard), full, group=process_group)
 
 
@@ -381,7 +458,7 @@ def _measure_link(world: int, cases: list[Case], args) -> dict:
     each collective at every size, so that a noisy spell on the machine hits all sizes alike
     rather than the few timed during it; medians of the repetitions. Returns
     ``{"all_gather/4": [[bytes, seconds], ...], ...}`` (bytes in CommCounter's convention:
-    the gathered tensor, or the reduce-scatter's input).
+    the gathered tensor, the reduce-scatter's input, or the all-reduced tensor).
     """
     calls = []  # (key, bytes, call)
     team_process_groups = {world: dist.group.WORLD}  # one set of subgroups per team size
@@ -390,6 +467,11 @@ def _measure_link(world: int, cases: list[Case], args) -> dict:
             team_process_groups[size] = dist.new_subgroups(size)[0]
         process_group = team_process_groups[size]
         for nbytes in sizes:
+            if op == "all_reduce":  # its "size" is the tensor itself
+                full = torch.zeros(max(1, nbytes // 4))
+                shard = full
+                calls.append((f"{op}/{size}", nbytes, _link_call(op, shard, full, process_group)))
+                continue
             shard = torch.zeros(max(1, nbytes // (4 * size)))
             full = torch.zeros(size * shard.numel())
             calls.append(
@@ -482,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to time the slowest variant of a case for, in more repetitions if its "
         "step is short (up to 6 × --reps)",
     )  # fmt: skip
+    parser.add_argument(
+        "--forward-min-time", type=float, default=2.0,
+        help="the same for the forward-only phase of a training case (the table's 'GP fwd' "
+        "column; an inference case's forward is its step and gets --min-time)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repetitions")
     parser.add_argument("--cores", type=int, default=psutil.cpu_count(logical=False) or 1)
@@ -492,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
-        args.reps, args.warmup, args.min_time = 2, 1, 0.0
+        args.reps, args.warmup, args.min_time, args.forward_min_time = 2, 1, 0.0, 0.0
     known = QUICK if args.quick else CASES
     unknown = [c for c in args.cases or [] if c not in known]
     if unknown:
@@ -521,9 +608,11 @@ def main(argv: list[str] | None = None) -> int:
             "mpgroups": mpgroups.__version__,
         },
         "commit": _commit(),
+        "format": FORMAT,
         "quick": args.quick,
         "reps": args.reps,
         "min_time": args.min_time,
+        "forward_min_time": args.forward_min_time,
         "max_reps": MAX_REPS_FACTOR * args.reps,
         "warmup": args.warmup,
         "runs": {str(k): v for k, v in runs.items()},

@@ -1,9 +1,10 @@
 # Shared by the launch scripts: options common to every launch, and torchrun's command line.
-# Sourced, not run. Sets: MODULE, ENTRY_ARGS, NPROC_PER_NODE, MAX_RESTARTS, TORCHRUN.
+# Sourced, not run. Sets: MODULE, ENTRY_ARGS, NPROC_PER_NODE, MAX_RESTARTS, GP, TORCHRUN.
 
 PYTHON="${PYTHON:-python3}"
 MODULE="${MODULE:-mpgroups.train}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
+GP=""
 ENTRY_ARGS=()
 
 COMMON_USAGE="Common options:
@@ -13,6 +14,9 @@ COMMON_USAGE="Common options:
   --device D           auto, cpu or cuda
   --pg-timeout S       seconds a collective may wait before the job fails (default 300)
   --max-restarts K     restart all workers up to K times after a failure (default 0)
+  --gp N               group parallel over N consecutive ranks (one node's, when N is the
+                       processes per node), data parallel (DDP) over the rest; passed to the
+                       module as '--gp N' (default: every rank group-parallel)
   -h, --help           this text
   -- ARGS...           passed to the module (see: python -m mpgroups.train --help)
 Environment: PYTHON (interpreter with torch and mpgroups, default python3), and
@@ -39,6 +43,7 @@ parse_common() {
         --device) need_value "$@"; export MPGROUPS_DEVICE="$2" ;;
         --pg-timeout) need_value "$@"; export MPGROUPS_PG_TIMEOUT="$2" ;;
         --max-restarts) need_value "$@"; MAX_RESTARTS="$2" ;;
+        --gp) need_value "$@"; GP="$2" ;;
         *) return 1 ;;
     esac
 }
@@ -50,4 +55,11 @@ default_nproc() {
     fi
     [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive integer"
     [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts must be a non-negative integer"
+}
+
+check_gp() {  # check_gp PROCESSES: validate --gp against the job's size, pass it to the module
+    [[ -n "$GP" ]] || return 0
+    [[ "$GP" =~ ^[1-9][0-9]*$ ]] || die "--gp must be a positive integer, got '$GP'"
+    (( $1 % GP == 0 )) || die "--gp $GP must divide the job's $1 processes"
+    ENTRY_ARGS=(--gp "$GP" "${ENTRY_ARGS[@]}")
 }

@@ -10,6 +10,8 @@ Run once on every node; all calls meet at the c10d rendezvous on HOST:PORT (a no
 Example (two nodes, node 0 is 10.0.0.1):
   node 0: $(basename "$0") --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500
   node 1: $(basename "$0") --nnodes 2 --node-rank 1 --rdzv-endpoint 10.0.0.1:29500
+With '--nproc-per-node 8 --gp 8' each node holds one group-parallel replica of the model
+and the nodes train data parallel (only DDP's gradient all-reduce crosses nodes).
 
 Node options (environment defaults in brackets):
   --nnodes N               number of nodes [NNODES, SLURM_NNODES]
@@ -47,6 +49,7 @@ done
     die "--node-rank must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
 [[ "$RDZV_ENDPOINT" == *:* ]] || die "--rdzv-endpoint must be HOST:PORT, got '$RDZV_ENDPOINT'"
 default_nproc
+check_gp $((NNODES * NPROC_PER_NODE))
 
 # c10d numbers the nodes as they arrive; NODE_RANK is checked above and exported for logs.
 export NODE_RANK

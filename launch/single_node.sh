@@ -8,6 +8,7 @@ usage() {
 Usage: $(basename "$0") [options] [-- ARGS...]
 Runs 'torchrun --standalone --nproc-per-node N -m MODULE ARGS' on this machine.
 Example: $(basename "$0") --nproc-per-node 2 -- --epochs 4
+         $(basename "$0") --nproc-per-node 4 --gp 2    # 2 x 2 mesh: DDP over 2 pairs
 
 $COMMON_USAGE
 USAGE
@@ -21,6 +22,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 default_nproc
+check_gp "$NPROC_PER_NODE"
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" \
     --max-restarts "$MAX_RESTARTS" -m "$MODULE" "${ENTRY_ARGS[@]}"

@@ -5,6 +5,7 @@ with no process group the layers are plain single-device convolutions.
 """
 
 from mpgroups import models
+from mpgroups.auto_plan import auto_plan
 from mpgroups.channel_modules import GatherChannels
 from mpgroups.channel_transfer import gather_channels, scatter_channels
 from mpgroups.checkpoint import (
@@ -16,19 +17,23 @@ from mpgroups.checkpoint import (
 )
 from mpgroups.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
 from mpgroups.counter import CommCounter
+from mpgroups.global_batch import match_global_batch
 from mpgroups.input_checks import InputMismatchError
+from mpgroups.linear import ParallelLinear
 from mpgroups.parallelize import PlanError, parallelize, unparallelize
 from mpgroups.placement import Placement, PlacementError, place
-from mpgroups.plan import ChannelLocal, GroupParallel
+from mpgroups.plan import ChannelLocal, GroupParallel, Replicated
 from mpgroups.state_dict import (
     full_grad_dict,
     full_state_dict,
     load_full_state_dict,
     local_parameter_bytes,
 )
+from mpgroups.tp_styles import ChannelwiseNorm, GroupwiseParallel
 
 __all__ = [
     "ChannelLocal",
+    "ChannelwiseNorm",
     "CheckpointError",
     "CommCounter",
     "GatherChannels",
@@ -36,17 +41,22 @@ __all__ = [
     "GroupParallelConv1d",
     "GroupParallelConv2d",
     "GroupParallelConv3d",
+    "GroupwiseParallel",
     "InputMismatchError",
+    "ParallelLinear",
     "Placement",
     "PlacementError",
     "PlanError",
+    "Replicated",
     "atomic_save",
+    "auto_plan",
     "full_grad_dict",
     "full_state_dict",
     "gather_channels",
     "load_full_state_dict",
     "load_sharded_state_dict",
     "local_parameter_bytes",
+    "match_global_batch",
     "models",
     "parallelize",
     "place",

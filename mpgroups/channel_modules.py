@@ -3,7 +3,9 @@
 In a sharded chain (DESIGN §3) each rank holds a contiguous slice of the channels. Modules
 that act on each channel alone run unchanged on that slice:
 
-* channel-agnostic modules (activations, pooling, dropout) need nothing at all;
+* channel-agnostic modules (activations, pooling, ``nn.Flatten(start_dim=1)``) need nothing
+  at all;
+* dropout draws the whole tensor's mask and keeps its slice (:class:`ShardedDropout`);
 * per-channel modules with state (BatchNorm, InstanceNorm, GroupNorm with whole norm groups
   on each rank) keep the rows of their parameters and buffers that belong to the slice:
   :func:`shard_channel_module` does that, in place, and :func:`unshard_channel_module` gathers
@@ -17,9 +19,10 @@ dim 0 (``num_batches_tracked`` and other scalars are the same on every rank).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.collectives import all_gather_channels, gather_rows
+from mpgroups.collectives import all_gather_channels, dense_order, gather_rows
 from mpgroups.input_checks import (
     BAD_CHANNELS,
     InputGuard,
@@ -32,11 +35,14 @@ from mpgroups.process_groups import rank_and_world_size, resolve_process_group
 
 __all__ = [
     "CHANNEL_AGNOSTIC",
+    "DROPOUTS",
     "GatherChannels",
+    "ShardedDropout",
     "channel_shards",
     "is_channel_agnostic",
     "row_shards",
     "shard_channel_module",
+    "tensor_shards",
     "unshard_channel_module",
 ]
 
@@ -59,7 +65,6 @@ CHANNEL_AGNOSTIC: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.Softplus,
     nn.Identity,
-    nn.Dropout,
     nn.MaxPool1d,
     nn.MaxPool2d,
     nn.MaxPool3d,
@@ -78,10 +83,24 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
+# Dropout draws a mask of its input's shape: on a shard it needs the whole tensor's mask
+# (ShardedDropout), so it is not channel-agnostic.
+DROPOUTS: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_DROPOUT_FUNCTIONS = {
+    nn.Dropout: F.dropout,
+    nn.Dropout1d: F.dropout1d,
+    nn.Dropout2d: F.dropout2d,
+    nn.Dropout3d: F.dropout3d,
+}
+
+
 def is_channel_agnostic(module: nn.Module) -> bool:
-    """True when ``module`` gives the same result on a channel slice as on the whole tensor."""
+    """True when ``module`` gives the same result on a channel slice as on the whole tensor
+    (for ``nn.Flatten(start_dim=1)``: the matching slice of the flattened features)."""
     if isinstance(module, nn.PReLU):
         return module.num_parameters == 1
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1
     return isinstance(module, CHANNEL_AGNOSTIC)
 
 
@@ -96,6 +115,23 @@ def channel_shards(channels: int, groups: int, process_group=None) -> ChannelSha
 def row_shards(module: nn.Module) -> ChannelShards | None:
     """How ``module``'s state is split along dim 0, or ``None`` when it is whole."""
     return getattr(module, "_mpgroups_row_shards", None)
+
+
+def tensor_shards(module: nn.Module) -> dict[str, tuple[ChannelShards, int]]:
+    """``{name: (shards, dim)}`` for ``module``'s own parameters and buffers that are split
+    over ranks: each rank holds the slice ``shards.own`` of the full tensor along ``dim``.
+
+    A parallel layer says so itself (``_mpgroups_tensor_shards``); a module sharded by
+    :func:`shard_channel_module` holds rows (dim 0) of every tensor with a dimension.
+    """
+    declared = getattr(module, "_mpgroups_tensor_shards", None)
+    if declared is not None:
+        return dict(declared)
+    shards = row_shards(module)
+    if shards is None:
+        return {}
+    named = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return {name: (shards, 0) for name, t in named if t is not None and t.dim() >= 1}
 
 
 def _num_channels(module: nn.Module) -> int:
@@ -182,6 +218,60 @@ def unshard_channel_module(module: nn.Module) -> nn.Module:
     _set_channels(module, shards.total, module._mpgroups_full_norm_groups)
     del module._mpgroups_row_shards, module._mpgroups_full_norm_groups
     return module
+
+
+class ShardedDropout(nn.Module):
+    """``nn.Dropout`` (or ``Dropout1d/2d/3d``) on an activation sharded along dim 1.
+
+    Draws the mask of the *whole* tensor from the RNG, exactly as the single-device module
+    would (same call, same shape, same generator), and keeps this rank's slice of it: with
+    the same seed on every rank, a run at any P drops exactly what one device drops. The
+    shard may be of channels or of the flattened features of channels (``nn.Flatten``
+    before it): the slice is scaled by ``x.shape[1] / own channels``. Costs one mask of the
+    whole tensor per call on every rank.
+    """
+
+    def __init__(self, dropout: nn.Module, shards: ChannelShards) -> None:
+        super().__init__()
+        if type(dropout) not in _DROPOUT_FUNCTIONS:
+            raise TypeError(f"ShardedDropout wraps {DROPOUTS}, got {type(dropout).__name__}")
+        if 0 in shards.widths:
+            raise ValueError(
+                f"dropout on channel shards {list(shards.slices)}: every rank must hold at "
+                f"least one channel"
+            )
+        self.kind = type(dropout)
+        self.p, self.inplace = dropout.p, dropout.inplace
+        self.shards = shards
+        self.train(dropout.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        start, stop = self.shards.own
+        scale, rest = divmod(x.shape[1], stop - start)
+        if rest:
+            raise ValueError(
+                f"ShardedDropout: input of shape {tuple(x.shape)} is not a shard of channels "
+                f"{start}..{stop} of {self.shards.total} (nor of their flattened features)"
+            )
+        shape = (x.shape[0], self.shards.total * scale, *x.shape[2:])
+        # Laid out as the whole tensor is (a channels_last shard: channels_last), since the
+        # mask is drawn in memory order.
+        ones = torch.empty_permuted(shape, dense_order(x), dtype=x.dtype, device=x.device)
+        ones.fill_(1)
+        mask = _DROPOUT_FUNCTIONS[self.kind](ones, self.p, True)
+        keep = mask.narrow(1, start * scale, (stop - start) * scale)
+        return x.mul_(keep) if self.inplace else x * keep
+
+    def to_dropout(self) -> nn.Module:
+        """The plain ``torch.nn`` dropout module this one stands for."""
+        dropout = self.kind(self.p, self.inplace)
+        dropout.train(self.training)
+        return dropout
+
+    def extra_repr(self) -> str:
+        return f"{self.kind.__name__}(p={self.p}), shard={self.shards.own} of {self.shards.total}"
 
 
 class GatherChannels(nn.Module):

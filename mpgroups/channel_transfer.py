@@ -33,7 +33,9 @@ def _shape_problem(x) -> Problem | None:
     return tensor_problem(x, f"[N, C, *spatial] (2 to {META_DIMS} dims)", 2, META_DIMS)
 
 
-def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_group=None) -> Tensor:
+def scatter_channels(
+    x: Tensor | None, src: int = 0, *, groups: int, process_group=None, device=None
+) -> Tensor:
     """Forward: rank ``src`` sends each rank its channel shard; backward: gather onto ``src``.
 
     Args:
@@ -41,6 +43,8 @@ def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_gro
         src: the holding rank, numbered within ``process_group``.
         groups: conv groups that define the sharded layout (see ``placement.shard_slice``).
         process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group).
+        device: where the shard lives on the ranks other than ``src`` (default: the group's
+            device: its bound device; for NCCL the current CUDA device; the CPU for gloo).
 
     Returns:
         This rank's shard ``[N, c_r, *spatial]`` in the sharded layout, laid out as ``x``
@@ -71,9 +75,8 @@ def scatter_channels(x: Tensor | None, src: int = 0, *, groups: int, process_gro
     shards = layout_shards(meta.shape[1], groups, pg.size(), rank, pg)
     if not holds:
         # A leaf that requires grad on the other ranks keeps them in the backward gather.
-        x = torch.empty(
-            0, dtype=meta.dtype, device=comm_device(pg), requires_grad=meta.requires_grad
-        )
+        where = torch.device(device) if device is not None else comm_device(pg)
+        x = torch.empty(0, dtype=meta.dtype, device=where, requires_grad=meta.requires_grad)
     return scatter_channels_from(x, shards, src, meta, x.device)
 
 

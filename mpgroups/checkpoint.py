@@ -13,8 +13,13 @@ Sharded layout, one directory per checkpoint::
     shard-00001-of-00002.pt   rank 1: its rows of the sharded entries
 
 Each file holds ``{"format", "rank", "world_size", "keys", "rows", "tensors"}`` where
-``rows[key] = [start, stop, total]`` says which rows of dim 0 the file holds. A directory
+``rows[key] = [start, stop, total]`` says which rows of dim 0 the file holds
+(``[start, stop, total, dim]`` for a slice along another dim). A directory
 written at P ranks loads at any P (each rank reads the pieces it needs).
+
+On a 2-D ``("dp", "gp")`` mesh the files are those of the group-parallel ranks (P = gp); one
+data-parallel replica writes them, and a directory written on one (dp, gp) loads on any other
+(and into the plain model).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import hashlib
 import io
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import warnings
@@ -33,9 +37,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mpgroups.collectives import all_ranks_agree, barrier, broadcast_ints
+from mpgroups.collectives import all_gather_records, all_ranks_agree, barrier, broadcast_ints
 from mpgroups.process_groups import rank_and_world_size, resolve_process_group
-from mpgroups.state_dict import load_full_state_dict, model_process_group, sharded_keys
+from mpgroups.state_dict import (
+    fsdp_process_group,
+    load_full_state_dict,
+    model_process_group,
+    sharded_keys,
+    whole_dtensors,
+)
 
 __all__ = [
     "CheckpointError",
@@ -131,25 +141,47 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
     return obj
 
 
-def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_sharded_state_dict(
+    model: nn.Module, directory: str | os.PathLike, *, data_parallel_group=None
+) -> Path:
     """Each rank writes its own shard of ``model.state_dict()`` (atomically) into ``directory``.
 
     A collective over the model's process group: returns once every rank's file is written.
-    Shard files of another world size in ``directory`` are removed by rank 0 afterwards.
-    Every shard carries one id per save, so shards of two saves (one interrupted part-way
-    over an older one) are refused together at load.
+    Shard files of another world size in ``directory`` are removed by rank 0 before it returns.
+    Every shard carries the id of its save, a digest of the whole save's contents, so shards of
+    two saves of different states (one interrupted part-way over an older one) are refused
+    together at load.
+
+    On a 2-D mesh (model parallelized over ``mesh["gp"]``, DDP or FSDP2 over ``mesh["dp"]``),
+    every rank of the mesh calls it; ``data_parallel_group`` (``mesh["dp"]``, found by itself
+    under FSDP2) names the replicas, and only the first writes files, the others waiting until
+    they are written. Without it under DDP every replica writes the same files; that is safe
+    (each write is atomic and replicas holding the same state write the same bytes under the
+    same id) but costs one write per replica.
     """
     directory = Path(directory)
     process_group = model_process_group(model)
     rank, world_size = rank_and_world_size(process_group)
-    (save_id,) = broadcast_ints([secrets.randbits(62)], process_group)
+    if data_parallel_group is None:
+        replicas = fsdp_process_group(model)
+    else:
+        replicas = resolve_process_group(data_parallel_group)
+    # DTensors (FSDP2's over dp) are made whole first: a collective every rank joins.
+    state = whole_dtensors(model.state_dict())
+    writes = replicas is None or rank_and_world_size(replicas)[0] == 0
+    if writes:
+        _write_shards(model, directory, state, process_group, rank, world_size)
+    barrier(replicas)
+    return directory
+
+
+def _write_shards(model, directory: Path, state: dict, process_group, rank, world_size) -> None:
     sharded = sharded_keys(model)
-    state = model.state_dict()
     rows, tensors = {}, {}
     for key, value in state.items():
-        shards = sharded.get(key)
+        shards, dim = sharded.get(key, (None, 0))
         if shards is not None and shards.world_size > 1:
-            rows[key] = [*shards.own, shards.total]
+            rows[key] = [*shards.own, shards.total] + ([dim] if dim else [])
             tensors[key] = value.detach().cpu()
         elif rank == 0:
             tensors[key] = value.detach().cpu()
@@ -157,7 +189,7 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
         "format": _FORMAT,
         "rank": rank,
         "world_size": world_size,
-        "save_id": save_id,
+        "save_id": _save_id(rows, tensors, process_group),
         "keys": list(state),
         "rows": rows,
         "tensors": tensors,
@@ -168,8 +200,21 @@ def save_sharded_state_dict(model: nn.Module, directory: str | os.PathLike) -> P
         for path in directory.iterdir():
             match = _SHARD_FILE.match(path.name)
             if match and int(match.group(2)) != world_size:
-                path.unlink()
-    return directory
+                path.unlink(missing_ok=True)  # another replica may remove it too
+    barrier(process_group)
+
+
+def _save_id(rows: dict, tensors: dict[str, Tensor], process_group) -> int:
+    """One 62-bit id per save, the same on every rank: a digest of every rank's entries."""
+    digest = hashlib.sha256(repr(sorted(rows.items())).encode())
+    for key, tensor in tensors.items():
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(_cpu_bytes(tensor.contiguous().reshape(-1).view(torch.uint8)))
+    own = int.from_bytes(digest.digest()[:8], "little") >> 2
+    every = all_gather_records(torch.tensor([own], dtype=torch.int64), process_group)
+    combined = hashlib.sha256(repr(every.reshape(-1).tolist()).encode()).digest()
+    return int.from_bytes(combined[:8], "little") >> 2
 
 
 def _read_shards(directory: Path) -> list[dict]:
@@ -206,14 +251,15 @@ def _assemble(key: str, records: list[dict]) -> Tensor:
         ((rec["rows"][key], rec["tensors"][key]) for rec in records), key=lambda p: p[0][0]
     )
     total = pieces[0][0][2]
+    dim = pieces[0][0][3] if len(pieces[0][0]) > 3 else 0
     covered = 0
-    for (start, stop, _), piece in pieces:
-        if start != covered or piece.shape[0] != stop - start:
-            raise CheckpointError(f"shards of '{key}' do not tile its {total} rows")
+    for (start, stop, *_), piece in pieces:
+        if start != covered or piece.dim() <= dim or piece.shape[dim] != stop - start:
+            raise CheckpointError(f"shards of '{key}' do not tile its {total} entries on dim {dim}")
         covered = stop
     if covered != total:
-        raise CheckpointError(f"shards of '{key}' cover {covered} of its {total} rows")
-    return torch.cat([piece for _, piece in pieces])
+        raise CheckpointError(f"shards of '{key}' cover {covered} of its {total} entries")
+    return torch.cat([piece for _, piece in pieces], dim=dim)
 
 
 def load_sharded_state_dict(model: nn.Module, directory: str | os.PathLike, strict: bool = True):

@@ -41,11 +41,14 @@ __all__ = [
     "all_gather_channels_partial",
     "all_gather_records",
     "all_ranks_agree",
+    "all_reduce_sum",
     "barrier",
     "broadcast_ints",
     "broadcast_meta",
     "broadcast_tensors_",
     "comm_device",
+    "copy_to_ranks",
+    "dense_order",
     "gather_channels_to",
     "gather_rows",
     "gather_to",
@@ -53,6 +56,7 @@ __all__ = [
     "scatter_from",
     "slice_channels",
     "slice_group_channels",
+    "reduce_scatter_channels",
     "sum_over_ranks",
 ]
 
@@ -107,6 +111,9 @@ def _dense_order(x: Tensor) -> tuple[int, ...]:
     if len(strides) > 1 and inner_to_outer[0] == 1 and strides == sorted(strides):
         return last
     return identity
+
+
+dense_order = _dense_order  # public: modules that allocate results laid out as their input
 
 
 def _empty_like_order(shape, order, like: Tensor) -> Tensor:
@@ -190,13 +197,26 @@ def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     return _trimmed(recv, shards.widths[shards.rank], dim, _dense_order(x))
 
 
-def comm_device(process_group: dist.ProcessGroup) -> torch.device:
-    """Where a collective's own small buffers live: the device the group is bound to, else
-    the current CUDA device for NCCL, else the CPU (gloo)."""
+def _all_reduce(x: Tensor, process_group) -> Tensor:
+    """The sum of every rank's ``x``, as a fresh tensor in ``x``'s memory format (dense on
+    the wire: the buffer is reduced as one flat run of memory)."""
+    order = _dense_order(x)
+    total = _empty_like_order(x.shape, order, x).copy_(x)
+    with counted("all_reduce", process_group.size(), total.numel() * total.element_size()):
+        dist.all_reduce(total.permute(order).view(-1), group=process_group)
+    return total
+
+
+def comm_device(process_group: dist.ProcessGroup, like: Tensor | None = None) -> torch.device:
+    """Where a collective's own small buffers live: the device the group is bound to; for
+    NCCL unbound, the GPU of ``like`` (the tensor the collective is about), else the current
+    CUDA device; the CPU for gloo."""
     bound = getattr(process_group, "bound_device_id", None)
     if bound is not None:
         return bound
     if dist.get_backend(process_group) == "nccl":
+        if like is not None and like.is_cuda:
+            return like.device
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -285,6 +305,34 @@ class _ReduceScatter(torch.autograd.Function):
         return _AllGather.apply(grad, ctx.shards, ctx.dim, True), None, None
 
 
+class _AllReduce(torch.autograd.Function):
+    """Forward: all-reduce (sum); backward: identity (every rank already holds the complete
+    gradient of the replicated sum)."""
+
+    @staticmethod
+    def forward(ctx, x, process_group):
+        ctx.process_group = process_group
+        return _all_reduce(x, process_group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Copy.apply(grad, ctx.process_group), None
+
+
+class _Copy(torch.autograd.Function):
+    """Forward: identity on a replicated tensor that each rank consumes differently;
+    backward: all-reduce (sum) of the ranks' partial gradients."""
+
+    @staticmethod
+    def forward(ctx, x, process_group):
+        ctx.process_group = process_group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduce.apply(grad, ctx.process_group), None
+
+
 class _SliceBlock(torch.autograd.Function):
     """Forward: take channels ``block`` (no communication); backward: reduce-scatter within
     the team, then all-gather over the whole group."""
@@ -351,6 +399,38 @@ def all_gather_channels_partial(x: Tensor, shards: ChannelShards, dim: int = 1) 
     return _AllGather.apply(x, shards, dim, True)
 
 
+def reduce_scatter_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
+    """Forward: sum every rank's full-width ``x`` and keep own shard along ``dim``;
+    backward: all-gather the shards' grads (each rank's partial sum read all of them).
+
+    ``x`` is ``[N, C, *spatial]`` on every rank; the result ``[N, c_r, *spatial]``.
+    """
+    if shards.world_size == 1:
+        return x
+    return _ReduceScatter.apply(x, shards, dim)
+
+
+def all_reduce_sum(x: Tensor, process_group) -> Tensor:
+    """Forward: sum ``x`` over the ranks (all-reduce); backward: identity.
+
+    For partial sums (a row-parallel layer's output) that become one replicated tensor.
+    """
+    if process_group is None or process_group.size() == 1:
+        return x
+    return _AllReduce.apply(x, process_group)
+
+
+def copy_to_ranks(x: Tensor, process_group) -> Tensor:
+    """Forward: identity; backward: sum the ranks' gradients (all-reduce).
+
+    For a replicated tensor that each rank consumes differently (the input of a
+    column-parallel layer), so its gradient is the complete one on every rank.
+    """
+    if process_group is None or process_group.size() == 1:
+        return x
+    return _Copy.apply(x, process_group)
+
+
 def slice_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
     """Forward: take own slice of a replicated ``x``; backward: all-gather the slices' grads."""
     if shards.world_size == 1:
@@ -390,7 +470,8 @@ def gather_channels_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
 
 def broadcast_meta(x: Tensor | None, src: int, process_group) -> TensorMeta:
     """Describe group rank ``src``'s ``x`` to every rank (one tiny broadcast)."""
-    meta = torch.zeros(4 + META_DIMS, dtype=torch.int64, device=comm_device(process_group))
+    holder = x if isinstance(x, Tensor) else None
+    meta = torch.zeros(4 + META_DIMS, dtype=torch.int64, device=comm_device(process_group, holder))
     if dist.get_rank(process_group) == src:
         records_grad = torch.is_grad_enabled() and x.requires_grad
         channels_last = _dense_order(x) != tuple(range(x.dim()))
@@ -406,14 +487,19 @@ def broadcast_meta(x: Tensor | None, src: int, process_group) -> TensorMeta:
     return TensorMeta(shape, WIRE_DTYPES[dtype_index], bool(requires_grad), order)
 
 
-def gather_rows(x: Tensor, shards: ChannelShards, dst: int | None = None) -> Tensor | None:
-    """The whole tensor from each rank's rows ``shards.own`` of dim 0 (no autograd).
+def gather_rows(
+    x: Tensor, shards: ChannelShards, dst: int | None = None, dim: int = 0
+) -> Tensor | None:
+    """The whole tensor from each rank's slice ``shards.own`` of dim ``dim`` (no autograd).
 
     For state: parameters, buffers, gradients. ``dst=None``: every rank gets it; otherwise
     only group rank ``dst`` does, the others get ``None``.
     """
     if shards.world_size == 1:
         return x.detach()
+    if dim != 0:
+        whole = gather_rows(x.detach().movedim(dim, 0), shards, dst)
+        return None if whole is None else whole.movedim(0, dim).contiguous()
     rows = x.detach().reshape(1, x.shape[0], -1)
     with torch.no_grad():
         if dst is None:
@@ -486,11 +572,12 @@ def broadcast_ints(values: list[int], process_group, src: int = 0) -> list[int]:
     return data.tolist()
 
 
-def all_gather_records(values: Tensor, process_group) -> Tensor:
-    """``[P, K]``: every rank's int64 ``values`` of length ``K`` (one tiny all-gather)."""
+def all_gather_records(values: Tensor, process_group, like: Tensor | None = None) -> Tensor:
+    """``[P, K]``: every rank's int64 ``values`` of length ``K`` (one tiny all-gather), on
+    the device :func:`comm_device` picks for ``like``."""
     if process_group is None or process_group.size() == 1:
         return values.unsqueeze(0)
-    send = values.to(comm_device(process_group))
+    send = values.to(comm_device(process_group, like))
     recv = send.new_empty((process_group.size(), send.numel()))
     with counted(
         "all_gather", process_group.size(), recv.numel() * recv.element_size(), kind="meta"

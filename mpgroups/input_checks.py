@@ -41,6 +41,7 @@ __all__ = [
     "check_same_call",
     "check_across_ranks",
     "checks_enabled",
+    "layer_input_problem",
     "tensor_problem",
     "fingerprint",
 ]
@@ -89,6 +90,33 @@ def tensor_problem(x, expects: str, min_dims: int, max_dims: int | None = None) 
         return NO_TENSOR, f"expects {expects}, got {type(x).__name__}"
     if x.dim() < min_dims or (max_dims is not None and x.dim() > max_dims):
         return BAD_DIMS, f"expects {expects}, got {x.dim()}-D of shape {tuple(x.shape)}"
+    return None
+
+
+def layer_input_problem(
+    x,
+    expects: str,
+    dims: tuple[int, int],
+    channel_dim: int,
+    channels: int,
+    note: str,
+    weight: Tensor,
+) -> Problem | None:
+    """A layer's local input problem: not a tensor, ``x.dim()`` outside ``dims = (min, max)``,
+    ``channels`` not found on ``channel_dim`` (``note`` says what they are), or a dtype or
+    device other than ``weight``'s; ``None`` when ``x`` can be this rank's input."""
+    problem = tensor_problem(x, expects, *dims)
+    if problem is not None:
+        return problem
+    if x.shape[channel_dim] != channels:
+        return BAD_CHANNELS, (
+            f"input has {x.shape[channel_dim]} channels, the layer expects {channels} ({note})"
+        )
+    # Under autocast the layer casts its input itself, as torch.nn's layers do.
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return BAD_DTYPE, f"input dtype {x.dtype} does not match the weight's {weight.dtype}"
+    if x.device != weight.device:
+        return BAD_DEVICE, f"input is on {x.device}, the weight on {weight.device}"
     return None
 
 
@@ -182,7 +210,8 @@ def _check_across_ranks(
         The message's lines are the same on every rank; its first names this rank's site.
     """
     code = 0 if problem is None else problem[0]
-    records = all_gather_records(_encode(x, layer_id, call, code), process_group).tolist()
+    like = x if isinstance(x, Tensor) else None
+    records = all_gather_records(_encode(x, layer_id, call, code), process_group, like).tolist()
     sent_channels = channel_counts(records, channel_dim)
     if callable(expected_channels):
         expected_channels = expected_channels(sent_channels)
@@ -310,24 +339,30 @@ class InputGuard:
     ) -> list[list[int]] | None:
         """Check ``x``; return every rank's record when they were exchanged, else ``None``."""
         if self.exchanges(communicates):
-            self.calls += 1
-            return check_across_ranks(
-                x,
-                process_group=self.process_group,
-                layer=self.site,
-                layer_id=self.site_id,
-                call=self.calls,
-                problem=problem,
-                channel_dim=self.channel_dim,
-                expected_channels=expected_channels,
-                channels_note=channels_note,
-                weight=weight,
-            )
+            return self._exchange(x, problem, expected_channels, channels_note, weight)
         if problem is not None:
             error = TypeError if problem[0] == NO_TENSOR else ValueError
             where = f"rank {self.rank} of {self.world_size}"
             raise error(f"{self.site} on {where}: {problem[1]}")
         return None
+
+    # Outside any compiled graph: the call count changes every call (a graph would be
+    # recompiled for each value), and the exchange reads the real input.
+    @torch.compiler.disable
+    def _exchange(self, x, problem, expected_channels, channels_note, weight):
+        self.calls += 1
+        return check_across_ranks(
+            x,
+            process_group=self.process_group,
+            layer=self.site,
+            layer_id=self.site_id,
+            call=self.calls,
+            problem=problem,
+            channel_dim=self.channel_dim,
+            expected_channels=expected_channels,
+            channels_note=channels_note,
+            weight=weight,
+        )
 
     def raise_together(self, ok: bool, message: str) -> None:
         """Raise :class:`InputMismatchError` with ``message`` on every rank unless ``ok`` holds

@@ -10,17 +10,19 @@ Pure bookkeeping on channel counts and ranks: nothing here moves data or calls
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from mpgroups.placement import Placement, Slice, place, shard_slice
+from mpgroups.placement import Placement, PlacementError, Slice, place, shard_slice
 
 __all__ = [
     "LAYOUTS",
     "NOT_PICKLABLE",
+    "SPLITS",
     "ChannelShards",
     "LayerShards",
     "check_layout",
+    "check_split",
     "communicates",
     "layer_shards",
     "layout_shards",
@@ -105,28 +107,61 @@ def layout_shards(
     return ChannelShards(process_group, slices, rank)
 
 
+SPLITS = ("out", "in")
+
+
 @dataclass(frozen=True)
 class LayerShards:
     """The channel splits one group-parallel layer works with.
 
     Attributes:
-        placement: what this rank owns (:func:`~mpgroups.placement.place`).
+        placement: what this rank owns (:func:`~mpgroups.placement.place`; with ``split="in"``
+            or ``shard_groups`` its ``in_slice``/``out_slice`` are those of the layer).
         inputs: the sharded layout of the layer's input channels.
         outputs: the sharded layout of its output channels (each rank's ``out_slice``).
         team_slices: for a filter split (``G < P``), how the team's group input channels
             split over the team, relative to the group's first channel; else ``None``.
+        split: which dimension of the weight the ranks divide: ``"out"`` (rows: each rank
+            its output channels' filters) or ``"in"`` (columns: each rank the filters' input
+            channels it holds; the ranks' partial sums are added). Whole groups per rank
+            (``G >= P``) are always ``"out"``: the two coincide.
     """
 
     placement: Placement
     inputs: ChannelShards
     outputs: ChannelShards
     team_slices: tuple[Slice, ...] | None
+    split: str = "out"
 
     def team(self, team_process_group) -> ChannelShards:
         """The team's input split over ``team_process_group`` (a filter split only)."""
         if self.team_slices is None:
             raise ValueError("this layer holds whole groups: it has no team")
         return ChannelShards(team_process_group, self.team_slices, self.placement.team_rank)
+
+    @property
+    def weight(self) -> tuple[ChannelShards, int]:
+        """How the weight ``[C_out, C_in / G, ...]`` splits: ``(shards, dim)``."""
+        if self.split == "in":
+            return self.inputs, 1
+        return self.outputs, 0
+
+
+def check_split(split: str, groups: int, world_size: int, input_layout: str) -> None:
+    """Raise ``ValueError`` unless the layer can divide its weight along ``split``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "in" and input_layout != "sharded":
+        raise ValueError(
+            "split='in' (row-parallel) sums partial results of each rank's input channels: "
+            "it needs input_layout='sharded'"
+        )
+    if split == "in" and 1 < groups < world_size:
+        raise ValueError(
+            f"split='in' with 1 < groups={groups} < world size {world_size} is not supported; "
+            f"use split='out' (each team splits its group's filters), or groups=1 or "
+            f"groups >= {world_size}"
+        )
 
 
 def layer_shards(
@@ -136,25 +171,72 @@ def layer_shards(
     world_size: int,
     rank: int,
     process_group=None,
+    *,
+    split: str = "out",
+    shard_groups: int | None = None,
+    input_layout: str = "replicated",
+    output_layout: str = "replicated",
 ) -> LayerShards:
-    """Apply the placement rule to every rank and collect the splits of one layer."""
-    placement = place(in_channels, out_channels, groups, world_size, rank)
-    inputs = layout_shards(in_channels, groups, world_size, rank, process_group)
-    outputs = ChannelShards(
-        process_group,
-        tuple(
-            place(in_channels, out_channels, groups, world_size, r).out_slice
-            for r in range(world_size)
-        ),
-        rank,
-    )
+    """Apply the placement rule to every rank and collect the splits of one layer.
+
+    ``shard_groups`` (only with ``groups=1``) lays the layer's sharded sides out as those of a
+    conv with ``shard_groups`` groups, so a dense layer pairs with a grouped neighbour whose
+    groups do not split evenly (a ``groups=1`` layer may split its channels any way).
+    """
+    check_split(split, groups, world_size, input_layout)
+    if groups >= world_size:
+        split = "out"
+    if shard_groups is not None and shard_groups != groups:
+        if groups != 1:
+            raise ValueError(
+                f"shard_groups={shard_groups} applies to a groups=1 layer; this one has "
+                f"groups={groups}, which decides its shards"
+            )
+        in_groups = shard_groups if input_layout == "sharded" else 1
+        out_groups = shard_groups if output_layout == "sharded" else 1
+    else:
+        in_groups = out_groups = groups
+    inputs = layout_shards(in_channels, in_groups, world_size, rank, process_group)
+    if split == "in":
+        # Row-parallel (groups=1 here): every rank reads its input shard and adds into all
+        # outputs; the bias rows follow the output shards (some may be empty).
+        if in_channels % groups or out_channels % groups:
+            place(in_channels, out_channels, groups, world_size, rank)  # raises with the reason
+        outputs = layout_shards(out_channels, out_groups, world_size, rank, process_group)
+        if 0 in inputs.widths:
+            raise PlacementError(
+                f"split='in' gives every rank a piece of the {in_channels} input channels, "
+                f"but the shards {list(inputs.slices)} leave a rank without one"
+            )
+        placement = Placement(
+            rank, world_size, groups, (0, 1), inputs.own, outputs.own, (0, world_size)
+        )
+    else:
+        placement = place(in_channels, out_channels, groups, world_size, rank)
+        if out_groups != groups:
+            outputs = layout_shards(out_channels, out_groups, world_size, rank, process_group)
+            if 0 in outputs.widths:
+                raise PlacementError(
+                    f"the output shards {list(outputs.slices)} of {out_channels} channels "
+                    f"leave a rank without an output channel"
+                )
+            placement = replace(placement, out_slice=outputs.own)
+        else:
+            outputs = ChannelShards(
+                process_group,
+                tuple(
+                    place(in_channels, out_channels, groups, world_size, r).out_slice
+                    for r in range(world_size)
+                ),
+                rank,
+            )
     team_slices = None
     if placement.filter_split:
         team_start, team_stop = placement.team
         absolute = inputs.slices[team_start:team_stop]
         offset = absolute[0][0]
         team_slices = tuple((a - offset, b - offset) for a, b in absolute)
-    return LayerShards(placement, inputs, outputs, team_slices)
+    return LayerShards(placement, inputs, outputs, team_slices, split)
 
 
 def communicates(placement: Placement, input_layout: str, output_layout: str) -> bool:

@@ -11,10 +11,14 @@ import fnmatch
 import weakref
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
+from mpgroups.auto_plan import auto_plan
 from mpgroups.channel_modules import (
+    DROPOUTS,
     GatherChannels,
+    ShardedDropout,
     channel_shards,
     is_channel_agnostic,
     row_shards,
@@ -28,9 +32,12 @@ from mpgroups.conv import (
     GroupParallelConv3d,
     _GroupParallelConvNd,
 )
+from mpgroups.hooks import move_hooks
 from mpgroups.input_checks import check_same_call
 from mpgroups.layout import NOT_PICKLABLE, ChannelShards
-from mpgroups.plan import ChannelLocal, GroupParallel
+from mpgroups.linear import ParallelLinear
+from mpgroups.placement import PlacementError
+from mpgroups.plan import ChannelLocal, GroupParallel, Replicated
 from mpgroups.process_groups import resolve_process_group
 
 __all__ = ["PlanError", "parallelize", "unparallelize"]
@@ -39,16 +46,9 @@ _PARALLEL_OF = {
     nn.Conv1d: GroupParallelConv1d,
     nn.Conv2d: GroupParallelConv2d,
     nn.Conv3d: GroupParallelConv3d,
+    nn.Linear: ParallelLinear,
 }
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
+_PARALLEL_LAYERS = (_GroupParallelConvNd, ParallelLinear)
 
 
 class PlanError(ValueError):
@@ -63,21 +63,28 @@ class _Sharded:
 
 @dataclass
 class _Tracker:
-    """Which live tensors are channel shards, and who produced them (weakly held)."""
+    """Which live tensors are channel shards, and who produced them (weakly held).
+
+    A check of the plan in eager mode: under ``torch.compile`` it steps aside (tensors have
+    no stable identity while traced), so the compiled graph holds only the model's own ops.
+    """
 
     live: dict[int, tuple[weakref.ref, _Sharded]] = field(default_factory=dict)
     handles: list = field(default_factory=list)
 
     def mark(self, tensor, info: _Sharded) -> None:
-        if isinstance(tensor, Tensor):
+        if isinstance(tensor, Tensor) and not torch.compiler.is_compiling():
             key = id(tensor)
             self.live[key] = (weakref.ref(tensor, lambda _, k=key: self.live.pop(k, None)), info)
 
     def forget(self, tensor) -> None:
-        self.live.pop(id(tensor), None)
+        if not torch.compiler.is_compiling():
+            self.live.pop(id(tensor), None)
 
     def lookup(self, tensor) -> _Sharded | None:
-        entry = self.live.get(id(tensor)) if isinstance(tensor, Tensor) else None
+        if torch.compiler.is_compiling() or not isinstance(tensor, Tensor):
+            return None
+        entry = self.live.get(id(tensor))
         if entry is None or entry[0]() is not tensor:
             return None
         return entry[1]
@@ -129,10 +136,20 @@ def _needs_whole(tracker: _Tracker, name: str):
     return _PlanHook(hook)
 
 
+def same_layout(a: ChannelShards, b: ChannelShards) -> bool:
+    """Whether two shardings split alike: equal slices, or one the other's slices scaled
+    (the flattened features of channel shards: each channel ``k`` features)."""
+    small, large = sorted((a, b), key=lambda s: s.total)
+    if small.total == 0 or large.total % small.total:
+        return False
+    k = large.total // small.total
+    return large.slices == tuple((start * k, stop * k) for start, stop in small.slices)
+
+
 def _expects_shards(tracker: _Tracker, name: str, shards: ChannelShards):
     def hook(module, args):
         info = tracker.first_sharded(args)
-        if info is not None and info.shards.slices != shards.slices:
+        if info is not None and not same_layout(info.shards, shards):
             raise PlanError(
                 f"module '{name}' ({type(module).__name__}) expects channel shards "
                 f"{list(shards.slices)} but received {_describe(info)} with shards "
@@ -187,7 +204,8 @@ def _styles(modules: list[tuple[str, nn.Module]], plan: dict) -> dict[int, objec
         if style is not None or key not in styles:
             styles[key], named[key] = style, name
     for _, module in modules:
-        if styles[id(module)] is None and type(module) in _PARALLEL_OF and module.groups > 1:
+        grouped = getattr(module, "groups", 1) > 1
+        if styles[id(module)] is None and type(module) in _PARALLEL_OF and grouped:
             styles[id(module)] = GroupParallel()
     return styles
 
@@ -202,18 +220,11 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _move_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Hand ``old``'s hook dicts to ``new``: users' hooks and their handles keep working."""
-    for attr in _HOOK_DICTS:
-        setattr(new, attr, getattr(old, attr))
-    new._is_full_backward_hook = old._is_full_backward_hook
-
-
 def parallelize(
     model: nn.Module,
     process_group=None,
     *,
-    plan: dict | None = None,
+    plan: dict | str | None = None,
     sync_module_states: bool = True,
 ) -> nn.Module:
     """Replace ``model``'s grouped convolutions by group-parallel layers, in place.
@@ -248,15 +259,20 @@ def parallelize(
     if getattr(model, "_mpgroups_tracker", None) is not None:
         raise PlanError("model is already parallelized; call unparallelize(model) first")
     pg = resolve_process_group(process_group)
+    if isinstance(plan, str):
+        if plan != "auto":
+            raise PlanError(f"plan must be a dict or 'auto', got {plan!r}")
+        plan = auto_plan(model, pg)
     plan = dict(plan or {})
     # Every name of a module held under several names (weight sharing): each name gets the
     # one converted module, so the weights stay tied.
     modules = list(model.named_modules(remove_duplicate=False))
     names = {name for name, _ in modules}
     for key, style in plan.items():
-        if not isinstance(style, GroupParallel | ChannelLocal):
+        if not isinstance(style, GroupParallel | ChannelLocal | Replicated):
             raise PlanError(
-                f"plan['{key}'] must be GroupParallel or ChannelLocal, got {type(style).__name__}"
+                f"plan['{key}'] must be GroupParallel, ChannelLocal or Replicated, got "
+                f"{type(style).__name__}"
             )
         if key not in names and not any(fnmatch.fnmatchcase(n, key) for n in names):
             raise PlanError(f"plan entry '{key}' matches no module of {type(model).__name__}")
@@ -280,23 +296,13 @@ def parallelize(
                 styled[name] = style
             continue
         converted[id(module)] = module
-        if isinstance(module, _GroupParallelConvNd):
+        if isinstance(module, _PARALLEL_LAYERS):
             raise PlanError(f"module '{name}' is already a {type(module).__name__}")
         if isinstance(style, GroupParallel):
-            if type(module) not in _PARALLEL_OF:
-                raise PlanError(
-                    f"plan gives GroupParallel to '{name}', a {type(module).__name__}; "
-                    f"it applies to nn.Conv1d/2d/3d"
-                )
-            layer = _PARALLEL_OF[type(module)].from_conv(
-                module,
-                pg,
-                input_layout=style.input_layout,
-                output_layout=style.output_layout,
-            )
-            _move_hooks(module, layer)
+            layer = _parallel_layer(name, module, style, pg)
+            move_hooks(module, layer)
             if style.input_layout == "sharded":
-                if producer is not None and producer[1].slices != layer.shards.inputs.slices:
+                if producer is not None and not same_layout(producer[1], layer.shards.inputs):
                     raise PlanError(
                         f"'{name}' takes a sharded input with channel shards "
                         f"{list(layer.shards.inputs.slices)}, but '{producer[0]}' before it "
@@ -314,7 +320,13 @@ def parallelize(
         elif isinstance(style, ChannelLocal):
             shards = _channel_local_shards(name, module, style, producer, pg)
             try:
-                shard_channel_module(module, shards)
+                if isinstance(module, DROPOUTS):
+                    dropout = ShardedDropout(module, shards)
+                    move_hooks(module, dropout)
+                    model = _replace(model, name, dropout)
+                    converted[id(module)] = module = dropout
+                else:
+                    shard_channel_module(module, shards)
             except (TypeError, ValueError) as err:
                 raise PlanError(f"plan entry for '{name}': {err}") from err
             module.register_forward_pre_hook(_expects_shards(tracker, name, shards))
@@ -336,6 +348,24 @@ def parallelize(
     model._mpgroups_tracker = tracker
     model._mpgroups_styled = styled
     return model
+
+
+def _parallel_layer(name: str, module: nn.Module, style: GroupParallel, pg) -> nn.Module:
+    """The parallel layer for ``module`` (an ``nn.ConvNd`` or ``nn.Linear``) in ``style``."""
+    kind = _PARALLEL_OF.get(type(module))
+    if kind is None:
+        raise PlanError(
+            f"plan gives GroupParallel to '{name}', a {type(module).__name__}; it applies to "
+            f"nn.Conv1d/2d/3d and nn.Linear"
+        )
+    try:
+        if kind is ParallelLinear:
+            return ParallelLinear.from_linear(module, pg, **style.layer_kwargs())
+        return kind.from_conv(module, pg, **style.layer_kwargs())
+    except PlacementError:
+        raise
+    except ValueError as err:
+        raise PlanError(f"plan entry for '{name}' ({style}): {err}") from err
 
 
 def _channel_local_shards(name, module, style: ChannelLocal, producer, pg) -> ChannelShards:
@@ -379,12 +409,17 @@ def unparallelize(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in restored:
             model = _replace(model, name, restored[id(module)])
-        elif isinstance(module, _GroupParallelConvNd):
+        elif isinstance(module, (*_PARALLEL_LAYERS, ShardedDropout)):
             _drop_plan_hooks(module)
-            conv = module.to_conv()
-            _move_hooks(module, conv)
-            restored[id(module)] = conv
-            model = _replace(model, name, conv)
+            if isinstance(module, ParallelLinear):
+                plain = module.to_linear()
+            elif isinstance(module, ShardedDropout):
+                plain = module.to_dropout()
+            else:
+                plain = module.to_conv()
+            move_hooks(module, plain)
+            restored[id(module)] = plain
+            model = _replace(model, name, plain)
         elif row_shards(module) is not None or name in styled:
             _drop_plan_hooks(module)
             unshard_channel_module(module)

@@ -1,7 +1,8 @@
 """Process-group set-up for entry points run under ``torchrun`` (or as one plain process).
 
 ``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``; without
-them the entry point runs as a single process with no process group.
+them the entry point runs as a single process with no process group. :func:`init_mesh` splits
+the job into a 2-D ``("dp", "gp")`` mesh: group parallel inside, data parallel across.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DistInfo", "init_distributed", "shutdown"]
+__all__ = ["DEFAULT_TIMEOUT_S", "DistInfo", "init_distributed", "init_mesh", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -116,6 +117,33 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"mpgroups/attempt-{attempt}", store)
+
+
+def init_mesh(info: DistInfo, gp: int | None):
+    """The ``("dp", "gp")`` ``DeviceMesh`` of a job with ``gp`` group-parallel ranks per model
+    replica and data parallelism over the ``world_size // gp`` replicas, or ``None`` when one
+    group holds every rank (``gp`` ``None`` or the world size: the job is group parallel only).
+
+    Consecutive ranks share a ``gp`` group (``torchrun`` numbers one node's processes
+    consecutively, so with ``gp`` = processes per node the group-parallel traffic stays inside a
+    node and only data-parallel gradients cross nodes). A collective: every rank calls it.
+
+    Raises:
+        ValueError: ``gp`` does not divide the world size.
+    """
+    world = info.world_size
+    if gp is None:
+        return None
+    if gp < 1 or world % gp:
+        fits = [d for d in range(1, world + 1) if world % d == 0]
+        raise ValueError(
+            f"gp must divide the number of processes ({world}): one of {fits}, got {gp}"
+        )
+    if gp == world:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(info.device.type, (world // gp, gp), mesh_dim_names=("dp", "gp"))
 
 
 def shutdown() -> None:

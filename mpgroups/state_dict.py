@@ -1,47 +1,53 @@
 """State dicts of the equivalent single-device model, from a parallelized one, and back.
 
-A parallel module's state holds its rows of the full tensors along dim 0 (``weight`` and
-``bias`` of a group-parallel conv, the per-channel state of a sharded BatchNorm); every other
-entry is the same on every rank. The full state dict has the keys, order and shapes of the
+A parallel module's state holds its slices of the full tensors: rows (dim 0) of a
+group-parallel conv's ``weight`` and ``bias`` and of a sharded BatchNorm's state, columns
+(dim 1) of a row-parallel (``split="in"``) layer's ``weight``; every other entry is the same
+on every rank. The full state dict has the keys, order and shapes of the
 original ``torch.nn`` model, so it loads there with ``strict=True``.
+
+Under FSDP2 (``fully_shard(model, mesh=mesh["dp"])`` around a model parallelized over
+``mesh["gp"]``) parameters and gradients are ``DTensor``s sharded over the data-parallel mesh:
+each is first made whole over its mesh (``full_tensor``, a collective), then gathered over the
+group-parallel ranks as any entry; loading distributes a plain entry back into a ``DTensor``
+parameter (each rank keeps its part). The same holds for the ``DTensor`` entries of torch's
+tensor-parallel styles.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mpgroups.channel_modules import row_shards
+from mpgroups.channel_modules import tensor_shards
 from mpgroups.collectives import gather_rows
 from mpgroups.input_checks import check_same_call
 from mpgroups.layout import ChannelShards
 
 __all__ = [
+    "fsdp_process_group",
     "full_grad_dict",
     "full_state_dict",
     "load_full_state_dict",
     "local_parameter_bytes",
     "model_process_group",
     "sharded_keys",
+    "whole_dtensors",
 ]
 
 
-def sharded_keys(model: nn.Module) -> dict[str, ChannelShards]:
-    """``{state_dict key: how its rows split over ranks}`` for the entries split along dim 0."""
-    keys: dict[str, ChannelShards] = {}
+def sharded_keys(model: nn.Module) -> dict[str, tuple[ChannelShards, int]]:
+    """``{state_dict key: (shards, dim)}`` for the entries split over ranks along ``dim``."""
+    keys: dict[str, tuple[ChannelShards, int]] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
-        shards = row_shards(module)
-        if shards is None:
-            continue
         dot = f"{prefix}." if prefix else ""
-        named = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for name, tensor in named:
-            if tensor is not None and tensor.dim() >= 1:
-                keys[dot + name] = shards
+        for name, split in tensor_shards(module).items():
+            keys[dot + name] = split
     return keys
 
 
-def _group_shards(sharded: dict[str, ChannelShards]) -> ChannelShards | None:
-    for shards in sharded.values():
+def _group_shards(sharded: dict[str, tuple[ChannelShards, int]]) -> ChannelShards | None:
+    for shards, _ in sharded.values():
         if shards.world_size > 1:
             return shards
     return None
@@ -53,25 +59,55 @@ def model_process_group(model: nn.Module):
     return None if shards is None else shards.process_group
 
 
+def fsdp_process_group(model: nn.Module):
+    """The process group FSDP2 (``fully_shard``) shards ``model``'s parameters over: the 1-D
+    mesh of its ``DTensor`` parameters. ``None`` when no module of ``model`` is fully sharded
+    (``DTensor`` parameters of torch's tensor-parallel styles are not data parallel) or the
+    mesh has more dimensions."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(module, FSDPModule) for module in model.modules()):
+        return None
+    for param in model.parameters():
+        if isinstance(param, DTensor):
+            mesh = param.device_mesh
+            return mesh.get_group() if mesh.ndim == 1 else None
+    return None
+
+
+def whole_dtensors(items: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+    """``items`` with every ``DTensor`` (FSDP2's shards over dp, torch's tensor-parallel
+    styles' entries) made whole, detached: a collective over each one's mesh, in the order of
+    ``items``; other entries are returned as they are."""
+    return {
+        key: value.detach().full_tensor() if isinstance(value, DTensor) else value
+        for key, value in items.items()
+    }
+
+
 def _gather_all(
-    items: dict[str, Tensor], sharded: dict[str, ChannelShards], rank0_only: bool, what: str
+    items: dict[str, Tensor],
+    sharded: dict[str, tuple[ChannelShards, int]],
+    rank0_only: bool,
+    what: str,
 ) -> dict[str, Tensor]:
+    items = whole_dtensors(items)
     group_shards = _group_shards(sharded)
     if group_shards is None:
         return {key: value.detach() for key, value in items.items()}
     # Every rank must gather the same entries in the same order: check that before the first.
     layout = [
-        (key, shards.total, tuple(items[key].shape[1:]))
-        for key, shards in sharded.items()
+        (key, dim, shards.total, tuple(items[key].movedim(dim, 0).shape[1:]))
+        for key, (shards, dim) in sharded.items()
         if key in items and shards.world_size > 1
     ]
     check_same_call(what, tuple(layout), group_shards.process_group)
     keep = not rank0_only or group_shards.rank == 0
     out = {}
     for key, value in items.items():
-        shards = sharded.get(key)
+        shards, dim = sharded.get(key, (None, 0))
         if shards is not None and shards.world_size > 1:
-            value = gather_rows(value, shards, dst=0 if rank0_only else None)
+            value = gather_rows(value, shards, dst=0 if rank0_only else None, dim=dim)
         if keep:
             out[key] = value
     return out
@@ -114,20 +150,35 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
     local = model.state_dict()
     to_load = {}
     for key, value in state_dict.items():
-        shards = sharded.get(key)
+        shards, dim = sharded.get(key, (None, 0))
         if shards is not None:
-            expected = (shards.total, *local[key].shape[1:])
-            if tuple(value.shape) != expected:
+            expected = list(local[key].shape)
+            expected[dim] = shards.total
+            if list(value.shape) != expected:
                 raise ValueError(
                     f"state_dict['{key}'] has shape {tuple(value.shape)}, the full tensor of "
-                    f"this model has shape {expected}"
+                    f"this model has shape {tuple(expected)}"
                 )
             start, stop = shards.own
-            value = value[start:stop]
+            value = value.narrow(dim, start, stop - start)
+        target = local.get(key)
+        if isinstance(target, DTensor) and not isinstance(value, DTensor):
+            # FSDP2: each rank keeps its part of the data-parallel shards (no communication).
+            value = distribute_tensor(
+                value.to(device=target.device, dtype=target.dtype),
+                target.device_mesh,
+                target.placements,
+                src_data_rank=None,
+            )
         to_load[key] = value
     return model.load_state_dict(to_load, strict=strict)
 
 
 def local_parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters this rank holds (its shards plus the replicated ones)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the parameters this rank holds (its shards plus the replicated ones; of a
+    ``DTensor`` parameter, its local part)."""
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -6,12 +6,20 @@ Usage (the README's first command runs the first line)::
     torchrun --standalone --nproc-per-node 4 -m mpgroups.train --epochs 5 --samples 1000
     torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m mpgroups.train \\
         --checkpoint-dir /tmp/ckpt --checkpoint-every 10      # resumes after a crash
+    torchrun --standalone --nproc-per-node 4 -m mpgroups.train --gp 2  # 2 x 2 mesh, DDP over dp
     python -m mpgroups.train                                   # one process, no group
 
 The 1,797 8x8 digit images (bundled with scikit-learn, no download) are upscaled to
-``--image-size`` and split once, by seed, into training and held-out sets. Every rank sees the
-same batches (model parallelism: each rank computes its share of every layer's channels); the
-epoch order comes from the seed and the epoch, so a resumed run draws the same batches.
+``--image-size`` and split once, by seed, into training and held-out sets. Every rank of a
+group-parallel group sees the same batches (model parallelism: each rank computes its share of
+every layer's channels); the epoch order comes from the seed and the epoch, so a resumed run
+draws the same batches.
+
+``--gp N`` makes a 2-D ``("dp", "gp")`` mesh: the model is group-parallel over ``N`` ranks and
+replicated (DDP) over the ``P / N`` data-parallel ranks, each of which takes its contiguous
+part of every batch. :func:`match_global_batch` makes the replicas compute what one device
+computes on the whole batch (BatchNorm statistics of the global batch, each sample's dropout
+mask as one device draws it), so the loss curve still equals the one-process run's.
 
 Rank 0 prints loss and held-out accuracy per epoch, then ``held-out accuracy: 0.xx``, the wall
 time, and (``--compare``, on by default with more than one process) the check that the loss
@@ -34,8 +42,10 @@ from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mpgroups.checkpoint import CheckpointManager, atomic_save
+from mpgroups.collectives import all_reduce_sum
+from mpgroups.global_batch import match_global_batch
 from mpgroups.models import AlexNet
-from mpgroups.runtime import DistInfo, init_distributed, shutdown
+from mpgroups.runtime import DistInfo, init_distributed, init_mesh, shutdown
 from mpgroups.state_dict import full_state_dict, local_parameter_bytes
 
 __all__ = ["load_digits_data", "main", "train"]
@@ -84,11 +94,12 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
     return correct / len(y)
 
 
-def build_model(args, info: DistInfo, parallel: bool) -> nn.Module:
+def build_model(args, info: DistInfo, parallel: bool, process_group=None) -> nn.Module:
     torch.manual_seed(args.seed)
     return AlexNet(
         num_classes=10,
         in_channels=1,
+        process_group=process_group,
         channels=tuple(args.channels),
         hidden=args.hidden,
         dropout=args.dropout,
@@ -97,18 +108,46 @@ def build_model(args, info: DistInfo, parallel: bool) -> nn.Module:
     ).to(device=info.device, dtype=_DTYPES[args.dtype])
 
 
-def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False) -> dict:
-    """Train; returns ``{"losses", "accuracy", "epochs": [...], "resumed_from"}``."""
+def _mesh_axes(mesh) -> tuple:
+    """``(gp process group or None for the default group, dp group, dp rank, dp size)``."""
+    if mesh is None:
+        return None, None, 0, 1
+    dp = mesh["dp"]
+    return mesh["gp"], dp.get_group(), dp.get_local_rank(), dp.size()
+
+
+def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False, mesh=None) -> dict:
+    """Train; returns ``{"losses", "accuracy", "epochs": [...], "resumed_from", "model"}``.
+
+    With a ``("dp", "gp")`` ``mesh`` the model is group-parallel over ``mesh["gp"]`` and
+    replicated with DDP over ``mesh["dp"]``; each dp rank takes its contiguous part of every
+    batch and the losses recorded are the whole batch's.
+    """
     x_train, y_train, x_test, y_test = load_digits_data(args.image_size, args.samples, args.seed)
     dtype = _DTYPES[args.dtype]
     x_train, y_train = x_train.to(info.device, dtype), y_train.to(info.device)
     x_test, y_test = x_test.to(info.device, dtype), y_test.to(info.device)
-    model = build_model(args, info, parallel)
+    gp_group, dp_group, dp_rank, dp = _mesh_axes(mesh)
+    gp_parallel = parallel and (mesh is None or mesh["gp"].size() > 1)
+    model = build_model(args, info, gp_parallel, gp_group)
+    net = model
+    if dp > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        match_global_batch(model, dp_group)
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_group)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
+    smallest = len(y_train) - (steps_per_epoch - 1) * args.batch_size
+    if smallest < dp:
+        raise ValueError(
+            f"the last batch of each epoch has {smallest} samples, fewer than the {dp} "
+            f"data-parallel ranks; change --batch-size or --samples"
+        )
     torch.manual_seed(args.seed + 1)  # dropout draws the same stream on every rank and P
     step, losses, epochs, resumed_from = 0, [], [], None
 
@@ -140,8 +179,17 @@ def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False) -> d
         for group in optimizer.param_groups:  # cosine decay, a function of the step alone
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
-        loss.backward()
+        if dp == 1:
+            loss = F.cross_entropy(net(x_train[batch]), y_train[batch])
+            loss.backward()
+        else:
+            # This rank's share of the batch's mean loss; DDP averages the dp ranks'
+            # gradients, so the backward pass takes dp times the share.
+            rows = torch.tensor_split(batch, dp)[dp_rank]
+            logits = net(x_train[rows])
+            share = F.cross_entropy(logits, y_train[rows], reduction="sum") / len(batch)
+            (share * dp).backward()
+            loss = all_reduce_sum(share.detach(), dp_group)
         optimizer.step()
         losses.append(loss.item())
         step += 1
@@ -202,6 +250,13 @@ def _parser() -> argparse.ArgumentParser:
         "the whole run; in float32 their 1e-7 rounding differences (sums taken in another "
         "order across ranks) grow through SGD until the curves part after some tens of steps",
     )
+    parser.add_argument(
+        "--gp",
+        type=int,
+        default=None,
+        help="group-parallel ranks per model replica (consecutive ranks); data parallel (DDP, "
+        "the batch split) over the rest. Default: every rank group-parallel",
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     parser.add_argument("--backend", default=None, help="auto (default), gloo or nccl")
     parser.add_argument("--pg-timeout", type=float, default=None, help="seconds (default 300)")
@@ -226,17 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size < 31:
         raise SystemExit(f"--image-size must be at least 31, got {args.image_size}")
     info = init_distributed(args.backend, args.device, args.pg_timeout)
+    try:
+        mesh = init_mesh(info, args.gp)
+    except ValueError as err:
+        shutdown()
+        raise SystemExit(f"--gp: {err}") from None
     if info.device.type == "cpu" and "RANK" in os.environ and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     start = time.perf_counter()
-    result = train(args, info)
+    result = train(args, info, mesh=mesh)
     elapsed = time.perf_counter() - start
     model = result["model"]
     full = full_state_dict(model, rank0_only=True)
     if info.is_main:
+        split = "" if mesh is None else f", mesh dp={mesh['dp'].size()} x gp={mesh['gp'].size()}"
         print(
             f"trained on {info.world_size} process(es), {info.backend or 'no process group'}, "
-            f"{info.device}; parameters on rank 0: {local_parameter_bytes(model) / 2**20:.2f} MiB"
+            f"{info.device}{split}; parameters on rank 0: "
+            f"{local_parameter_bytes(model) / 2**20:.2f} MiB"
         )
         print(f"held-out accuracy: {result['accuracy']:.2f}")
         print(f"wall time: {elapsed:.1f} s")

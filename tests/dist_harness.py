@@ -191,7 +191,7 @@ class WorkerPool:
         return values
 
 
-def _isolated_main(fn, args, init_method: str, results) -> None:
+def _isolated_main(fn, args, init_method: str, results, backend: str = "gloo") -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
@@ -199,7 +199,7 @@ def _isolated_main(fn, args, init_method: str, results) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", init_method=init_method, rank=0, world_size=1, timeout=PG_TIMEOUT
+            backend, init_method=init_method, rank=0, world_size=1, timeout=PG_TIMEOUT
         )
         value = fn(RankContext(0, 1, dist.group.WORLD), *args)
         # As bytes: shared-memory tensors would die with this process before being read.
@@ -213,8 +213,9 @@ def _isolated_main(fn, args, init_method: str, results) -> None:
             dist.destroy_process_group()
 
 
-def run_in_one_rank_world(fn, *args, timeout: float = TASK_TIMEOUT):
-    """Run ``fn(ctx, *args)`` in a fresh process whose gloo world has one rank.
+def run_in_one_rank_world(fn, *args, timeout: float = TASK_TIMEOUT, backend: str = "gloo"):
+    """Run ``fn(ctx, *args)`` in a fresh process whose world (gloo, or ``backend``) has one
+    rank.
 
     Kept apart from :class:`WorkerPool`: a one-rank subgroup inside the pool's world would
     break the pool's later local-synchronisation subgroups (see ``_worker_main``).
@@ -223,7 +224,7 @@ def run_in_one_rank_world(fn, *args, timeout: float = TASK_TIMEOUT):
     results = ctx.Queue()
     proc = ctx.Process(
         target=_isolated_main,
-        args=(fn, args, f"tcp://127.0.0.1:{_free_port()}", results),
+        args=(fn, args, f"tcp://127.0.0.1:{_free_port()}", results, backend),
         daemon=True,
     )
     proc.start()

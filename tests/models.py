@@ -6,6 +6,18 @@ import torch
 from torch import nn
 
 
+def randomize_norms(model: nn.Module) -> None:
+    """Trained-looking BatchNorm state, so a misplaced shard of it cannot go unnoticed."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(3)
+
+
 class Bottleneck(nn.Module):
     """ResNeXt bottleneck: 1x1 -> grouped 3x3 (G=32) -> 1x1, BatchNorm, residual."""
 

@@ -132,7 +132,10 @@ def expected_comm(c: dict, world: int, rank: int, layouts, in_spatial, out_spati
     in_layout, out_layout = layouts
     if pl.filter_split:
         team_bytes = team * n * max(team_widths) * s_in * elt
-        if in_layout == "replicated":
+        if in_layout == "replicated" and team == world:
+            # One team reads every channel: the input grads are summed (all-reduce).
+            expected[("all_reduce", n * cin * s_in * elt)] += 1
+        elif in_layout == "replicated":
             expected[("reduce_scatter", team_bytes)] += 1
             expected[("all_gather", world * n * max(in_widths) * s_in * elt)] += 1
         else:

@@ -348,3 +348,31 @@ def _grad_mode_on_one_rank(ctx, output_layout: str) -> str:
 def test_grad_mode_on_one_rank_only_raises_on_every_rank(pool, output_layout):
     messages = pool.run(_grad_mode_on_one_rank, 2, output_layout)
     assert messages[0] == messages[1]
+
+
+def _row_parallel_mismatch(ctx, kind: str) -> str:
+    """A row-parallel layer whose ranks disagree (one rank's shard too wide, or one rank's
+    batch differs): one InputMismatchError on every rank, before the all-reduce."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = mpgroups.ParallelLinear(
+            8, 6, process_group=ctx.process_group, split="in", input_layout="sharded"
+        )
+        x = torch.randn(3, 5 if ctx.rank == 0 else 4)
+    else:
+        layer = GroupParallelConv2d(
+            8, 6, 3, process_group=ctx.process_group, split="in", input_layout="sharded"
+        )
+        x = torch.randn(3 if ctx.rank == 1 else 2, 4, 5, 5)
+    with pytest.raises(InputMismatchError) as caught:
+        layer(x)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_row_parallel_mismatch_raises_on_every_rank(pool, kind):
+    messages = pool.run(_row_parallel_mismatch, 2, kind)
+    assert messages[0] == messages[1]
+    assert ("rank 0 sent 5 input channels" if kind == "linear" else "rank 1 sent [3, 4, 5, 5]") in (
+        messages[0]
+    )

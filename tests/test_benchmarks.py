@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import CASES, QUICK, analytic_collectives, build_parallel, make_input
-from comm_model import LINKS, Link, collective_seconds, layer_collectives
-from loopback import loopback_group
+from cases import CASES, MAIN, QUICK, analytic_collectives, build_parallel, make_input
+from comm_model import LINKS, Collective, Link, collective_seconds, layer_collectives
+from loopback import loopback_group, loopback_world
 from parity import case, expected_comm
 
 import mpgroups
@@ -64,6 +64,190 @@ def test_comm_model_agrees_with_the_tests_derivation(name, world):
             with_traffic += bool(model)
     assert compared == len(LAYOUTS) * world
     assert with_traffic > 0  # a replicated output is gathered at every P > 1
+
+
+R, S = "replicated", "sharded"
+# name: (conv or linear, in, out, groups, split, layouts, shard_groups): every row of the
+# table in mpgroups/layer_comm.py, split="in" and shard_groups included.
+LAYERS = {
+    "column, replicated in (one team)": ("conv", 8, 12, 1, "out", (R, S), None),
+    "column, replicated in and out": ("conv", 8, 12, 1, "out", (R, R), None),
+    "column, sharded in": ("conv", 8, 12, 1, "out", (S, S), None),
+    "column, shard_groups out": ("conv", 8, 16, 1, "out", (R, S), 4),
+    "grouped, replicated in": ("conv", 8, 8, 4, "out", (R, R), None),
+    "grouped, sharded": ("conv", 8, 8, 4, "out", (S, S), None),
+    "two groups (teams at P=4)": ("conv", 8, 8, 2, "out", (R, S), None),
+    "two groups, sharded (teams at P=4)": ("conv", 8, 8, 2, "out", (S, R), None),
+    "row, all-reduce": ("conv", 8, 6, 1, "in", (S, R), None),
+    "row, reduce-scatter": ("conv", 8, 6, 1, "in", (S, S), None),
+    "row, shard_groups in": ("conv", 16, 6, 1, "in", (S, R), 2),
+    "row on whole groups (= split out)": ("conv", 8, 8, 4, "in", (S, R), None),
+    "linear column": ("linear", 12, 8, 1, "out", (R, S), None),
+    "linear column, replicated out": ("linear", 12, 8, 1, "out", (R, R), None),
+    "linear row, all-reduce": ("linear", 12, 8, 1, "in", (S, R), None),
+    "linear row, reduce-scatter": ("linear", 12, 8, 1, "in", (S, S), None),
+    "linear row, shard_groups in": ("linear", 24, 8, 1, "in", (S, R), 2),
+}
+
+
+def _layer_records(spec: tuple, world: int, rank: int, input_grad: bool) -> dict[str, list]:
+    """What one layer issues on ``rank`` of a ``world``-rank group that moves no data:
+    ``{"forward": [(op, ranks, bytes)], "backward": [...]}`` (data collectives)."""
+    kind, cin, cout, groups, split, (lin, lout), shard_groups = spec
+    kwargs = dict(split=split, input_layout=lin, output_layout=lout, shard_groups=shard_groups)
+    with loopback_world(world, rank) as process_group:
+        if kind == "linear":
+            layer = mpgroups.ParallelLinear(cin, cout, process_group=process_group, **kwargs)
+        else:
+            layer = mpgroups.GroupParallelConv2d(
+                cin, cout, 3, padding=1, groups=groups, process_group=process_group, **kwargs
+            )
+        width = layer.shards.inputs.widths[rank] if lin == S else cin
+        shape = (3, 2, width) if kind == "linear" else (3, width, 5, 5)
+        x = torch.randn(shape, requires_grad=input_grad)
+        records = {}
+        with mpgroups.CommCounter() as forward:
+            y = layer(x)
+        with mpgroups.CommCounter() as backward:
+            y.pow(2).sum().backward()
+    for phase, comm in (("forward", forward), ("backward", backward)):
+        data = [r for r in comm.records if r.kind == "data"]
+        records[phase] = sorted((r.op, r.group_size, r.nbytes) for r in data)
+    return records
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("world", [2, 4])
+def test_comm_model_equals_what_each_layer_issues(name, world):
+    """Row- and column-parallel convs and Linears, shard_groups, every layout: on every
+    rank the analytic collectives of each phase are those CommCounter records, with and
+    without an input grad (the rule for a replicated input of a groups=1 layer: one
+    all-reduce of the input grad backward, only when the input requires grad)."""
+    spec = LAYERS[name]
+    kind, cin, cout, groups, split, layouts, shard_groups = spec
+    rows = 6 if kind == "linear" else 3  # elements per channel: [3, 2, F] or [3, C, 5, 5]
+    spatial = 1 if kind == "linear" else 25
+    ops = set()
+    for input_grad in (True, False):
+        for rank in range(world):
+            measured = _layer_records(spec, world, rank, input_grad)
+            model = layer_collectives(
+                cin, cout, groups, world, rank, layouts, rows, spatial, spatial, 4, input_grad,
+                split=split, shard_groups=shard_groups,
+            )  # fmt: skip
+            for phase in ("forward", "backward"):
+                want = sorted((c.op, c.group_size, c.nbytes) for c in model if c.phase == phase)
+                assert measured[phase] == want, (name, world, rank, input_grad, phase)
+            ops |= {c.op for c in model}
+    if split == "in" and layouts[1] == R and groups == 1:
+        assert ops == {"all_reduce"}
+    if name.startswith("column, replicated in (one team)"):
+        assert ops == {"all_reduce"}  # the input grad, backward: nothing forward
+
+
+def test_groups_one_replicated_input_sums_the_input_grad():
+    """A groups=1 layer whose one team is the whole group takes a replicated input as it
+    is: forward nothing, backward one all-reduce of the whole input grad (if it needs one)."""
+    full = 2 * 8 * 81 * 4  # [N=2, C_in=8, 9x9] float32
+    for world in (2, 4):
+        for rank in range(world):
+            got = layer_collectives(8, 12, 1, world, rank, (R, S), 2, 81, 81, 4)
+            assert got == [Collective("all_reduce", world, full, "backward")]
+            assert layer_collectives(8, 12, 1, world, rank, (R, S), 2, 81, 81, 4, False) == []
+
+
+MODEL_CASES = [name for name, c in QUICK.items() if not c.convs]
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+@pytest.mark.parametrize("world", [2, 4])
+def test_model_comm_model_equals_what_the_model_issues(name, world):
+    """Whole models (AlexNet split as in 2012 and towers-only, the ResNeXt bottleneck under
+    plan='auto' and the drop-in, batch-1 inference): every rank's measured data collectives
+    per step, run as the benchmark runs it, equal the analytic list from the plan and
+    ``layer_shards``."""
+    from scaling import _labels, _step_and_forward
+
+    c = QUICK[name]
+    for rank in range(world):
+        for variant in c.gp_variants:
+            with loopback_world(world, rank) as process_group:
+                model = build_parallel(c, process_group, variant)
+                x = make_input(c, c.batch, model)
+                step = _step_and_forward(model, x, _labels(c), c.inference)[0]
+                with mpgroups.CommCounter() as comm:
+                    step()
+            measured = sorted(
+                (r.op, r.group_size, r.nbytes) for r in comm.records if r.kind == "data"
+            )
+            priced = analytic_collectives(c, world, rank, variant)
+            assert measured == sorted((p.op, p.group_size, p.nbytes) for p in priced), (
+                name, variant, rank,
+            )  # fmt: skip
+            assert measured, (name, variant)  # every one of them communicates at P > 1
+
+
+def test_full_size_models_communicate_as_designed():
+    """The published cases at P = 2: the 2012 AlexNet moves conv3's team gather, fc6's and
+    fc8's all-reduce forward and fc7's input grad backward; the planned bottleneck one
+    all-reduce each way of [N, 1024, 14, 14], the drop-in gathers [N, 512, 14, 14] twice."""
+    n = 8
+    block = analytic_collectives(CASES["resnext50_block"], 2, 0)
+    whole = n * 1024 * 14 * 14 * 4
+    assert [(c.op, c.nbytes, c.phase, c.layer) for c in block] == [
+        ("all_reduce", whole, "backward", "conv1"),
+        ("all_reduce", whole, "forward", "conv3"),
+    ]
+    dropin = analytic_collectives(CASES["resnext50_block"], 2, 1, "group_parallel_dropin")
+    assert sorted((c.op, c.nbytes, c.phase) for c in dropin) == [
+        ("all_gather", n * 512 * 196 * 4, "backward"),
+        ("all_gather", n * 512 * 196 * 4, "forward"),
+    ]
+    assert [c.phase for c in analytic_collectives(CASES["resnext50_block_b1"], 4, 3)] == ["forward"]
+    alexnet = analytic_collectives(CASES["alexnet_step"], 2, 0)
+    n = 32
+    assert [(c.op, c.nbytes, c.phase, c.layer) for c in alexnet] == [
+        ("all_gather", 2 * 128 * n * 7 * 7 * 4, "forward", "features.conv3"),
+        ("reduce_scatter", 2 * 128 * n * 7 * 7 * 4, "backward", "features.conv3"),
+        ("all_reduce", n * 4096 * 4, "forward", "classifier.1"),
+        ("all_reduce", n * 4096 * 4, "backward", "classifier.4"),
+        ("all_reduce", n * 100 * 4, "forward", "classifier.6"),
+    ]
+    towers = analytic_collectives(CASES["alexnet_step"], 2, 0, "group_parallel_towers")
+    assert [c.layer for c in towers] == ["features.conv3", "features.conv3", "features.pool5"]
+
+
+def test_projection_speedup_and_efficiency():
+    """``project``: one-process step / (rank 0's work at P + priced collectives and checks);
+    efficiency = speedup / P. The collectives are those the run stored."""
+    from projection import collectives_at, project
+
+    link = LINKS["nvlink4"]
+    stored = [Collective("all_reduce", 8, 10**6, "forward").__dict__]
+    result = {
+        "quick": False,
+        "runs": {
+            "1": {
+                "cases": {
+                    "made_up": {
+                        "local_compute_1thread": {"1": 0.8, "2": 0.45, "8": 0.11},
+                        "local_meta_ops_per_step": {"2": 3, "8": 5},
+                        "projected_collectives": {"2": [], "8": stored},
+                    }
+                }
+            }
+        },
+    }
+    assert collectives_at(result, "made_up", 8) == [Collective(**stored[0])]
+    p = project(result, "made_up", 8, link)
+    record = collective_seconds("all_gather", 8, 8 * mpgroups.input_checks.RECORD_SIZE * 8, link)
+    comm = collective_seconds("all_reduce", 8, 10**6, link) + 5 * record
+    assert p["comm"] == pytest.approx(comm)
+    assert p["speedup"] == pytest.approx(0.8 / (0.11 + comm))
+    assert p["efficiency"] == pytest.approx(p["speedup"] / 8)
+    assert project(result, "made_up", 4, link) is None  # P = 4 not timed
+    del result["runs"]["1"]["cases"]["made_up"]["local_compute_1thread"]["1"]
+    assert project(result, "made_up", 8, link) is None  # no one-process step (format 1)
 
 
 def test_alpha_beta_model():
@@ -152,35 +336,41 @@ def test_measured_times_interpolate_between_sizes():
     assert MeasuredTimes(((1_000, 1e-3), (2_000, 5e-3))).seconds(0) == 0.0  # floored at zero
 
 
-def _step_records(
-    model: torch.nn.Module, x: torch.Tensor, input_grad: bool
-) -> tuple[list, torch.Size]:
-    """The collectives of one forward + backward (op, ranks, bytes, kind), and the output shape."""
+def _step_records(model: torch.nn.Module, c, batch: int) -> list:
+    """The collectives (op, ranks, bytes, kind) of one step of ``model`` as the benchmark
+    runs it (``scaling._step_and_forward``; an inference case: one no_grad forward)."""
+    from scaling import _labels, _step_and_forward
+
+    labels = _labels(replace(c, batch=batch))
+    step = _step_and_forward(model, make_input(c, batch, model), labels, c.inference)[0]
     with mpgroups.CommCounter() as comm:
-        out = model(x.requires_grad_(input_grad))
-        out.float().pow(2).mean().backward()
-    return [(r.op, r.group_size, r.nbytes, r.kind) for r in comm.records], out.shape
+        step()
+    return [(r.op, r.group_size, r.nbytes, r.kind) for r in comm.records]
 
 
 def _loopback_model_does_the_ranks_work(ctx, suite: str) -> list[str]:
     loopback = loopback_group(ctx.process_group)
     checked = []
     for name, c in (QUICK if suite == "quick" else CASES).items():
-        real = build_parallel(c, ctx.process_group)
-        local = build_parallel(c, loopback)
-        # The rank's own shards (state_dict would gather the full tensors over the group).
-        real_params, local_params = dict(real.named_parameters()), dict(local.named_parameters())
-        assert list(local_params) == list(real_params), name
-        for key, value in real_params.items():
-            assert torch.equal(local_params[key], value), (name, key)
-        # The same collectives (whose time the benchmark takes off), the same output shape;
-        # the input grad as in the benchmark: a block's (as inside a network), not AlexNet's.
-        input_grad = c.alexnet is None
-        records, shape = _step_records(local, make_input(c, 2, local), input_grad)
-        assert (records, shape) == _step_records(real, make_input(c, 2, real), input_grad), name
-        data = sorted(record[:3] for record in records if record[3] == "data")
-        priced = analytic_collectives(replace(c, batch=2), ctx.world_size, ctx.rank)
-        assert data == sorted((p.op, p.group_size, p.nbytes) for p in priced), name
+        batch = c.batch if c.inference else 2
+        for variant in c.gp_variants:
+            real = build_parallel(c, ctx.process_group, variant)
+            local = build_parallel(c, loopback, variant)
+            # The rank's own shards (state_dict would gather the full tensors over the group).
+            real_params = dict(real.named_parameters())
+            local_params = dict(local.named_parameters())
+            assert list(local_params) == list(real_params), name
+            for key, value in real_params.items():
+                assert torch.equal(local_params[key], value), (name, key)
+            # The same collectives (whose time the benchmark takes off); the input grad as
+            # in the benchmark: a block's (as inside a network), not AlexNet's.
+            records = _step_records(local, c, batch)
+            assert records == _step_records(real, c, batch), (name, variant)
+            data = sorted(record[:3] for record in records if record[3] == "data")
+            priced = analytic_collectives(
+                replace(c, batch=batch), ctx.world_size, ctx.rank, variant
+            )
+            assert data == sorted((p.op, p.group_size, p.nbytes) for p in priced), name
         checked.append(name)
     return checked
 
@@ -206,23 +396,49 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     data = json.loads(stored)
     assert set(data["runs"]) == {"1", "2"}
     assert data["commit"] is None or len(data["commit"]["sha"]) == 40
-    priced = 0
+    assert data["format"] == 2
+    priced, ops = 0, set()
     for world, run in data["runs"].items():
-        assert set(run["cases"]) == {"alexnet_towers", "resnext50_stage3", "alexnet_step"}
+        assert set(run["cases"]) == set(QUICK)
         for name, c in run["cases"].items():
-            assert c["comm"]["measured_bytes"] == c["comm"]["analytic_bytes"], (world, name)
-            times = c["times"]["group_parallel"]["step"]
-            assert times["runs"] == 2 and 0 < times["p25"] <= times["median"] <= times["p75"]
+            comms = {MAIN: c["comm"], **c.get("variant_comm", {})}
+            assert set(comms) == set(QUICK[name].gp_variants), (world, name)
+            for variant, comm in comms.items():
+                assert comm["measured_bytes"] == comm["analytic_bytes"], (world, name, variant)
+                times = c["times"][variant]["step"]
+                assert times["runs"] == 2 and 0 < times["p25"] <= times["median"] <= times["p75"]
+                assert 0 <= comm["share_of_step"] <= 1 and set(comm["share_by_op"]) <= {
+                    "all_gather", "reduce_scatter", "all_reduce",
+                }  # fmt: skip
+            if QUICK[name].inference:
+                assert "ddp" not in c["times"] and "param_and_optimizer_bytes" not in c
+                assert c["times"][MAIN]["forward"] == c["times"][MAIN]["step"]
+            else:
+                assert set(c["param_and_optimizer_bytes"]) >= set(comms) | {"single"}
+            if world == "1":
+                assert set(c["local_compute_1thread"]) == {"1", "2", "4", "8"}
+                assert set(c["projected_collectives"]) == {"2", "4", "8"}
             if world == "2":
-                assert {"ddp", "single_t", "single_T", "local"} <= set(c["times"])
+                assert {"single_t", "single_T", "local"} <= set(c["times"])
+                assert ("ddp" in c["times"]) == (not QUICK[name].inference)
                 # The link is timed at the very messages the projection prices.
-                for coll in c["comm"]["collectives"]:
-                    timed = dict(run["link"][f"{coll['op']}/{coll['group_size']}"])
-                    assert timed[coll["nbytes"]] > 0, (name, coll)
-                    priced += 1
-    assert priced > 0
+                for comm in comms.values():
+                    for coll in comm["collectives"]:
+                        timed = dict(run["link"][f"{coll['op']}/{coll['group_size']}"])
+                        assert timed[coll["nbytes"]] > 0, (name, coll)
+                        priced += 1
+                        ops.add(coll["op"])
+    assert priced > 0 and ops == {"all_gather", "reduce_scatter", "all_reduce"}
     table = (tmp_path / "table.md").read_text()
     assert "| alexnet_towers | 2 |" in table and "Projection" in table
+    for row in ("| alexnet_step [towers] | 2 |", "| resnext50_block [dropin] | 2 |",
+                "| alexnet_b1 | 2 |", "| resnext50_block_b1 | 2 |"):  # fmt: skip
+        assert row in table, row
+    assert "DDP cannot split a batch of 1" in table
+    assert "| all_reduce |" in table  # the share of the step per op
+    assert "Projection to NVLink 4" in table and "| efficiency |" in table
+    assert "Targets of issue 14" in table
+    assert "| AlexNet step efficiency, projected to NVLink 4, P=8 |" in table
     assert ("Commit: " in table) == (data["commit"] is not None)
     for png in ("scaling.png", "comm_share.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -233,6 +449,7 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     )  # fmt: skip
     assert projected.returncode == 0, projected.stderr
     assert "alexnet_towers" in projected.stdout and "NVLink" in projected.stdout
+    assert "efficiency" in projected.stdout and "resnext50_block_b1" in projected.stdout
     again = tmp_path / "again"
     rendered = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(tmp_path / "scaling.json"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 SMALL_RUN = ["--", "--epochs", "1", "--samples", "300", "--no-progress"]
+NODE_0_OF_2 = ["multi_node.sh", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "h:1"]
 
 
 def _env(**extra) -> dict:
@@ -50,6 +52,9 @@ def test_help(script):
         (["single_node.sh", "--nproc-per-node"], "option --nproc-per-node needs a value"),
         (["single_node.sh", "--nproc-per-node", "zero"], "must be a positive integer"),
         (["single_node.sh", "--frobnicate"], "unknown option --frobnicate"),
+        (["single_node.sh", "--nproc-per-node", "4", "--gp", "3"], "--gp 3 must divide"),
+        (["single_node.sh", "--nproc-per-node", "4", "--gp", "two"], "positive integer"),
+        ([*NODE_0_OF_2, "--nproc-per-node", "2", "--gp", "3"], "job's 4 processes"),
         (["slurm.sbatch"], "not inside a Slurm job"),
     ],
 )
@@ -69,20 +74,51 @@ def test_single_node_runs_the_training_entry_point(nproc):
         assert "(equal)" in result.stdout
 
 
-def test_multi_node_runs_two_nodes_on_loopback():
+def _two_nodes_on_loopback(nproc: int, *options: str, timeout: float = 240) -> str:
+    """Run multi_node.sh as two "nodes" on this machine; their combined output.
+
+    A hang fails fast: collectives time out after 60 s, and past ``timeout`` both nodes'
+    process groups (launcher, torchrun and workers) are killed.
+    """
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [
         subprocess.Popen(
             ["bash", LAUNCH / "multi_node.sh", "--nnodes", "2", "--node-rank", str(rank),
-             "--rdzv-endpoint", endpoint, "--nproc-per-node", "1", *SMALL_RUN],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT,
+             "--rdzv-endpoint", endpoint, "--nproc-per-node", str(nproc), *options, *SMALL_RUN],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_env(MPGROUPS_PG_TIMEOUT="60"), cwd=ROOT, start_new_session=True,
         )
         for rank in (0, 1)
     ]  # fmt: skip
-    outputs = [node.communicate(timeout=180)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=max(1, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+        rest = [node.communicate()[0] for node in nodes[len(outputs) :]]
+        pytest.fail(
+            f"two nodes did not finish within {timeout:.0f} s:\n" + "\n".join(outputs + rest)
+        )
     combined = "\n".join(outputs)
+    assert [node.returncode for node in nodes] == [0, 0], combined
+    return combined
+
+
+def test_multi_node_runs_two_nodes_on_loopback():
+    combined = _two_nodes_on_loopback(1)
     assert "trained on 2 process(es), gloo, cpu" in combined
+    assert "(equal)" in combined
+
+
+def test_multi_node_runs_a_2x2_mesh_with_gp_2():
+    """2 nodes x 2 processes, group parallel inside a node, DDP across the nodes: the demo's
+    loss curve still equals the one-process run's."""
+    combined = _two_nodes_on_loopback(2, "--gp", "2")
+    assert "trained on 4 process(es), gloo, cpu, mesh dp=2 x gp=2" in combined
     assert "(equal)" in combined
 
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from dist_harness import run_in_one_rank_world
-from models import TinyConvNeXt, TinyMobileNet, TinyRegNet, TinyResNeXt
+from models import TinyConvNeXt, TinyMobileNet, TinyRegNet, TinyResNeXt, randomize_norms
 from parity import assert_close
 from torch import nn
 
@@ -27,25 +27,13 @@ def resnext_tower_plan() -> dict:
     }
 
 
-def _randomize_norms(model: nn.Module) -> None:
-    """Trained-looking BatchNorm state, so a misplaced shard of it cannot go unnoticed."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(3)
-
-
 def build(kind: str, group, *, parallel: bool = True):
     """A seeded model of ``kind`` and its input, parallelized over ``group`` or plain."""
     torch.manual_seed(0)
     if kind.startswith("alexnet"):
         options = dict(batch_norm=kind == "alexnet_bn", **ALEXNET_SMALL)
         model = mpgroups.models.AlexNet(parallel=False, **options)
-        _randomize_norms(model)
+        randomize_norms(model)
         if parallel:
             state = model.state_dict()
             torch.manual_seed(0)
@@ -61,7 +49,7 @@ def build(kind: str, group, *, parallel: bool = True):
             "regnet": TinyRegNet,
         }
         model = classes[kind]()
-        _randomize_norms(model)
+        randomize_norms(model)
         size = 16
         if parallel:
             plan = resnext_tower_plan() if kind == "resnext_plan" else None
@@ -298,14 +286,15 @@ def _plan_mistakes(ctx) -> None:
     alex = mpgroups.parallelize(
         alex, ctx.process_group, plan={"0": GroupParallel(output_layout="sharded")}
     )
-    with pytest.raises(mpgroups.PlanError, match=r"module '2' \(Flatten\) received an activation"):
+    # nn.Flatten passes the channel shards on as feature shards; the Linear needs it whole.
+    with pytest.raises(mpgroups.PlanError, match=r"module '3' \(Linear\) received an activation"):
         alex(torch.randn(2, 8, 6, 6))
     with pytest.raises(mpgroups.PlanError, match="matches no module"):
         mpgroups.parallelize(
             TinyResNeXt(), ctx.process_group, plan={"layer9.conv": GroupParallel()}
         )
-    with pytest.raises(mpgroups.PlanError, match="it applies to nn.Conv1d/2d/3d"):
-        mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"fc": GroupParallel()})
+    with pytest.raises(mpgroups.PlanError, match="it applies to nn.Conv1d/2d/3d and nn.Linear"):
+        mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"stem.1": GroupParallel()})
     with pytest.raises(mpgroups.PlanError, match="no sharded-output conv before it"):
         mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"stem.1": ChannelLocal()})
 
@@ -397,11 +386,63 @@ def _alexnet_comm_sites(ctx) -> tuple[dict, list]:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_alexnet_communicates_only_at_conv3_and_the_classifier(pool, world_size):
-    """DESIGN §5: towers run alone; conv3 mixes them, pool5 gathers for the classifier; at
-    P = 4 each tower's two ranks also gather their group's channels (filter split)."""
+    """DESIGN §3b: towers run alone; conv3 mixes them; fc6 and fc8 (row-parallel) sum their
+    partial outputs; at P = 4 each tower's two ranks also gather their group's channels."""
     (sites, backward_ops), *_ = pool.run(_alexnet_comm_sites, world_size)
     teams = ["features.conv2", "features.conv4", "features.conv5"] if world_size == 4 else []
-    expected = {name: ["all_gather"] for name in ["features.conv3", "features.pool5", *teams]}
+    expected = {name: ["all_gather"] for name in ["features.conv3", *teams]}
+    expected |= {"classifier.1": ["all_reduce"], "classifier.6": ["all_reduce"]}
     assert sites == expected
-    # Each partial gather of an input (conv3, and the team gathers) sums its grad back.
-    assert backward_ops == ["reduce_scatter"] * (1 + len(teams))
+    # Each partial gather of an input (conv3, and the team gathers) sums its grad back; fc7
+    # (column-parallel on a replicated input) sums its input grads.
+    assert backward_ops == ["all_reduce"] + ["reduce_scatter"] * (1 + len(teams))
+
+
+def _alexnet_parameters(ctx) -> tuple[int, int]:
+    torch.manual_seed(0)
+    model = mpgroups.models.AlexNet(100, process_group=ctx.process_group)
+    total = sum(p.numel() for p in mpgroups.models.AlexNet(100, parallel=False).parameters())
+    return sum(p.numel() for p in model.parameters()), total
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_alexnet_holds_one_pth_of_its_parameters_per_rank(pool, world_size):
+    """The 2012 split, classifier included: every weight and bias is divided (none is
+    replicated), so each rank holds total / P to within 1 %, together exactly the total."""
+    counts = pool.run(_alexnet_parameters, world_size, timeout=120)
+    total = counts[0][1]
+    assert sum(local for local, _ in counts) == total
+    for local, _ in counts:
+        assert abs(local - total / world_size) <= 0.01 * total / world_size, (local, total)
+
+
+def _alexnet_old_checkpoints(ctx, tmp: str) -> None:
+    """Checkpoints of the towers-only AlexNet (classifier replicated, as before the 2012 split)
+    load into today's split model: full state dicts and sharded directories alike."""
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    old = mpgroups.models.AlexNet(
+        process_group=ctx.process_group, split_classifier=False, **ALEXNET_SMALL
+    )
+    directory = Path(tmp) / "towers"
+    mpgroups.save_sharded_state_dict(old, directory)
+    full = mpgroups.full_state_dict(old)
+    torch.manual_seed(1)  # different weights, overwritten by each load
+    for load in ("full", "sharded"):
+        new = mpgroups.models.AlexNet(process_group=ctx.process_group, **ALEXNET_SMALL)
+        assert new.classifier[1].split == "in"
+        if load == "full":
+            mpgroups.load_full_state_dict(new, full)
+        else:
+            mpgroups.load_sharded_state_dict(new, directory)
+        reloaded = mpgroups.full_state_dict(new)
+        assert list(reloaded) == list(full)
+        assert all(torch.equal(reloaded[k], v) for k, v in full.items()), load
+        x = torch.randn(2, 3, 32, 32)
+        assert_close(new.eval()(x), old.eval()(x), 1e-5, f"{load} checkpoint, eval output")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_alexnet_loads_checkpoints_of_the_towers_only_model(pool, world_size, tmp_path):
+    pool.run(_alexnet_old_checkpoints, world_size, str(tmp_path))

@@ -58,13 +58,24 @@ def _placeable(c, world):
         return False
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("c", CASES, ids=case_id)
+PLACEABLE = [(c, p) for p in (2, 4) for c in CASES if _placeable(c, p)]
+REFUSED = [(c, p) for p in (2, 4) for c in CASES if not _placeable(c, p)]
+
+
+@pytest.mark.parametrize(
+    "c, world_size", PLACEABLE, ids=lambda v: str(v) if isinstance(v, int) else case_id(v)
+)
 def test_parity(pool, c, world_size):
-    if not _placeable(c, world_size):
-        with pytest.raises(mpgroups.PlacementError):
-            check_placeable(c["groups"], world_size)
-        pytest.skip(f"groups={c['groups']} is refused at P={world_size} (test_refused_placement)")
     worst = pool.run(check_layer, world_size, c)
     assert len(worst) == world_size
     assert all("output" in w and "weight grad" in w for w in worst)
+
+
+@pytest.mark.parametrize(
+    "c, world_size", REFUSED, ids=lambda v: str(v) if isinstance(v, int) else case_id(v)
+)
+def test_unplaceable_cases_are_refused(c, world_size):
+    """The cases the placement rule refuses at this P (groups=3 on 4 ranks) raise, naming G
+    and P, instead of running."""
+    with pytest.raises(mpgroups.PlacementError, match=f"groups={c['groups']} cannot be placed"):
+        check_placeable(c["groups"], world_size)

@@ -283,3 +283,89 @@ def _modes_and_precisions(ctx) -> None:
 
 def test_grad_modes_autocast_and_half_precision(pool):
     pool.run(_modes_and_precisions, 2)
+
+
+def _row_and_linear_habits(ctx) -> None:
+    """The row-parallel conv and ParallelLinear under what users do with nn.Conv2d/nn.Linear:
+    channels_last and non-contiguous inputs, grad modes, autocast, half precision, deepcopy,
+    and keyword ``input=`` as torch.nn's forward names it."""
+    torch.manual_seed(0)
+    conv_ref = nn.Conv2d(8, 6, 3, padding=1)
+    row = mpgroups.GroupParallelConv2d.from_conv(
+        conv_ref, ctx.process_group, split="in", input_layout="sharded"
+    )
+    lin_ref = nn.Linear(8, 6)
+    col = mpgroups.ParallelLinear.from_linear(lin_ref, ctx.process_group)
+    lin_row = mpgroups.ParallelLinear.from_linear(
+        lin_ref, ctx.process_group, split="in", input_layout="sharded"
+    )
+    start, stop = row.input_shard
+    big = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    x = big[:, :8]  # a channels_last view with gaps
+    y = row(x[:, start:stop])
+    assert y.is_contiguous(memory_format=torch.channels_last), y.stride()
+    assert_close(y, conv_ref(x), 1e-5, "row conv, channels_last view")
+    feats = torch.randn(8, 3).t()  # [3, 8], non-contiguous
+    f0, f1 = lin_row.shards.inputs.own
+    assert_close(lin_row(feats[:, f0:f1]), lin_ref(feats), 1e-5, "row linear, strided")
+    assert_close(col(input=feats), lin_ref(feats), 1e-5, "column linear, input=")
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert_close(row(x[:, start:stop]), conv_ref(x), 1e-5, f"row {mode.__name__}")
+            assert_close(col(feats), lin_ref(feats), 1e-5, f"column {mode.__name__}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = lin_row(feats[:, f0:f1]), lin_ref(feats)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_close(got, want, 2e-2, "row linear, autocast")
+    half = mpgroups.ParallelLinear.from_linear(
+        copy.deepcopy(lin_ref).to(torch.bfloat16), ctx.process_group, split="in",
+        input_layout="sharded",
+    )  # fmt: skip
+    got = half(feats[:, f0:f1].to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert_close(got, lin_ref.to(torch.bfloat16)(feats.to(torch.bfloat16)), 2e-2, "bf16")
+    twin = copy.deepcopy(lin_row)
+    assert twin.process_group is lin_row.process_group and twin.weight is not lin_row.weight
+    assert torch.equal(twin(feats[:, f0:f1]), lin_row(feats[:, f0:f1]))
+    with pytest.raises(TypeError, match="full_state_dict"):
+        pickle.dumps(lin_row)
+
+
+def test_row_parallel_and_linear_layers_under_user_habits(pool):
+    pool.run(_row_and_linear_habits, 2)
+
+
+class _Aliased(nn.Module):
+    """Holds ``block`` under two names (as weight-tying code does), calls it once."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.alias = block
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def _planned_block_habits(ctx) -> None:
+    """A column → grouped → row block built by the auto plan, held under two names and
+    deep-copied for an EMA: one module stays one module, the copy computes the same."""
+    torch.manual_seed(0)
+    block = nn.Sequential(
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 8, 1, bias=False),
+    )  # fmt: skip
+    model = _Aliased(block)
+    reference = copy.deepcopy(model)
+    model = mpgroups.parallelize(model, ctx.process_group, plan="auto")
+    assert model.block is model.alias
+    assert model.block[6].split == "in" and model.block[0].output_layout == "sharded"
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert_close(model(x), reference(x), 1e-5, "planned block")
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    assert_close(ema(x), reference(x), 1e-5, "deep copy of the planned block")
+
+
+def test_auto_planned_block_under_user_habits(pool):
+    pool.run(_planned_block_habits, 2)

@@ -7,23 +7,29 @@ Layers (channels as in the paper; ``channels`` and ``hidden`` scale them)::
     features.conv3   3x3   256  -> 384         groups mix: all-gather in, filters split
     features.conv4   3x3   384  -> 384  groups=2   towers
     features.conv5   3x3   384  -> 256  groups=2   towers
-    features.pool5  adaptive max pool to 6x6, then all-gather -> classifier (replicated)
+    features.pool5  adaptive max pool to 6x6, still sharded; flatten -> 256*6*6 feature shards
+    classifier.0    dropout on the feature shards (the whole tensor's mask, own slice kept)
+    classifier.1    fc6  9216 -> 4096   row-parallel: reads the feature shards, all-reduce
+    classifier.4    fc7  4096 -> 4096   column-parallel: output features sharded
+    classifier.6    fc8  4096 -> classes  row-parallel: all-reduce
 
 Each conv is followed by ReLU (and BatchNorm with ``batch_norm=True``); max pools of 3/2 after
 conv1 and conv2. The last pool is an adaptive max pool to 6x6 (the same windows as the
 paper's 3/2 pool on 13x13), so any input of at least 31x31 works. Local response
 normalisation is left out, as in torchvision's AlexNet.
 
-Built by :func:`mpgroups.parallelize` with :meth:`AlexNet.tower_plan`: activations stay
-sharded by channel from conv1 to pool5, so communication happens only at conv3 and before the
-classifier, plus the within-team gathers when the process group has more ranks than the
-layers have groups (P = 4). With no process group it is a plain single-device model, and its
-``state_dict`` keys are the same at every P.
+Built by :func:`mpgroups.parallelize` with :meth:`AlexNet.parallel_plan`, the split of the
+2012 paper classifier included: activations stay sharded by channel from conv1 to fc6, every
+layer holds 1/P of its weights, and a training step communicates at conv3 (all-gather forward,
+reduce-scatter backward), fc6 and fc8 (all-reduce forward) and fc7 (all-reduce of its input
+grad backward), plus the within-team gathers when the process group has more ranks than the
+layers have groups (P = 4). ``split_classifier=False`` keeps the classifier replicated (the
+towers alone, all-gather after pool5). With no process group it is a plain single-device
+model, and its ``state_dict`` keys are the same at every P and with either plan.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from mpgroups.parallelize import parallelize
@@ -47,10 +53,13 @@ class AlexNet(nn.Module):
         channels: output channels of conv1..conv5 (paper: 96, 256, 384, 384, 256); conv2,
             conv4 and conv5 use two groups, so those must be even.
         hidden: width of the two hidden classifier layers (paper: 4096).
-        dropout: dropout probability in the classifier.
+        dropout: dropout probability in the classifier (on the feature shards too: a run at
+            any P drops exactly what one device drops, given the same seed on every rank).
         batch_norm: add ``BatchNorm2d`` after each conv (run on each rank's channel shard).
         parallel: ``False`` builds the plain ``torch.nn`` model whatever the process group
             (the single-device reference, or the model to wrap in DDP); same ``state_dict``.
+        split_classifier: split the classifier as the 2012 paper did (default); ``False``
+            keeps it replicated on every rank.
 
     Shapes: input ``[N, in_channels, H, W]`` with ``H, W >= 31`` (replicated on every rank),
     output ``[N, num_classes]`` (replicated).
@@ -67,6 +76,7 @@ class AlexNet(nn.Module):
         dropout: float = 0.5,
         batch_norm: bool = False,
         parallel: bool = True,
+        split_classifier: bool = True,
     ) -> None:
         super().__init__()
         c1, c2, c3, c4, c5 = channels
@@ -89,6 +99,7 @@ class AlexNet(nn.Module):
             elif pool is not None:
                 features.add_module(pool, nn.MaxPool2d(3, stride=2))
         self.features = features
+        self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(c5 * 6 * 6, hidden),
@@ -101,11 +112,12 @@ class AlexNet(nn.Module):
         pg = resolve_process_group(process_group) if parallel else None
         self.world_size = 1 if pg is None else pg.size()
         if parallel:
-            parallelize(self, pg, plan=self.tower_plan(batch_norm))
+            parallelize(self, pg, plan=self.parallel_plan(batch_norm, split_classifier))
 
     @staticmethod
-    def tower_plan(batch_norm: bool = False) -> dict:
-        """The plan that keeps conv1..pool5 sharded by channel (see the module docstring)."""
+    def parallel_plan(batch_norm: bool = False, split_classifier: bool = True) -> dict:
+        """The plan of the whole network (see the module docstring); with
+        ``split_classifier=False``, the towers conv1..pool5 and a replicated classifier."""
         sharded = GroupParallel(input_layout="sharded", output_layout="sharded")
         plan = {
             "features.conv1": GroupParallel(output_layout="sharded"),
@@ -113,19 +125,33 @@ class AlexNet(nn.Module):
             "features.conv3": sharded,
             "features.conv4": sharded,
             "features.conv5": sharded,
-            "features.pool5": ChannelLocal(output_layout="replicated"),
         }
         if batch_norm:
             plan["features.bn*"] = ChannelLocal()
+        if not split_classifier:
+            plan["features.pool5"] = ChannelLocal(output_layout="replicated")
+            return plan
+        plan |= {
+            "flatten": ChannelLocal(),
+            "classifier.0": ChannelLocal(),
+            # fc6 reads the flattened conv5 shards: features laid out as conv5's two groups.
+            "classifier.1": GroupParallel(split="in", input_layout="sharded", shard_groups=2),
+            "classifier.4": GroupParallel(output_layout="sharded"),
+            "classifier.6": GroupParallel(split="in", input_layout="sharded"),
+        }
         return plan
+
+    @staticmethod
+    def tower_plan(batch_norm: bool = False) -> dict:
+        """The towers alone: ``parallel_plan(batch_norm, split_classifier=False)``."""
+        return AlexNet.parallel_plan(batch_norm, split_classifier=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or min(x.shape[-2:]) < MIN_SIZE:
             raise ValueError(
                 f"AlexNet expects [N, C, H, W] with H, W >= {MIN_SIZE}, got {tuple(x.shape)}"
             )
-        x = self.features(x)
-        return self.classifier(torch.flatten(x, 1))
+        return self.classifier(self.flatten(self.features(x)))
 
     def extra_repr(self) -> str:
         nbytes = local_parameter_bytes(self)

@@ -1,0 +1,162 @@
+"""Data parallelism that computes what one device computes on the global batch.
+
+Data parallel replicas (DDP or FSDP2 over the ``dp`` dim of a mesh) each see their part of
+the global batch; :func:`match_global_batch` makes the batch-dependent modules of a model
+behave as they would on the whole batch on one device, so a (dp, gp) run trains exactly as the
+single-device model does (the loss being the global batch's mean).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mpgroups.channel_modules import DROPOUTS, ShardedDropout
+from mpgroups.collectives import all_gather_records, all_reduce_sum, copy_to_ranks
+from mpgroups.layout import NOT_PICKLABLE
+from mpgroups.process_groups import rank_and_world_size, resolve_process_group
+
+__all__ = ["match_global_batch"]
+
+
+class _Replicas:
+    """The data-parallel group a module synchronises over. Copies of the module share it
+    (``copy.deepcopy`` returns this object); pickling raises, as for a parallel layer."""
+
+    def __init__(self, process_group) -> None:
+        self.process_group = process_group
+        self.rank, self.size = rank_and_world_size(process_group)
+
+    def __deepcopy__(self, memo) -> _Replicas:
+        return self
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NOT_PICKLABLE)
+
+
+def _sum_over_replicas(x: Tensor, process_group) -> Tensor:
+    """Forward: the sum over the data-parallel ranks (all-reduce); backward: the sum of their
+    gradients (all-reduce), since every rank's loss depends on every rank's ``x``."""
+    return all_reduce_sum(copy_to_ranks(x, process_group), process_group)
+
+
+class _GlobalBatchNorm:
+    """BatchNorm whose batch statistics are those of the global batch: per-channel sums and
+    counts all-reduced over the data-parallel ranks (mean first, then the centred squares,
+    as one device computes them), the running statistics updated from them. Mixed into the
+    ``nn.BatchNorm*d`` class of the module :func:`match_global_batch` converts in place."""
+
+    _replicas: _Replicas
+
+    def forward(self, x: Tensor) -> Tensor:
+        replicas = self._replicas
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not batch_stats or replicas.size == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        group = replicas.process_group
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xs = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = xs.new_tensor([x.numel() // max(1, x.shape[1])])
+        totals = _sum_over_replicas(torch.cat([xs.sum(dims), count]), group)
+        count = totals[-1]
+        mean = totals[:-1] / count
+        centred = xs - mean.view(shape)
+        var = _sum_over_replicas(centred.square().sum(dims), group) / count
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum
+            if factor is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+            with torch.no_grad():
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var), alpha=factor)
+        return out.to(x.dtype)
+
+
+class _GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class _GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class _GlobalBatchNorm3d(_GlobalBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+_GLOBAL_BATCH_NORMS = {
+    nn.BatchNorm1d: _GlobalBatchNorm1d,
+    nn.BatchNorm2d: _GlobalBatchNorm2d,
+    nn.BatchNorm3d: _GlobalBatchNorm3d,
+}
+
+
+class _GlobalBatchDropout:
+    """Hooks around a dropout module (``nn.Dropout*`` or mpgroups' ``ShardedDropout``): before
+    it, this rank's rows are put in their place in a zero tensor of the global batch, so the
+    module draws the mask one device draws for the whole batch; after it, this rank's rows
+    of the output are kept. Costs one tiny all-gather of batch sizes per call."""
+
+    def __init__(self, replicas: _Replicas) -> None:
+        self.replicas = replicas
+        self.rows: tuple[int, int] | None = None
+
+    def before(self, module: nn.Module, args):
+        replicas = self.replicas
+        if not module.training or module.p == 0 or replicas.size == 1:
+            return None
+        x = args[0]
+        sizes = all_gather_records(torch.tensor([x.shape[0]]), replicas.process_group)
+        sizes = sizes[:, 0].tolist()
+        start, total = sum(sizes[: replicas.rank]), sum(sizes)
+        self.rows = (start, x.shape[0])
+        after = total - start - x.shape[0]
+        whole = torch.cat([x.new_zeros(start, *x.shape[1:]), x, x.new_zeros(after, *x.shape[1:])])
+        return (whole, *args[1:])
+
+    def after(self, module: nn.Module, args, output):
+        if self.rows is None:
+            return None
+        (start, length), self.rows = self.rows, None
+        return output.narrow(0, start, length)
+
+
+def match_global_batch(model: nn.Module, process_group) -> nn.Module:
+    """Make data parallelism over ``process_group`` compute, in place, what one device computes
+    on the global batch (the ranks' batches concatenated in rank order); returns ``model``.
+
+    * ``nn.BatchNorm1d/2d/3d`` normalise with the global batch's statistics (two small
+      all-reduces forward, two backward), as ``nn.SyncBatchNorm`` does on GPUs; parameters,
+      buffers, hooks and (for a parallelized model) the channel shards stay as they were.
+    * Dropout (``nn.Dropout*`` and the sharded dropout of a parallelized model) draws the mask
+      of the global batch and keeps this rank's rows. With the same seed on every rank, which
+      group-parallel dropout needs, each sample is then dropped as one device drops it; plain
+      data parallelism would give every replica the same masks for its rows.
+
+    Apply it to the model before wrapping it in DDP or ``fully_shard`` (the data-parallel loss
+    must be the global batch's mean: with unequal parts, weight each rank's mean by its part).
+    ``process_group``: a ``ProcessGroup`` or 1-D ``DeviceMesh`` (``mesh["dp"]``).
+    """
+    replicas = _Replicas(resolve_process_group(process_group))
+    for module in model.modules():
+        if type(module) in _GLOBAL_BATCH_NORMS:
+            module.__class__ = _GLOBAL_BATCH_NORMS[type(module)]
+        if isinstance(module, _GlobalBatchNorm):
+            module._replicas = replicas
+        elif isinstance(module, (*DROPOUTS, ShardedDropout)):
+            old = getattr(module, "_mpgroups_global_batch", None)
+            if old is not None:
+                old.replicas = replicas
+                continue
+            hooks = _GlobalBatchDropout(replicas)
+            module.register_forward_pre_hook(hooks.before)
+            module.register_forward_hook(hooks.after)
+            module._mpgroups_global_batch = hooks
+    return model
