@@ -26,6 +26,7 @@ from mpgroups.layout import LayerShards, layer_shards, layout_shards
 from mpgroups.plan import ChannelLocal, GroupParallel
 
 __all__ = [
+    "INTER_NODE_400G",
     "LINKS",
     "Collective",
     "Link",
@@ -65,6 +66,12 @@ LINKS = {
     "nvlink4": Link("NVLink 4 (H100 SXM)", 5e-6, 360e9),
     "pcie5": Link("PCIe 5.0 x16", 10e-6, 40e9),
 }
+
+# Between nodes: one 400 Gb/s NIC (InfiniBand NDR / RoCE), 50 GB/s of bus bandwidth at most,
+# ~10 µs per step (a network hop and the NIC's own latency, against NVLink's ~5). Not in
+# LINKS: ``projection.py --link`` prices every collective on one link, and no group of a
+# one-node projection crosses this one (``mesh.py`` uses it for the groups that span nodes).
+INTER_NODE_400G = Link("400 Gb/s between nodes (one NDR NIC)", 10e-6, 50e9)
 
 
 def shard_collectives(
