@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -88,7 +87,6 @@ from comm_model import INTER_NODE_400G, LINKS, Link, collective_seconds  # noqa:
 from loopback import loopback_world  # noqa: E402
 from scaling import (  # noqa: E402
     _barrier,
-    _commit,
     _free_port,
     _labels,
     _max_over_ranks,
@@ -96,6 +94,7 @@ from scaling import (  # noqa: E402
     _step_and_forward,
     _summary,
     _without_collectives,
+    run_header,
 )
 
 import mpgroups  # noqa: E402
@@ -687,16 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         between = Link("link between nodes (given)", latency, busbw)
     result = {
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "cores": args.cores,
-            "logical_cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "mpgroups": mpgroups.__version__,
-        },
-        "commit": _commit(),
+        **run_header(argv, args.cores),
         "format": FORMAT,
         "quick": args.quick,
         "reps": args.reps,

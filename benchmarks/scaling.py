@@ -521,6 +521,22 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         raise
 
 
+def run_header(argv: list[str] | None, cores: int) -> dict:
+    """What a published JSON records first: the command, the machine and the commit."""
+    return {
+        "command": "python "
+        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {
+            "cores": cores,
+            "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "mpgroups": mpgroups.__version__,
+        },
+        "commit": _commit(),
+    }
+
+
 def _commit() -> dict | None:
     """The git commit measured, and whether ``mpgroups/`` or ``benchmarks/`` differ from it."""
 
@@ -598,16 +614,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)  # fmt: skip
         runs[world] = run_world(world, args)
     result = {
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "cores": args.cores,
-            "logical_cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "mpgroups": mpgroups.__version__,
-        },
-        "commit": _commit(),
+        **run_header(argv, args.cores),
         "format": FORMAT,
         "quick": args.quick,
         "reps": args.reps,

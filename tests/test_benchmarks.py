@@ -293,7 +293,7 @@ def test_quartiles_stay_within_the_times_measured():
     assert _summary([0.3]) == {"median": 0.3, "p25": 0.3, "p75": 0.3, "runs": 1}
 
 
-@pytest.mark.parametrize("folder", ["results", "results/repeat"])
+@pytest.mark.parametrize("folder", ["results"])
 def test_published_results_render_to_their_table(folder, tmp_path):
     """The published runs' tables are what report.py makes of their JSON today."""
     from projection import validate
@@ -464,3 +464,23 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
         assert (again / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "scaling.json").read_bytes() == stored  # only read
     assert not (again / "scaling.json").exists()
+
+
+def test_published_profile_renders_to_its_table(tmp_path):
+    """``results/profile/profile.md`` is what ``profile_step.py --from-json`` makes of its
+    JSON today (the profile RESULTS.md quotes)."""
+    import subprocess
+    import sys
+
+    stored = ROOT / "benchmarks" / "results" / "profile"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "profile_step.py"),
+        "--from-json",
+        str(stored / "profile.json"),
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "profile.md").read_text() == (stored / "profile.md").read_text()

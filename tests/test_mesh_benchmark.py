@@ -98,3 +98,20 @@ def test_mesh_benchmark_quick_writes_variants_and_projection(tmp_path):
     assert (again / "table.md").read_text() == table
     assert (tmp_path / "mesh.json").read_bytes() == stored
     assert not (again / "mesh.json").exists()
+
+
+def test_published_mesh_run_renders_to_its_table(tmp_path):
+    """``benchmarks/results/mesh/table.md`` is what ``--from-json`` makes of its JSON today."""
+    stored = ROOT / "benchmarks" / "results" / "mesh"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "mesh.py"),
+        "--from-json",
+        str(stored / "mesh.json"),
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "table.md").read_text() == (stored / "table.md").read_text()
+    assert not json.loads((stored / "mesh.json").read_text())["quick"]
