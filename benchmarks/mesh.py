@@ -69,7 +69,6 @@ from pathlib import Path
 import psutil
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,6 +94,7 @@ from scaling import (  # noqa: E402
     _summary,
     _without_collectives,
     run_header,
+    spawn_ranks,
 )
 
 import mpgroups  # noqa: E402
@@ -353,24 +353,6 @@ def _local_worker(args, queue) -> None:
     except BaseException:
         queue.put(("error", traceback.format_exc()))
         raise
-
-
-def _spawn(target, arg_lists: list[tuple], timeout: float):
-    """Run ``target(*args, queue)`` in one spawned process per entry of ``arg_lists``; the
-    value the first of them puts on the queue (``("ok", value)``; an error raises)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, queue)) for args in arg_lists]
-    for p in procs:
-        p.start()
-    status, value = queue.get(timeout=timeout)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    if status != "ok":
-        raise RuntimeError(f"benchmark failed:\n{value}")
-    return value
 
 
 # Projection -------------------------------------------------------------------------------------
@@ -672,10 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"measured: {note}", file=sys.stderr, flush=True)
     port = _free_port()
-    measured = _spawn(_measure_worker, [(r, port, args) for r in range(WORLD)], args.timeout)
+    measured = spawn_ranks(_measure_worker, [(r, port, args) for r in range(WORLD)], args.timeout)
     load["after_measured"] = list(os.getloadavg())
     print("one-process runs (compute of each layout, one thread)", file=sys.stderr, flush=True)
-    local = _spawn(_local_worker, [(args,)], args.timeout)
+    local = spawn_ranks(_local_worker, [(args,)], args.timeout)
     load["end"] = list(os.getloadavg())
     layouts = _layouts(args.nodes, args.gpus_per_node)
     between = INTER_NODE_400G

@@ -56,7 +56,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,13 +65,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, build_single, make_input  # noqa: E402
 from loopback import loopback_group  # noqa: E402
+from scaling import _free_port, spawn_ranks  # noqa: E402
 
 import mpgroups  # noqa: E402
 
@@ -216,12 +215,6 @@ def _worker(rank: int, port: int, args, queue) -> None:
     except BaseException:
         queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
         raise
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _commit() -> dict | None:
@@ -409,19 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     case = QUICK_CASE if args.quick else CASE
     loadavg_before = os.getloadavg()
     started = time.time()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, args, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    status, value = queue.get(timeout=args.timeout)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    if status != "ok":
-        raise RuntimeError(value)
+    value = spawn_ranks(_worker, [(r, port, args) for r in range(WORLD)], args.timeout, "profile")
     result = {
         "command": "python "
         + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),

@@ -553,21 +553,28 @@ def _commit() -> dict | None:
     return {"sha": head, "uncommitted_changes": bool(changed)}
 
 
-def run_world(world: int, args) -> dict:
+def spawn_ranks(target, arg_lists: list[tuple], timeout: float, what: str = "benchmark"):
+    """Run ``target(*args, queue)`` in one spawned process per entry of ``arg_lists``; the
+    value the first of them puts on the queue (``("ok", value)``; an error raises)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(*args, queue)) for args in arg_lists]
     for p in procs:
         p.start()
-    status, value = queue.get(timeout=args.timeout)
+    status, value = queue.get(timeout=timeout)
     for p in procs:
         p.join(timeout=60)
         if p.is_alive():
             p.kill()
     if status != "ok":
-        raise RuntimeError(f"benchmark at world size {world} failed:\n{value}")
+        raise RuntimeError(f"{what} failed:\n{value}")
     return value
+
+
+def run_world(world: int, args) -> dict:
+    port = _free_port()
+    arg_lists = [(r, world, port, args) for r in range(world)]
+    return spawn_ranks(_worker, arg_lists, args.timeout, f"benchmark at world size {world}")
 
 
 def main(argv: list[str] | None = None) -> int:
