@@ -28,8 +28,8 @@ from comm_model import Collective, layer_collectives, model_collectives, spatial
 from torch import nn
 
 import mpgroups
-from mpgroups.conv import GroupParallelConv2d
-from mpgroups.plan import ChannelLocal, GroupParallel
+from mpgroups.layers.conv import GroupParallelConv2d
+from mpgroups.plans.styles import ChannelLocal, GroupParallel
 
 R, S = "replicated", "sharded"
 MAIN = "group_parallel"  # the variant every case has: the projection, the targets
@@ -292,7 +292,7 @@ def analytic_collectives(
 
     A block's input requires grad (as inside a network), AlexNet's (an image) does not.
     Whole models follow their plan (:func:`comm_model.model_collectives`), placed by
-    ``mpgroups.layout.layer_shards``: the single source of truth the layers use.
+    ``mpgroups.sharding.layout.layer_shards``: the single source of truth the layers use.
     """
     if case.alexnet is not None or case.block is not None:
         return _model_collectives(case, world_size, rank, variant)

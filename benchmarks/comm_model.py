@@ -2,11 +2,12 @@
 it costs.
 
 :func:`shard_collectives` lists the data collectives of one forward + backward of a layer from
-its :class:`~mpgroups.layout.LayerShards` (DESIGN §3, §3b; the table in
-``mpgroups/layer_comm.py``), with the byte counts :class:`~mpgroups.counter.CommCounter`
-records (padding of uneven shards included). :func:`layer_collectives` does it for a conv or a
-Linear given by its sizes, through :func:`mpgroups.layout.layer_shards`, the one function that
-places every layer; :func:`model_collectives` for a whole model and a plan, as
+its :class:`~mpgroups.sharding.layout.LayerShards` (DESIGN §3, §3b; the table in
+``mpgroups/layers/layer_comm.py``), with the byte counts
+:class:`~mpgroups.comm.counter.CommCounter` records (padding of uneven shards included).
+:func:`layer_collectives` does it for a conv or a Linear given
+by its sizes, through :func:`mpgroups.sharding.layout.layer_shards`, the one
+function that places every layer; :func:`model_collectives` for a whole model and a plan, as
 :func:`mpgroups.parallelize` applies it. :func:`collective_seconds` prices one collective with
 an α–β model in the bus-bandwidth convention of nccl-tests. ``cases.py`` lists a benchmark
 case's collectives with these; ``projection.py`` prices them.
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpgroups.layout import LayerShards, layer_shards, layout_shards
-from mpgroups.plan import ChannelLocal, GroupParallel
+from mpgroups.plans.styles import ChannelLocal, GroupParallel
+from mpgroups.sharding.layout import LayerShards, layer_shards, layout_shards
 
 __all__ = [
     "INTER_NODE_400G",
@@ -89,7 +90,7 @@ def shard_collectives(
     ``in_rows``/``out_rows``: elements per channel (feature) of the input and the output
     (``N·H·W`` for a conv, the leading dims for a Linear). Backward collectives of the input
     side run only when the input requires grad; for a forward alone (inference) keep the
-    ``"forward"`` ones. As ``mpgroups/layer_comm.py``:
+    ``"forward"`` ones. As ``mpgroups/layers/layer_comm.py``:
 
     ========  ==========  =========================================  ============================
     split     input       before the local op                        output layout
@@ -239,7 +240,7 @@ def model_collectives(
 
     Walks the modules in ``named_modules()`` order as :func:`mpgroups.parallelize` does: each
     ``GroupParallel`` layer (a planned conv or Linear, or a grouped conv outside the plan)
-    is placed by :func:`~mpgroups.layout.layer_shards` with its style; a
+    is placed by :func:`~mpgroups.sharding.layout.layer_shards` with its style; a
     ``ChannelLocal(output_layout="replicated")`` gathers its output in the layout of the
     nearest sharded-output layer before it (or its own ``channels``/``groups``). Activation
     shapes, and whether a layer's input requires grad, come from a forward on the meta

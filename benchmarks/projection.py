@@ -57,7 +57,7 @@ from comm_model import (  # noqa: E402
     ring_steps,
 )
 
-from mpgroups.input_checks import RECORD_SIZE  # noqa: E402
+from mpgroups.comm.checks import RECORD_SIZE  # noqa: E402
 
 
 def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:

@@ -74,10 +74,10 @@ from cases import (  # noqa: E402
 from loopback import loopback_group, loopback_world  # noqa: E402
 
 import mpgroups  # noqa: E402
+from mpgroups.comm.checks import RECORD_SIZE, check_across_ranks, fingerprint  # noqa: E402
 
 # The link is timed with the very calls the layers make.
-from mpgroups.collectives import _all_gather_single, _reduce_scatter_single  # noqa: E402
-from mpgroups.input_checks import RECORD_SIZE, check_across_ranks, fingerprint  # noqa: E402
+from mpgroups.comm.collectives import _all_gather_single, _reduce_scatter_single  # noqa: E402
 
 PROJECTED_WORLD_SIZES = (2, 4, 8)
 # Rank 0's local work is timed at these P (one thread, no wire); P = 1 is the one-process

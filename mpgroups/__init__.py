@@ -5,31 +5,31 @@ with no process group the layers are plain single-device convolutions.
 """
 
 from mpgroups import models
-from mpgroups.auto_plan import auto_plan
-from mpgroups.channel_modules import GatherChannels
-from mpgroups.channel_transfer import gather_channels, scatter_channels
-from mpgroups.checkpoint import (
+from mpgroups.comm.checks import InputMismatchError
+from mpgroups.comm.counter import CommCounter
+from mpgroups.comm.transfer import gather_channels, scatter_channels
+from mpgroups.layers.channel_modules import GatherChannels
+from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
+from mpgroups.layers.linear import ParallelLinear
+from mpgroups.plans.auto_plan import auto_plan
+from mpgroups.plans.global_batch import match_global_batch
+from mpgroups.plans.parallelize import PlanError, parallelize, unparallelize
+from mpgroups.plans.styles import ChannelLocal, GroupParallel, Replicated
+from mpgroups.plans.tp_styles import ChannelwiseNorm, GroupwiseParallel
+from mpgroups.sharding.placement import Placement, PlacementError, place
+from mpgroups.state.checkpoint import (
     CheckpointError,
     atomic_save,
     load_sharded_state_dict,
     safe_load,
     save_sharded_state_dict,
 )
-from mpgroups.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
-from mpgroups.counter import CommCounter
-from mpgroups.global_batch import match_global_batch
-from mpgroups.input_checks import InputMismatchError
-from mpgroups.linear import ParallelLinear
-from mpgroups.parallelize import PlanError, parallelize, unparallelize
-from mpgroups.placement import Placement, PlacementError, place
-from mpgroups.plan import ChannelLocal, GroupParallel, Replicated
-from mpgroups.state_dict import (
+from mpgroups.state.state_dict import (
     full_grad_dict,
     full_state_dict,
     load_full_state_dict,
     local_parameter_bytes,
 )
-from mpgroups.tp_styles import ChannelwiseNorm, GroupwiseParallel
 
 __all__ = [
     "ChannelLocal",

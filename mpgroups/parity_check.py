@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mpgroups.conv import LAYOUTS, GroupParallelConv2d
-from mpgroups.counter import CommCounter
+from mpgroups.comm.counter import CommCounter
+from mpgroups.layers.conv import LAYOUTS, GroupParallelConv2d
 
 __all__ = ["main"]
 

@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from mpgroups.checkpoint import CheckpointManager, atomic_save
-from mpgroups.collectives import all_reduce_sum
-from mpgroups.global_batch import match_global_batch
+from mpgroups.comm.collectives import all_reduce_sum
 from mpgroups.models import AlexNet
+from mpgroups.plans.global_batch import match_global_batch
 from mpgroups.runtime import DistInfo, init_distributed, init_mesh, shutdown
-from mpgroups.state_dict import full_state_dict, local_parameter_bytes
+from mpgroups.state.checkpoint import CheckpointManager, atomic_save
+from mpgroups.state.state_dict import full_state_dict, local_parameter_bytes
 
 __all__ = ["load_digits_data", "main", "train"]
 

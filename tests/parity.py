@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mpgroups
-from mpgroups.placement import place, shard_slice
+from mpgroups.sharding.placement import place, shard_slice
 
 LAYOUT_PAIRS = [
     ("replicated", "replicated"),

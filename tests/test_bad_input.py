@@ -14,8 +14,8 @@ import torch.distributed as dist
 from dist_harness import TaskError
 
 import mpgroups
-from mpgroups.conv import GroupParallelConv2d
-from mpgroups.input_checks import InputMismatchError
+from mpgroups.comm.checks import InputMismatchError
+from mpgroups.layers.conv import GroupParallelConv2d
 
 GOOD = (4, 8, 6, 6)
 # The layer's input shard at P = 2 for a sharded-input case: 4 of the 8 channels.

@@ -17,7 +17,7 @@ from loopback import loopback_group, loopback_world
 from parity import case, expected_comm
 
 import mpgroups
-from mpgroups.placement import check_placeable
+from mpgroups.sharding.placement import check_placeable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def test_comm_model_agrees_with_the_tests_derivation(name, world):
 
 R, S = "replicated", "sharded"
 # name: (conv or linear, in, out, groups, split, layouts, shard_groups): every row of the
-# table in mpgroups/layer_comm.py, split="in" and shard_groups included.
+# table in mpgroups/layers/layer_comm.py, split="in" and shard_groups included.
 LAYERS = {
     "column, replicated in (one team)": ("conv", 8, 12, 1, "out", (R, S), None),
     "column, replicated in and out": ("conv", 8, 12, 1, "out", (R, R), None),
@@ -240,7 +240,7 @@ def test_projection_speedup_and_efficiency():
     }
     assert collectives_at(result, "made_up", 8) == [Collective(**stored[0])]
     p = project(result, "made_up", 8, link)
-    record = collective_seconds("all_gather", 8, 8 * mpgroups.input_checks.RECORD_SIZE * 8, link)
+    record = collective_seconds("all_gather", 8, 8 * mpgroups.comm.checks.RECORD_SIZE * 8, link)
     comm = collective_seconds("all_reduce", 8, 10**6, link) + 5 * record
     assert p["comm"] == pytest.approx(comm)
     assert p["speedup"] == pytest.approx(0.8 / (0.11 + comm))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mpgroups
-from mpgroups.checkpoint import CheckpointManager
+from mpgroups.state.checkpoint import CheckpointManager
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def _fallback_on_two_ranks(ctx, directory: str) -> int:
     if ctx.rank == 1:  # only rank 1's newest file is damaged
         path = Path(directory) / "step-00000002" / "rank-00001-of-00002.pt"
         path.write_bytes(b"not a checkpoint")
-    mpgroups.collectives.barrier(ctx.process_group)
+    mpgroups.comm.collectives.barrier(ctx.process_group)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         state = manager.load_latest()

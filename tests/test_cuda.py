@@ -16,8 +16,8 @@ from parity import assert_close
 from torch import nn
 
 import mpgroups
-from mpgroups.channel_modules import ShardedDropout
-from mpgroups.layout import ChannelShards
+from mpgroups.layers.channel_modules import ShardedDropout
+from mpgroups.sharding.layout import ChannelShards
 
 NO_GPU = "needs a CUDA GPU; this machine has none (the CUDA paths run where one exists)"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)

@@ -11,8 +11,8 @@ from parity import PARALLEL, REFERENCE, TOLERANCE, assert_close, case, make_refe
 from torch import nn
 
 import mpgroups
-from mpgroups.conv import GroupParallelConv2d
-from mpgroups.input_checks import RECORD_SIZE
+from mpgroups.comm.checks import RECORD_SIZE
+from mpgroups.layers.conv import GroupParallelConv2d
 
 SINGLE_DEVICE_CASES = [
     case(),

@@ -182,7 +182,7 @@ def _record_writes(monkey_target, written: list):
 
 def _save_on_mesh(ctx, directory: str, wrapper: str, name_dp: bool) -> dict:
     """Train 3 steps with BatchNorm and dropout on the 2 x 2 mesh, then save full and sharded."""
-    import mpgroups.checkpoint as checkpoint
+    import mpgroups.state.checkpoint as checkpoint
 
     mesh = _mesh()
     dp_rank = mesh["dp"].get_local_rank()

@@ -14,7 +14,7 @@ from torch import nn
 
 import mpgroups
 from mpgroups import ChannelLocal, GroupParallel
-from mpgroups.conv import _GroupParallelConvNd
+from mpgroups.layers.conv import _GroupParallelConvNd
 
 ALEXNET_SMALL = dict(num_classes=10, in_channels=3, channels=(16, 32, 48, 48, 32), hidden=64)
 

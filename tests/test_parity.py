@@ -6,7 +6,7 @@ import torch
 from parity import case, case_id, check_layer
 
 import mpgroups
-from mpgroups.placement import check_placeable
+from mpgroups.sharding.placement import check_placeable
 
 CASES = [
     # Placements: whole groups (even, uneven), filter split (even, uneven), depthwise.

@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-from mpgroups.layout import ChannelShards, communicates, layer_shards
-from mpgroups.placement import PlacementError, balanced_split, place, shard_slice
+from mpgroups.sharding.layout import ChannelShards, communicates, layer_shards
+from mpgroups.sharding.placement import PlacementError, balanced_split, place, shard_slice
 
 
 def test_balanced_split_follows_tensor_split():

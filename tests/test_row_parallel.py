@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 import mpgroups
-from mpgroups.collectives import all_gather_channels, slice_channels
+from mpgroups.comm.collectives import all_gather_channels, slice_channels
 
 CONV_CASES = [(8, 6, 1), (7, 5, 1), (8, 8, 4)]  # dense (even and uneven), whole groups per rank
 LINEAR_LAYOUTS = [
@@ -225,7 +225,7 @@ def test_split_in_errors_say_what_works():
 
 
 def test_split_in_with_fewer_groups_than_ranks_is_refused_clearly():
-    from mpgroups.layout import check_split
+    from mpgroups.sharding.layout import check_split
 
     with pytest.raises(ValueError, match=r"1 < groups=2 < world size 4 is not supported"):
         check_split("in", 2, 4, "sharded")

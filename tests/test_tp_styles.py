@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import mpgroups
-from mpgroups.tp_styles import ChannelwiseNorm, GroupwiseParallel, dtensor_channel_slices
+from mpgroups.plans.tp_styles import ChannelwiseNorm, GroupwiseParallel, dtensor_channel_slices
 
 TOL = 1e-10  # float64 throughout
 
@@ -547,7 +547,7 @@ def test_torch_and_mpgroups_splits_agree_where_documented():
     """DTensor's split equals mpgroups' sharded layout whenever G >= P with P | G, or G < P
     with P | C (the sizes the module docstring promises); e.g. not for 6 depthwise channels
     on 4 ranks."""
-    from mpgroups.layout import layout_shards
+    from mpgroups.sharding.layout import layout_shards
 
     checked = 0
     for world in range(1, 9):

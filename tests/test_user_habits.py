@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 import mpgroups
-from mpgroups.collectives import all_gather_channels, slice_channels
+from mpgroups.comm.collectives import all_gather_channels, slice_channels
 
 # (in, out, groups): whole groups per rank at P = 2, and a filter split (G = 1 < P).
 HIGHER_ORDER_CASES = [(4, 4, 2), (4, 4, 1)]

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mpgroups.parallelize import parallelize
-from mpgroups.plan import ChannelLocal, GroupParallel
-from mpgroups.process_groups import resolve_process_group
-from mpgroups.state_dict import local_parameter_bytes
+from mpgroups.comm.process_groups import resolve_process_group
+from mpgroups.plans.parallelize import parallelize
+from mpgroups.plans.styles import ChannelLocal, GroupParallel
+from mpgroups.state.state_dict import local_parameter_bytes
 
 __all__ = ["AlexNet"]
 

@@ -4,8 +4,8 @@ Pure bookkeeping on channel counts and ranks: nothing here moves data or calls
 ``torch.distributed``, so all of it is tested without processes.
 
 * ``"replicated"``: every rank holds the whole tensor ``[N, C, *spatial]``.
-* ``"sharded"``: rank ``r`` holds the channels :func:`~mpgroups.placement.shard_slice` gives it,
-  ``[N, c_r, *spatial]``.
+* ``"sharded"``: rank ``r`` holds the channels :func:`~mpgroups.sharding.placement.shard_slice`
+  gives it, ``[N, c_r, *spatial]``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mpgroups.placement import Placement, PlacementError, Slice, place, shard_slice
+from mpgroups.sharding.placement import Placement, PlacementError, Slice, place, shard_slice
 
 __all__ = [
     "LAYOUTS",
@@ -115,8 +115,9 @@ class LayerShards:
     """The channel splits one group-parallel layer works with.
 
     Attributes:
-        placement: what this rank owns (:func:`~mpgroups.placement.place`; with ``split="in"``
-            or ``shard_groups`` its ``in_slice``/``out_slice`` are those of the layer).
+        placement: what this rank owns (:func:`~mpgroups.sharding.placement.place`; with
+            ``split="in"`` or ``shard_groups`` its ``in_slice``/``out_slice`` are those of the
+            layer).
         inputs: the sharded layout of the layer's input channels.
         outputs: the sharded layout of its output channels (each rank's ``out_slice``).
         team_slices: for a filter split (``G < P``), how the team's group input channels

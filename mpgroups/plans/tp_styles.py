@@ -7,7 +7,7 @@ there (torch 2.13); these two styles run mpgroups' layers instead::
 
     from torch.distributed.tensor.parallel import (
         ColwiseParallel, RowwiseParallel, parallelize_module)
-    from mpgroups.tp_styles import ChannelwiseNorm, GroupwiseParallel
+    from mpgroups.plans.tp_styles import ChannelwiseNorm, GroupwiseParallel
 
     parallelize_module(block, tp_mesh, {
         "in_proj": ColwiseParallel(),   # [B, L, d] -> local [B, L, 2e/P]
@@ -29,8 +29,8 @@ Shapes on rank ``r`` of ``P`` (a 1-D ``DeviceMesh``; ``c_r`` the channels of ran
 
 Which channels a rank holds: the DTensor convention is ``torch.chunk``'s (rank ``r`` holds
 channels ``r * ceil(C/P)`` onwards), mpgroups' is its placement rule
-(:mod:`mpgroups.placement`: whole conv groups per rank when ``G >= P``, a share of one group
-when ``G < P``). They agree whenever ``P`` divides the conv's channels and groups evenly
+(:mod:`mpgroups.sharding.placement`: whole conv groups per rank when ``G >= P``, a share of one
+group when ``G < P``). They agree whenever ``P`` divides the conv's channels and groups evenly
 (``G >= P`` with ``P | G``, or ``G < P`` with ``P | C``): every usual TP size. Where
 they differ (``Conv1d(6, 6, groups=6)`` on 4 ranks: torch 2, 2, 2, 0 channels, mpgroups 2, 2,
 1, 1) the style raises ``ValueError`` when applied, naming both splits, instead of computing
@@ -48,7 +48,7 @@ What the module becomes, and its parameters:
   channels (one all-gather in the team, counted by :class:`mpgroups.CommCounter`).
 * ``ChannelwiseNorm`` keeps the ``nn.GroupNorm``/``BatchNorm``/``InstanceNorm`` module and
   keeps the rows of its parameters and buffers for the rank's channels
-  (:func:`mpgroups.channel_modules.shard_channel_module`); a GroupNorm must hold whole norm
+  (:func:`mpgroups.layers.channel_modules.shard_channel_module`); a GroupNorm must hold whole norm
   groups on every rank. BatchNorm statistics are per channel, so a shard computes exactly
   its channels' statistics; no collective.
 * Parameters are **plain local** ``nn.Parameter`` s holding this rank's rows (conv: rows
@@ -95,13 +95,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
-from mpgroups.channel_modules import shard_channel_module
-from mpgroups.collectives import broadcast_tensors_
-from mpgroups.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
-from mpgroups.hooks import HOOK_DICTS
-from mpgroups.input_checks import check_same_call
-from mpgroups.layout import ChannelShards
-from mpgroups.placement import Slice
+from mpgroups.comm.checks import check_same_call
+from mpgroups.comm.collectives import broadcast_tensors_
+from mpgroups.layers.channel_modules import shard_channel_module
+from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
+from mpgroups.plans.hooks import HOOK_DICTS
+from mpgroups.sharding.layout import ChannelShards
+from mpgroups.sharding.placement import Slice
 
 __all__ = ["ChannelwiseNorm", "GroupwiseParallel", "dtensor_channel_slices"]
 

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mpgroups.collectives import (
+from mpgroups.comm.checks import InputGuard, Problem, channel_counts, tensor_problem
+from mpgroups.comm.collectives import (
     META_DIMS,
     all_gather_channels,
     broadcast_meta,
@@ -22,9 +23,8 @@ from mpgroups.collectives import (
     scatter_channels_from,
     sum_over_ranks,
 )
-from mpgroups.input_checks import InputGuard, Problem, channel_counts, tensor_problem
-from mpgroups.layout import layout_shards
-from mpgroups.process_groups import resolve_process_group
+from mpgroups.comm.process_groups import resolve_process_group
+from mpgroups.sharding.layout import layout_shards
 
 __all__ = ["gather_channels", "scatter_channels"]
 

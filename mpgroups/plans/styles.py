@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpgroups.layout import check_layout, check_split
+from mpgroups.sharding.layout import check_layout, check_split
 
 __all__ = ["ChannelLocal", "GroupParallel", "Replicated"]
 
@@ -51,7 +51,7 @@ class ChannelLocal:
 
     BatchNorm, InstanceNorm and GroupNorm (each shard holding whole norm groups) keep their
     rows of the parameters and buffers; dropout becomes a
-    :class:`~mpgroups.channel_modules.ShardedDropout` (the whole tensor's mask, its slice
+    :class:`~mpgroups.layers.channel_modules.ShardedDropout` (the whole tensor's mask, its slice
     kept); channel-agnostic modules (activations, pooling, ``nn.Flatten``) are unchanged and
     need an entry only to end the chain. With
     ``output_layout="replicated"`` the module's output is all-gathered, ending the chain.

@@ -3,7 +3,7 @@
 Before a call site's collectives, every rank describes its input in a small record (shape,
 dtype, device type, whether a backward through it is recorded, which call site and which call
 of it, and whether its own local checks passed) and the ranks exchange the records in one tiny
-all-gather (:func:`~mpgroups.collectives.all_gather_records`). Each rank then reads all
+all-gather (:func:`~mpgroups.comm.collectives.all_gather_records`). Each rank then reads all
 records the same way, so either every rank proceeds or every rank raises
 :class:`InputMismatchError` with the same message naming each rank's values.
 
@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mpgroups.collectives import WIRE_DTYPES, all_gather_records, all_ranks_agree
-from mpgroups.counter import record
-from mpgroups.process_groups import rank_and_world_size
+from mpgroups.comm.collectives import WIRE_DTYPES, all_gather_records, all_ranks_agree
+from mpgroups.comm.counter import record
+from mpgroups.comm.process_groups import rank_and_world_size
 
 __all__ = [
     "RECORD_SIZE",

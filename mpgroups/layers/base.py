@@ -6,7 +6,7 @@ the input checks), holds this rank's part of the whole ``torch.nn`` layer's para
 with ``full_weight``/``full_bias``), and makes copies that share the process group.
 :class:`ConvConversion` adds the conv layers' ``from_conv`` and ``to_conv``. Gathering is a
 collective over the layer's process group, checked like any other (see
-:mod:`mpgroups.input_checks`).
+:mod:`mpgroups.comm.checks`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from mpgroups.collectives import gather_rows
-from mpgroups.input_checks import InputGuard
-from mpgroups.layout import NOT_PICKLABLE, ChannelShards, check_layout, communicates, layer_shards
-from mpgroups.process_groups import rank_and_world_size, resolve_process_group, team_subgroup
+from mpgroups.comm.checks import InputGuard
+from mpgroups.comm.collectives import gather_rows
+from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group, team_subgroup
+from mpgroups.sharding.layout import (
+    NOT_PICKLABLE,
+    ChannelShards,
+    check_layout,
+    communicates,
+    layer_shards,
+)
 
 __all__ = ["ConvConversion", "ParallelLayer", "conv_arguments"]
 

@@ -1,6 +1,6 @@
 """What a group-parallel layer communicates around its local op (DESIGN §3, §3b).
 
-Shared by the conv layers (channels on dim 1) and :class:`~mpgroups.linear.ParallelLinear`
+Shared by the conv layers (channels on dim 1) and :class:`~mpgroups.layers.linear.ParallelLinear`
 (features on the last dim). A layer calls :func:`local_input` on its input, runs its local op
 (conv or matmul with its shard of the weight), then :func:`layer_output`::
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpgroups.collectives import (
+from mpgroups.comm.collectives import (
     all_gather_channels,
     all_gather_channels_partial,
     all_reduce_sum,
@@ -26,7 +26,7 @@ from mpgroups.collectives import (
     slice_channels,
     slice_group_channels,
 )
-from mpgroups.layout import ChannelShards, LayerShards
+from mpgroups.sharding.layout import ChannelShards, LayerShards
 
 __all__ = ["add_bias_once", "layer_output", "local_input"]
 

@@ -1,6 +1,6 @@
 """Process-group plumbing: resolve what a layer was given, and the team subgroups of a filter split.
 
-Nothing here moves tensor data; the collectives live in :mod:`mpgroups.collectives`.
+Nothing here moves tensor data; the collectives live in :mod:`mpgroups.comm.collectives`.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.input_checks import layer_input_problem
-from mpgroups.layer_comm import add_bias_once, layer_output, local_input
-from mpgroups.parallel_layer import ParallelLayer
+from mpgroups.comm.checks import layer_input_problem
+from mpgroups.layers.base import ParallelLayer
+from mpgroups.layers.layer_comm import add_bias_once, layer_output, local_input
 
 __all__ = ["ParallelLinear"]
 

@@ -2,9 +2,9 @@
 collectives.
 
 A channel dimension split over a process group is described by
-:class:`~mpgroups.layout.ChannelShards`. Uneven shards are padded to the widest for the
+:class:`~mpgroups.sharding.layout.ChannelShards`. Uneven shards are padded to the widest for the
 collective and trimmed after, since gloo has no all-gather of uneven sizes; the padding counts
-as sent in :class:`~mpgroups.counter.CommCounter`.
+as sent in :class:`~mpgroups.comm.counter.CommCounter`.
 
 The autograd collectives (``all_gather_channels``, ``all_gather_channels_partial``,
 ``slice_channels``) are the identity on a group of one rank; callers of the others only call
@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mpgroups.counter import counted, record
-from mpgroups.layout import ChannelShards
-from mpgroups.placement import Slice
+from mpgroups.comm.counter import counted, record
+from mpgroups.sharding.layout import ChannelShards
+from mpgroups.sharding.placement import Slice
 
 __all__ = [
     "META_DIMS",

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mpgroups.auto_plan import auto_plan
-from mpgroups.channel_modules import (
+from mpgroups.comm.checks import check_same_call
+from mpgroups.comm.collectives import broadcast_tensors_
+from mpgroups.comm.process_groups import resolve_process_group
+from mpgroups.layers.channel_modules import (
     DROPOUTS,
     GatherChannels,
     ShardedDropout,
@@ -25,20 +27,18 @@ from mpgroups.channel_modules import (
     shard_channel_module,
     unshard_channel_module,
 )
-from mpgroups.collectives import broadcast_tensors_
-from mpgroups.conv import (
+from mpgroups.layers.conv import (
     GroupParallelConv1d,
     GroupParallelConv2d,
     GroupParallelConv3d,
     _GroupParallelConvNd,
 )
-from mpgroups.hooks import move_hooks
-from mpgroups.input_checks import check_same_call
-from mpgroups.layout import NOT_PICKLABLE, ChannelShards
-from mpgroups.linear import ParallelLinear
-from mpgroups.placement import PlacementError
-from mpgroups.plan import ChannelLocal, GroupParallel, Replicated
-from mpgroups.process_groups import resolve_process_group
+from mpgroups.layers.linear import ParallelLinear
+from mpgroups.plans.auto_plan import auto_plan
+from mpgroups.plans.hooks import move_hooks
+from mpgroups.plans.styles import ChannelLocal, GroupParallel, Replicated
+from mpgroups.sharding.layout import NOT_PICKLABLE, ChannelShards
+from mpgroups.sharding.placement import PlacementError
 
 __all__ = ["PlanError", "parallelize", "unparallelize"]
 
@@ -232,8 +232,9 @@ def parallelize(
     Every ``nn.Conv1d/2d/3d`` with ``groups > 1`` becomes the matching
     ``GroupParallelConvNd`` with its weights (replicated → replicated: same inputs and outputs
     as before); ``training``, device, dtype, ``requires_grad`` and registered hooks are kept.
-    ``plan`` maps module names (or ``fnmatch`` patterns) to :class:`~mpgroups.plan.GroupParallel`
-    or :class:`~mpgroups.plan.ChannelLocal` to keep activations sharded along a chain.
+    ``plan`` maps module names (or ``fnmatch`` patterns) to
+    :class:`~mpgroups.plans.styles.GroupParallel` or
+    :class:`~mpgroups.plans.styles.ChannelLocal` to keep activations sharded along a chain.
     While a plan keeps anything sharded, a module outside the plan that receives a sharded
     activation raises :class:`PlanError` naming itself (channel-agnostic modules such as
     ``nn.ReLU`` or ``nn.MaxPool2d`` pass it on). Tensors that leave modules through

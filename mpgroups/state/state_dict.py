@@ -19,10 +19,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mpgroups.channel_modules import tensor_shards
-from mpgroups.collectives import gather_rows
-from mpgroups.input_checks import check_same_call
-from mpgroups.layout import ChannelShards
+from mpgroups.comm.checks import check_same_call
+from mpgroups.comm.collectives import gather_rows
+from mpgroups.layers.channel_modules import tensor_shards
+from mpgroups.sharding.layout import ChannelShards
 
 __all__ = [
     "fsdp_process_group",

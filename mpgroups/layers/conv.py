@@ -1,6 +1,7 @@
 """Group-parallel convolutions: ``nn.Conv1d/2d/3d`` whose conv groups live on different ranks.
 
-Shapes on rank ``r`` of ``P`` (``C_in_r``/``C_out_r`` from :func:`mpgroups.placement.place`)::
+Shapes on rank ``r`` of ``P`` (``C_in_r``/``C_out_r`` from
+:func:`mpgroups.sharding.placement.place`)::
 
     weight            [C_out_r, C_in / G, *kernel_size]    rows out_slice of nn.ConvNd's weight
     bias              [C_out_r]
@@ -17,13 +18,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.input_checks import layer_input_problem
-from mpgroups.layer_comm import add_bias_once, layer_output, local_input
-from mpgroups.layout import (
+from mpgroups.comm.checks import layer_input_problem
+from mpgroups.layers.base import ConvConversion, conv_arguments
+from mpgroups.layers.layer_comm import add_bias_once, layer_output, local_input
+from mpgroups.sharding.layout import (
     LAYOUTS,
 )
-from mpgroups.parallel_layer import ConvConversion, conv_arguments
-from mpgroups.placement import Placement
+from mpgroups.sharding.placement import Placement
 
 __all__ = ["GroupParallelConv1d", "GroupParallelConv2d", "GroupParallelConv3d", "LAYOUTS"]
 

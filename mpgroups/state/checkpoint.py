@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mpgroups.collectives import all_gather_records, all_ranks_agree, barrier, broadcast_ints
-from mpgroups.process_groups import rank_and_world_size, resolve_process_group
-from mpgroups.state_dict import (
+from mpgroups.comm.collectives import all_gather_records, all_ranks_agree, barrier, broadcast_ints
+from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
+from mpgroups.state.state_dict import (
     fsdp_process_group,
     load_full_state_dict,
     model_process_group,

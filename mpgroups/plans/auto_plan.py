@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from mpgroups.channel_modules import CHANNEL_AGNOSTIC, DROPOUTS, is_channel_agnostic
-from mpgroups.layout import ChannelShards, layer_shards, layout_shards
-from mpgroups.placement import PlacementError
-from mpgroups.plan import ChannelLocal, GroupParallel, Replicated
-from mpgroups.process_groups import rank_and_world_size, resolve_process_group
+from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
+from mpgroups.layers.channel_modules import CHANNEL_AGNOSTIC, DROPOUTS, is_channel_agnostic
+from mpgroups.plans.styles import ChannelLocal, GroupParallel, Replicated
+from mpgroups.sharding.layout import ChannelShards, layer_shards, layout_shards
+from mpgroups.sharding.placement import PlacementError
 
 __all__ = ["auto_plan"]
 

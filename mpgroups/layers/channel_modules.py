@@ -22,16 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.collectives import all_gather_channels, dense_order, gather_rows
-from mpgroups.input_checks import (
+from mpgroups.comm.checks import (
     BAD_CHANNELS,
     InputGuard,
     Problem,
     check_same_call,
     tensor_problem,
 )
-from mpgroups.layout import ChannelShards, layout_shards
-from mpgroups.process_groups import rank_and_world_size, resolve_process_group
+from mpgroups.comm.collectives import all_gather_channels, dense_order, gather_rows
+from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
+from mpgroups.sharding.layout import ChannelShards, layout_shards
 
 __all__ = [
     "CHANNEL_AGNOSTIC",

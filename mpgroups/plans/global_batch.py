@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mpgroups.channel_modules import DROPOUTS, ShardedDropout
-from mpgroups.collectives import all_gather_records, all_reduce_sum, copy_to_ranks
-from mpgroups.layout import NOT_PICKLABLE
-from mpgroups.process_groups import rank_and_world_size, resolve_process_group
+from mpgroups.comm.collectives import all_gather_records, all_reduce_sum, copy_to_ranks
+from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
+from mpgroups.layers.channel_modules import DROPOUTS, ShardedDropout
+from mpgroups.sharding.layout import NOT_PICKLABLE
 
 __all__ = ["match_global_batch"]
 
