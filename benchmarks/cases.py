@@ -29,7 +29,7 @@ from torch import nn
 
 import mpgroups
 from mpgroups.layers.conv import GroupParallelConv2d
-from mpgroups.plans.styles import ChannelLocal, GroupParallel
+from mpgroups.plans.styles import ChannelLocal, ParallelLayer
 
 R, S = "replicated", "sharded"
 MAIN = "group_parallel"  # the variant every case has: the projection, the targets
@@ -232,9 +232,9 @@ def block_plan(case: Case, variant: str, world_size: int) -> dict:
     groups = case.block["groups"]
     shard_groups = None if groups == 1 else groups
     expected = {
-        "conv1": GroupParallel(output_layout=S, shard_groups=shard_groups),
-        "conv2": GroupParallel(S, S),
-        "conv3": GroupParallel(S, R, split="in", shard_groups=shard_groups),
+        "conv1": ParallelLayer(output_layout=S, shard_groups=shard_groups),
+        "conv2": ParallelLayer(S, S),
+        "conv3": ParallelLayer(S, R, split="rowwise", shard_groups=shard_groups),
     }
     found = {name: plan.get(name) for name in expected}
     locals_ = all(isinstance(plan.get(n), ChannelLocal) for n in ("bn1", "bn2"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpgroups.plans.styles import ChannelLocal, GroupParallel
+from mpgroups.plans.styles import ChannelLocal, ParallelLayer
 from mpgroups.sharding.layout import LayerShards, layer_shards, layout_shards
 
 __all__ = [
@@ -128,13 +128,13 @@ def shard_collectives(
             team = pl.team_size * max(b - a for a, b in shards.team_slices)
             add("reduce_scatter", pl.team_size, team * in_rows * element_size, "backward")
             add("all_gather", world, gathered_in, "backward")
-    elif pl.filter_split and shards.split == "out":
+    elif pl.filter_split and shards.split == "colwise":
         team = pl.team_size * max(b - a for a, b in shards.team_slices)
         add("all_gather", pl.team_size, team * in_rows * element_size, "forward")
         if input_requires_grad:
             add("reduce_scatter", pl.team_size, team * in_rows * element_size, "backward")
     gathered_out = world * max(outputs.widths) * out_rows * element_size
-    if shards.split == "in":
+    if shards.split == "rowwise":
         if output_layout == "replicated":
             add("all_reduce", world, outputs.total * out_rows * element_size, "forward")
         else:
@@ -158,7 +158,7 @@ def layer_collectives(
     element_size: int,
     input_requires_grad: bool = True,
     *,
-    split: str = "out",
+    split: str = "colwise",
     shard_groups: int | None = None,
     layer: str = "",
 ) -> list[Collective]:
@@ -185,14 +185,14 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _style(name: str, module: nn.Module, plan: dict):
     """The plan's style for ``name`` as :func:`mpgroups.parallelize` reads it: the entry of
     that name, else the first matching ``fnmatch`` pattern, else the drop-in for a grouped
-    conv (``GroupParallel()``)."""
+    conv (``ParallelLayer()``)."""
     if name in plan:
         return plan[name]
     for pattern, style in plan.items():
         if any(ch in pattern for ch in "*?[") and fnmatch.fnmatchcase(name, pattern):
             return style
     if type(module) in _CONVS and module.groups > 1:
-        return GroupParallel()
+        return ParallelLayer()
     return None
 
 
@@ -239,7 +239,7 @@ def model_collectives(
     (plain ``torch.nn``) after ``parallelize(model, plan=plan)`` on ``world_size`` ranks.
 
     Walks the modules in ``named_modules()`` order as :func:`mpgroups.parallelize` does: each
-    ``GroupParallel`` layer (a planned conv or Linear, or a grouped conv outside the plan)
+    ``ParallelLayer`` layer (a planned conv or Linear, or a grouped conv outside the plan)
     is placed by :func:`~mpgroups.sharding.layout.layer_shards` with its style; a
     ``ChannelLocal(output_layout="replicated")`` gathers its output in the layout of the
     nearest sharded-output layer before it (or its own ``channels``/``groups``). Activation
@@ -256,11 +256,11 @@ def model_collectives(
     producer = None  # the ChannelShards of the last sharded output, in module order
     for name, module in model.named_modules():
         style = _style(name, module, plan)
-        if name not in shapes or not isinstance(style, GroupParallel | ChannelLocal):
+        if name not in shapes or not isinstance(style, ParallelLayer | ChannelLocal):
             continue
         in_shape, out_shape, requires_grad, dtype = shapes[name]
         element_size = torch.empty(0, dtype=dtype).element_size()
-        if isinstance(style, GroupParallel):
+        if isinstance(style, ParallelLayer):
             linear = isinstance(module, nn.Linear)
             if linear:
                 cin, cout, groups, dim = module.in_features, module.out_features, 1, -1

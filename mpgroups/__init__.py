@@ -14,9 +14,9 @@ from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
 from mpgroups.plans.global_batch import match_global_batch
 from mpgroups.plans.parallelize import PlanError, parallelize, unparallelize
-from mpgroups.plans.styles import ChannelLocal, GroupParallel, Replicated
+from mpgroups.plans.styles import DEPRECATED_STYLES, ChannelLocal, NoParallel, ParallelLayer
 from mpgroups.plans.tp_styles import ChannelwiseNorm, GroupwiseParallel
-from mpgroups.sharding.placement import Placement, PlacementError, place
+from mpgroups.sharding.placement import GroupPlacement, PlacementError, place
 from mpgroups.state.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -37,17 +37,17 @@ __all__ = [
     "CheckpointError",
     "CommCounter",
     "GatherChannels",
-    "GroupParallel",
+    "ParallelLayer",
     "GroupParallelConv1d",
     "GroupParallelConv2d",
     "GroupParallelConv3d",
+    "GroupPlacement",
     "GroupwiseParallel",
     "InputMismatchError",
     "ParallelLinear",
-    "Placement",
     "PlacementError",
     "PlanError",
-    "Replicated",
+    "NoParallel",
     "atomic_save",
     "auto_plan",
     "full_grad_dict",
@@ -67,3 +67,22 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Names of mpgroups 0.1 that read like torch's own (GroupParallel beside GroupwiseParallel,
+# Replicated beside Replicate, Placement beside DTensor's Placement): kept for one release.
+_DEPRECATED = {**DEPRECATED_STYLES, "Placement": ("GroupPlacement", GroupPlacement)}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        import warnings
+
+        new, value = _DEPRECATED[name]
+        warnings.warn(
+            f"mpgroups.{name} is deprecated and will be removed in the next release; use "
+            f"mpgroups.{new}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return value
+    raise AttributeError(f"module 'mpgroups' has no attribute {name!r}")

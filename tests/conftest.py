@@ -8,3 +8,14 @@ def pool():
     workers = WorkerPool()
     yield workers
     workers.close()
+
+
+@pytest.fixture(scope="session")
+def scratch_pool():
+    """Four more gloo workers for the tests that kill a worker or leave its ranks with
+    different process groups, so that the shared pool never restarts and no test depends on
+    what such a test left behind. Started on first use; a test that poisons it calls
+    ``scratch_pool.discard()``."""
+    workers = WorkerPool()
+    yield workers
+    workers.close()

@@ -7,6 +7,8 @@ its return values come back as a list indexed by rank.
 
 Hangs fail fast at three levels: the process group timeout (``PG_TIMEOUT``), the per-task
 wait here (which dumps every worker's stack and restarts the pool), and ``pytest-timeout``.
+A pool whose workers died, or that a test marked poisoned (:meth:`WorkerPool.discard`: it
+left the ranks with different process groups), starts anew before its next task.
 A task that fails on any rank raises with that rank's traceback; a task that ran on no rank
 fails too.
 """
@@ -86,10 +88,18 @@ class TaskError(AssertionError):
 
 
 class WorkerPool:
+    """Four gloo workers; started on the first task, and again after :meth:`discard` or a
+    worker's death."""
+
     def __init__(self) -> None:
         self._ctx = mp.get_context("spawn")
         self._seq = 0
-        self._start()
+        self._procs: list = []
+        self._fresh = False
+
+    def discard(self) -> None:
+        """The workers' state must not reach the next task: start anew before it."""
+        self._fresh = False
 
     def _start(self) -> None:
         self._tasks = [self._ctx.Queue() for _ in range(POOL_SIZE)]
@@ -105,6 +115,7 @@ class WorkerPool:
         ]
         for p in self._procs:
             p.start()
+        self._fresh = True
         ready = set()
         deadline = time.monotonic() + 120
         while len(ready) < POOL_SIZE:
@@ -117,13 +128,16 @@ class WorkerPool:
                 ready.add(rank)
 
     def close(self) -> None:
-        for q in self._tasks:
+        for q in getattr(self, "_tasks", []):
             try:
                 q.put(None)
             except (OSError, ValueError):
                 pass
+        # A worker leaves once it has destroyed its process group; one that waits on a peer
+        # there (or is stuck) is killed: nothing is left to save.
+        deadline = time.monotonic() + 2
         for p in self._procs:
-            p.join(timeout=2)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -135,16 +149,34 @@ class WorkerPool:
             p.join()
         self._start()
 
+    def _ready(self) -> None:
+        if not self._procs:
+            self._start()
+        elif not self._fresh or any(not p.is_alive() for p in self._procs):
+            self.restart()
+
     def _dump_stacks(self) -> None:
         for p in self._procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGUSR1)
         time.sleep(1.0)
 
-    def run(self, fn, world_size: int, *args, timeout: float = TASK_TIMEOUT) -> list:
-        """Run ``fn(ctx, *args)`` on ranks ``0 .. world_size - 1``; return their values."""
+    def run(
+        self,
+        fn,
+        world_size: int,
+        *args,
+        timeout: float = TASK_TIMEOUT,
+        grace: float = GRACE_AFTER_ERROR,
+    ) -> list:
+        """Run ``fn(ctx, *args)`` on ranks ``0 .. world_size - 1``; return their values.
+
+        After one rank fails, the others get ``grace`` seconds to report before the pool is
+        restarted and the task fails.
+        """
         if world_size not in (1, 2, POOL_SIZE):
             raise ValueError(f"world_size must be 1, 2 or {POOL_SIZE}, got {world_size}")
+        self._ready()
         self._seq += 1
         seq = self._seq
         for q in self._tasks:
@@ -154,27 +186,25 @@ class WorkerPool:
         while len(outcomes) < POOL_SIZE and time.monotonic() < deadline:
             errors = [r for r, (status, _) in outcomes.items() if status == "error"]
             if errors:
-                deadline = min(deadline, time.monotonic() + GRACE_AFTER_ERROR)
+                deadline = min(deadline, time.monotonic() + grace)
             for rank, proc in enumerate(self._procs):
                 if rank not in outcomes and not proc.is_alive():
                     # A worker killed by the runtime (e.g. gloo's abort on a size mismatch)
                     # never reports: count it as failed instead of waiting out the timeout.
                     outcomes[rank] = ("error", f"worker died with exit code {proc.exitcode}")
-                    deadline = min(deadline, time.monotonic() + GRACE_AFTER_ERROR)
+                    deadline = min(deadline, time.monotonic() + grace)
             try:
                 got_seq, rank, outcome = self._results.get(timeout=0.5)
             except queue.Empty:
                 continue
             if got_seq == seq:
                 outcomes[rank] = outcome
-        if any(not p.is_alive() for p in self._procs):
-            self.restart()
         missing = [r for r in range(POOL_SIZE) if r not in outcomes]
         errors = {r: v for r, (s, v) in outcomes.items() if s == "error"}
         if missing:
             if not errors:
                 self._dump_stacks()
-            self.restart()
+            self.discard()  # some ranks may still be inside the task: start anew before the next
             detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
             raise TaskError(
                 f"{fn.__name__}: ranks {missing} did not finish "

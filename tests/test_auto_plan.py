@@ -15,7 +15,7 @@ from parity import assert_close
 from torch import nn
 
 import mpgroups
-from mpgroups import ChannelLocal, GroupParallel
+from mpgroups import ChannelLocal, ParallelLayer
 
 # name: (factory, the blocks that each close with one row-parallel all-reduce forward)
 MODELS = {
@@ -28,7 +28,7 @@ MODELS = {
 
 
 def _rows(plan: dict) -> list[str]:
-    return [n for n, s in plan.items() if isinstance(s, GroupParallel) and s.split == "in"]
+    return [n for n, s in plan.items() if isinstance(s, ParallelLayer) and s.split == "rowwise"]
 
 
 def _closing_layers(model: nn.Module, plan: dict, block: str) -> dict[str, list[str]]:
@@ -54,7 +54,7 @@ def _auto_parity(ctx, name: str, dtype: torch.dtype) -> dict:
     columns = [
         n
         for n, s in plan.items()
-        if isinstance(s, GroupParallel) and s.input_layout == "replicated"
+        if isinstance(s, ParallelLayer) and s.input_layout == "replicated"
         if reference.get_submodule(n).groups == 1
     ]
     model = mpgroups.parallelize(copy.deepcopy(reference), ctx.process_group, plan="auto")
@@ -121,11 +121,11 @@ def test_every_block_closes_with_one_all_reduce(name, size, world_size):
         grouped = [
             n
             for n, s in plan.items()
-            if n.startswith(f"{name_}.") and isinstance(s, GroupParallel)
+            if n.startswith(f"{name_}.") and isinstance(s, ParallelLayer)
             if model.get_submodule(n).groups > 1
         ]
         assert len(grouped) == 1, (name_, grouped)
-        assert plan[grouped[0]] == GroupParallel("sharded", "sharded"), (name_, grouped)
+        assert plan[grouped[0]] == ParallelLayer("sharded", "sharded"), (name_, grouped)
 
 
 # float64 at P = 2 and 4 (exactness); float32 (what users train in) at P = 2.
@@ -148,16 +148,16 @@ def test_auto_plan_pairs_column_grouped_row_in_every_block():
     assert bottlenecks
     for block in bottlenecks:
         groups = model.get_submodule(f"{block}.conv2").groups
-        assert plan[f"{block}.conv1"] == GroupParallel(output_layout="sharded", shard_groups=groups)
-        assert plan[f"{block}.conv2"] == GroupParallel("sharded", "sharded")
-        assert plan[f"{block}.conv3"] == GroupParallel(
-            "sharded", "replicated", split="in", shard_groups=groups
+        assert plan[f"{block}.conv1"] == ParallelLayer(output_layout="sharded", shard_groups=groups)
+        assert plan[f"{block}.conv2"] == ParallelLayer("sharded", "sharded")
+        assert plan[f"{block}.conv3"] == ParallelLayer(
+            "sharded", "replicated", split="rowwise", shard_groups=groups
         )
         assert isinstance(plan[f"{block}.bn1"], ChannelLocal)
         assert f"{block}.bn3" not in plan and f"{block}.downsample.0" not in plan
     assert "conv1" not in plan and "fc" not in plan
-    assert all(isinstance(v, GroupParallel | ChannelLocal) for v in plan.values())
-    assert "GroupParallel(input_layout='sharded'" in repr(plan)  # prints readably
+    assert all(isinstance(v, ParallelLayer | ChannelLocal) for v in plan.values())
+    assert "ParallelLayer(input_layout='sharded'" in repr(plan)  # prints readably
 
 
 class _Untraceable(nn.Module):

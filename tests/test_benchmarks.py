@@ -9,7 +9,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import projection
 import pytest
+import report
 import torch
 from cases import CASES, MAIN, QUICK, analytic_collectives, build_parallel, make_input
 from comm_model import LINKS, Collective, Link, collective_seconds, layer_collectives
@@ -68,25 +70,25 @@ def test_comm_model_agrees_with_the_tests_derivation(name, world):
 
 R, S = "replicated", "sharded"
 # name: (conv or linear, in, out, groups, split, layouts, shard_groups): every row of the
-# table in mpgroups/layers/layer_comm.py, split="in" and shard_groups included.
+# table in mpgroups/layers/layer_comm.py, split="rowwise" and shard_groups included.
 LAYERS = {
-    "column, replicated in (one team)": ("conv", 8, 12, 1, "out", (R, S), None),
-    "column, replicated in and out": ("conv", 8, 12, 1, "out", (R, R), None),
-    "column, sharded in": ("conv", 8, 12, 1, "out", (S, S), None),
-    "column, shard_groups out": ("conv", 8, 16, 1, "out", (R, S), 4),
-    "grouped, replicated in": ("conv", 8, 8, 4, "out", (R, R), None),
-    "grouped, sharded": ("conv", 8, 8, 4, "out", (S, S), None),
-    "two groups (teams at P=4)": ("conv", 8, 8, 2, "out", (R, S), None),
-    "two groups, sharded (teams at P=4)": ("conv", 8, 8, 2, "out", (S, R), None),
-    "row, all-reduce": ("conv", 8, 6, 1, "in", (S, R), None),
-    "row, reduce-scatter": ("conv", 8, 6, 1, "in", (S, S), None),
-    "row, shard_groups in": ("conv", 16, 6, 1, "in", (S, R), 2),
-    "row on whole groups (= split out)": ("conv", 8, 8, 4, "in", (S, R), None),
-    "linear column": ("linear", 12, 8, 1, "out", (R, S), None),
-    "linear column, replicated out": ("linear", 12, 8, 1, "out", (R, R), None),
-    "linear row, all-reduce": ("linear", 12, 8, 1, "in", (S, R), None),
-    "linear row, reduce-scatter": ("linear", 12, 8, 1, "in", (S, S), None),
-    "linear row, shard_groups in": ("linear", 24, 8, 1, "in", (S, R), 2),
+    "column, replicated in (one team)": ("conv", 8, 12, 1, "colwise", (R, S), None),
+    "column, replicated in and out": ("conv", 8, 12, 1, "colwise", (R, R), None),
+    "column, sharded in": ("conv", 8, 12, 1, "colwise", (S, S), None),
+    "column, shard_groups out": ("conv", 8, 16, 1, "colwise", (R, S), 4),
+    "grouped, replicated in": ("conv", 8, 8, 4, "colwise", (R, R), None),
+    "grouped, sharded": ("conv", 8, 8, 4, "colwise", (S, S), None),
+    "two groups (teams at P=4)": ("conv", 8, 8, 2, "colwise", (R, S), None),
+    "two groups, sharded (teams at P=4)": ("conv", 8, 8, 2, "colwise", (S, R), None),
+    "row, all-reduce": ("conv", 8, 6, 1, "rowwise", (S, R), None),
+    "row, reduce-scatter": ("conv", 8, 6, 1, "rowwise", (S, S), None),
+    "row, shard_groups in": ("conv", 16, 6, 1, "rowwise", (S, R), 2),
+    "row on whole groups (= split out)": ("conv", 8, 8, 4, "rowwise", (S, R), None),
+    "linear column": ("linear", 12, 8, 1, "colwise", (R, S), None),
+    "linear column, replicated out": ("linear", 12, 8, 1, "colwise", (R, R), None),
+    "linear row, all-reduce": ("linear", 12, 8, 1, "rowwise", (S, R), None),
+    "linear row, reduce-scatter": ("linear", 12, 8, 1, "rowwise", (S, S), None),
+    "linear row, shard_groups in": ("linear", 24, 8, 1, "rowwise", (S, R), 2),
 }
 
 
@@ -139,7 +141,7 @@ def test_comm_model_equals_what_each_layer_issues(name, world):
                 want = sorted((c.op, c.group_size, c.nbytes) for c in model if c.phase == phase)
                 assert measured[phase] == want, (name, world, rank, input_grad, phase)
             ops |= {c.op for c in model}
-    if split == "in" and layouts[1] == R and groups == 1:
+    if split == "rowwise" and layouts[1] == R and groups == 1:
         assert ops == {"all_reduce"}
     if name.startswith("column, replicated in (one team)"):
         assert ops == {"all_reduce"}  # the input grad, backward: nothing forward
@@ -376,8 +378,12 @@ def _loopback_model_does_the_ranks_work(ctx, suite: str) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("suite", ["quick", "full"])
+@pytest.mark.parametrize(
+    "suite, world_size",
+    # The full suite at P = 4 (where teams form and every case splits furthest); the quick one
+    # at P = 2 and 4.
+    [("quick", 2), ("quick", 4), ("full", 4)],
+)
 def test_loopback_model_does_the_ranks_work(pool, world_size, suite):
     """The projection's compute is the rank's own model, collectives and all, minus the wire."""
     checked = pool.run(_loopback_model_does_the_ranks_work, world_size, suite, timeout=200)
@@ -385,7 +391,7 @@ def test_loopback_model_does_the_ranks_work(pool, world_size, suite):
     assert checked == [expected] * world_size
 
 
-def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
+def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path, capsys):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick",
         "--world-sizes", "1", "2", "--out", str(tmp_path),
@@ -442,24 +448,18 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
     assert ("Commit: " in table) == (data["commit"] is not None)
     for png in ("scaling.png", "comm_share.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    projected = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "projection.py"), "--results",
-         str(tmp_path / "scaling.json"), "--link", "nvlink4"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )  # fmt: skip
-    assert projected.returncode == 0, projected.stderr
-    assert "alexnet_towers" in projected.stdout and "NVLink" in projected.stdout
-    assert "efficiency" in projected.stdout and "resnext50_block_b1" in projected.stdout
+    # The projection and the report of a stored run, in this process (their CLIs' main).
+    capsys.readouterr()
+    assert projection.main(["--results", str(tmp_path / "scaling.json"), "--link", "nvlink4"]) == 0
+    projected = capsys.readouterr().out
+    assert "alexnet_towers" in projected and "NVLink" in projected
+    assert "efficiency" in projected and "resnext50_block_b1" in projected
     again = tmp_path / "again"
-    rendered = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(tmp_path / "scaling.json"),
-         "--out", str(again)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert rendered.returncode == 0, rendered.stderr
-    assert rendered.stdout == table + "\n"
+    assert report.main([str(tmp_path / "scaling.json"), "--out", str(again)]) == 0
+    rendered = capsys.readouterr().out
+    assert rendered == table + "\n"
     assert (again / "table.md").read_text() == table
-    assert "Fitted gloo links at P=2" in rendered.stdout and "| error at size |" in rendered.stdout
+    assert "Fitted gloo links at P=2" in rendered and "| error at size |" in rendered
     for png in ("scaling.png", "comm_share.png"):
         assert (again / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "scaling.json").read_bytes() == stored  # only read
@@ -469,18 +469,11 @@ def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path):
 def test_published_profile_renders_to_its_table(tmp_path):
     """``results/profile/profile.md`` is what ``profile_step.py --from-json`` makes of its
     JSON today (the profile RESULTS.md quotes)."""
-    import subprocess
-    import sys
+    import profile_step
 
     stored = ROOT / "benchmarks" / "results" / "profile"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "profile_step.py"),
-        "--from-json",
-        str(stored / "profile.json"),
-        "--out",
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        profile_step.main(["--from-json", str(stored / "profile.json"), "--out", str(tmp_path)])
+        == 0
+    )
     assert (tmp_path / "profile.md").read_text() == (stored / "profile.md").read_text()

@@ -13,7 +13,7 @@ from parity import assert_close
 from torch import nn
 
 import mpgroups
-from mpgroups import ChannelLocal, GroupParallel
+from mpgroups import ChannelLocal, ParallelLayer
 from mpgroups.layers.conv import _GroupParallelConvNd
 
 ALEXNET_SMALL = dict(num_classes=10, in_channels=3, channels=(16, 32, 48, 48, 32), hidden=64)
@@ -21,7 +21,7 @@ ALEXNET_SMALL = dict(num_classes=10, in_channels=3, channels=(16, 32, 48, 48, 32
 
 def resnext_tower_plan() -> dict:
     return {
-        "layer1.*.conv2": GroupParallel(output_layout="sharded"),
+        "layer1.*.conv2": ParallelLayer(output_layout="sharded"),
         "layer1.*.bn2": ChannelLocal(),
         "layer1.*.relu2": ChannelLocal(output_layout="replicated"),
     }
@@ -279,7 +279,7 @@ def test_grouped_layers_hold_one_pth_of_their_parameters(pool, world_size):
 def _plan_mistakes(ctx) -> None:
     model, x = build("resnext", None, parallel=False)
     bad = mpgroups.parallelize(
-        model, ctx.process_group, plan={"layer1.0.conv2": GroupParallel(output_layout="sharded")}
+        model, ctx.process_group, plan={"layer1.0.conv2": ParallelLayer(output_layout="sharded")}
     )
     with pytest.raises(mpgroups.PlanError, match=r"module 'layer1.0.bn2' \(BatchNorm2d\)"):
         bad(x)
@@ -290,17 +290,17 @@ def _plan_mistakes(ctx) -> None:
         nn.Linear(8 * 4 * 4, 3),
     )
     alex = mpgroups.parallelize(
-        alex, ctx.process_group, plan={"0": GroupParallel(output_layout="sharded")}
+        alex, ctx.process_group, plan={"0": ParallelLayer(output_layout="sharded")}
     )
     # nn.Flatten passes the channel shards on as feature shards; the Linear needs it whole.
     with pytest.raises(mpgroups.PlanError, match=r"module '3' \(Linear\) received an activation"):
         alex(torch.randn(2, 8, 6, 6))
     with pytest.raises(mpgroups.PlanError, match="matches no module"):
         mpgroups.parallelize(
-            TinyResNeXt(), ctx.process_group, plan={"layer9.conv": GroupParallel()}
+            TinyResNeXt(), ctx.process_group, plan={"layer9.conv": ParallelLayer()}
         )
     with pytest.raises(mpgroups.PlanError, match="it applies to nn.Conv1d/2d/3d and nn.Linear"):
-        mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"stem.1": GroupParallel()})
+        mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"stem.1": ParallelLayer()})
     with pytest.raises(mpgroups.PlanError, match="no sharded-output conv before it"):
         mpgroups.parallelize(TinyResNeXt(), ctx.process_group, plan={"stem.1": ChannelLocal()})
 
@@ -319,7 +319,7 @@ def _conversion_keeps(ctx) -> None:
     model[0].bias.requires_grad_(False)
     seen = []
     handle = model[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    plan = {"0": GroupParallel(output_layout="sharded"), "1": ChannelLocal("replicated")}
+    plan = {"0": ParallelLayer(output_layout="sharded"), "1": ChannelLocal("replicated")}
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     reference = model(x)
     seen.clear()
@@ -342,7 +342,7 @@ def _conversion_keeps(ctx) -> None:
         mpgroups.parallelize(
             split_norm,
             ctx.process_group,
-            plan={"0": GroupParallel(output_layout="sharded"), "1": ChannelLocal()},
+            plan={"0": ParallelLayer(output_layout="sharded"), "1": ChannelLocal()},
         )
 
 
@@ -437,7 +437,7 @@ def _alexnet_old_checkpoints(ctx, tmp: str) -> None:
     torch.manual_seed(1)  # different weights, overwritten by each load
     for load in ("full", "sharded"):
         new = mpgroups.models.AlexNet(process_group=ctx.process_group, **ALEXNET_SMALL)
-        assert new.classifier[1].split == "in"
+        assert new.classifier[1].split == "rowwise"
         if load == "full":
             mpgroups.load_full_state_dict(new, full)
         else:

@@ -12,7 +12,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_timeout", "rank_and_world_size", "resolve_process_group", "team_subgroup"]
+__all__ = [
+    "group_rank",
+    "group_timeout",
+    "rank_and_world_size",
+    "resolve_process_group",
+    "team_subgroup",
+]
 
 # A team subgroup is created once per (parent group, team) and shared by every layer that
 # needs it: creating one per layer would open new connections for each conv of a model.
@@ -62,6 +68,34 @@ def rank_and_world_size(process_group) -> tuple[int, int]:
     if process_group is None:
         return 0, 1
     return dist.get_rank(process_group), process_group.size()
+
+
+def group_rank(
+    process_group: dist.ProcessGroup, rank: int | None, rank_in_group: int | None, name: str
+) -> int | None:
+    """The rank within ``process_group`` that an argument names, given as torch names it:
+    ``name`` (``src``, ``dst``) a global rank, ``group_<name>`` a rank within the group;
+    ``None`` when neither is given.
+
+    Raises:
+        ValueError: both given, or a rank that is not in the group.
+    """
+    members = dist.get_process_group_ranks(process_group)
+    if rank is not None and rank_in_group is not None:
+        raise ValueError(f"give {name} (a global rank) or group_{name}, not both")
+    if rank is not None:
+        if rank not in members:
+            raise ValueError(
+                f"{name}={rank} is a global rank, as in torch.distributed, and the process group "
+                f"holds the global ranks {members}; to name a rank within the group, pass "
+                f"group_{name}"
+            )
+        return members.index(rank)
+    if rank_in_group is not None and not 0 <= rank_in_group < len(members):
+        raise ValueError(
+            f"group_{name}={rank_in_group} is outside a process group of {len(members)} ranks"
+        )
+    return rank_in_group
 
 
 def group_timeout(process_group: dist.ProcessGroup) -> timedelta | None:

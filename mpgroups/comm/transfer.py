@@ -1,10 +1,13 @@
 """Move channel-sharded data that lives on one rank, or must end on one or on all.
 
-``scatter_channels`` (rank ``src`` holds the whole tensor; every rank gets its shard) and
-``gather_channels`` (every rank, or just ``dst``, gets the whole tensor) are the explicit
+``scatter_channels`` (one rank holds the whole tensor; every rank gets its shard) and
+``gather_channels`` (every rank, or just one, gets the whole tensor) are the explicit
 forms of the sharded layout's entry and exit (DESIGN §3). Both are checked like the layers:
 with checks on, the ranks first exchange a record of what they pass, so a mismatch raises
 on every rank instead of hanging.
+
+Ranks are named as ``torch.distributed`` names them: ``src``/``dst`` are global ranks,
+``group_src``/``group_dst`` ranks within ``process_group``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from mpgroups.comm.collectives import (
     scatter_channels_from,
     sum_over_ranks,
 )
-from mpgroups.comm.process_groups import resolve_process_group
+from mpgroups.comm.process_groups import group_rank, resolve_process_group
 from mpgroups.sharding.layout import layout_shards
 
 __all__ = ["gather_channels", "scatter_channels"]
@@ -34,31 +37,43 @@ def _shape_problem(x) -> Problem | None:
 
 
 def scatter_channels(
-    x: Tensor | None, src: int = 0, *, groups: int, process_group=None, device=None
+    x: Tensor | None,
+    src: int | None = None,
+    *,
+    groups: int,
+    process_group=None,
+    device=None,
+    group_src: int | None = None,
 ) -> Tensor:
-    """Forward: rank ``src`` sends each rank its channel shard; backward: gather onto ``src``.
+    """Forward: the source rank sends each rank its channel shard; backward: gather onto it.
 
     Args:
-        x: ``[N, C, *spatial]`` on group rank ``src``; ignored (may be ``None``) elsewhere.
-        src: the holding rank, numbered within ``process_group``.
+        x: ``[N, C, *spatial]`` on the source rank; ignored (may be ``None``) elsewhere.
+        src: the source's global rank, as in ``torch.distributed.scatter``; or
+        group_src: its rank within ``process_group``. With neither, the group's rank 0.
         groups: conv groups that define the sharded layout (see ``placement.shard_slice``).
         process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group).
-        device: where the shard lives on the ranks other than ``src`` (default: the group's
-            device: its bound device; for NCCL the current CUDA device; the CPU for gloo).
+        device: where the shard lives on the ranks other than the source (default: the
+            group's device: its bound device; for NCCL the current CUDA device; the CPU for
+            gloo).
 
     Returns:
         This rank's shard ``[N, c_r, *spatial]`` in the sharded layout, laid out as ``x``
         (channels_last stays channels_last). Shape, dtype, layout and whether a backward is
-        recorded come from ``src`` (one small broadcast); when one is, every rank must run
+        recorded come from the source (one small broadcast); when one is, every rank must run
         backward through the result.
     """
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
+    src = group_rank(pg, src, group_src, "src")
+    src = 0 if src is None else src
     rank = dist.get_rank(pg)
     holds = rank == src
     guard = InputGuard(
-        f"scatter_channels(groups={groups}, src={src})", ("scatter_channels", groups, src), pg
+        f"scatter_channels(groups={groups}, group_src={src})",
+        ("scatter_channels", groups, src),
+        pg,
     )
     guard(
         x if holds else None,
@@ -81,13 +96,20 @@ def scatter_channels(
 
 
 def gather_channels(
-    x: Tensor, dst: int | None = None, *, groups: int, process_group=None
+    x: Tensor,
+    dst: int | None = None,
+    *,
+    groups: int,
+    process_group=None,
+    group_dst: int | None = None,
 ) -> Tensor:
     """Forward: gather channel shards into the whole tensor; backward: the dual scatter.
 
-    ``dst=None``: every rank gets ``[N, C, *spatial]`` (all-gather; backward takes own slice).
-    ``dst=r``: only group rank ``r`` gets it, the others an empty tensor (gather; backward
-    scatters ``r``'s gradient, so every rank must run backward through the result).
+    With neither ``dst`` nor ``group_dst``: every rank gets ``[N, C, *spatial]`` (all-gather;
+    backward takes own slice). ``dst`` (a global rank, as in ``torch.distributed.gather``) or
+    ``group_dst`` (a rank within ``process_group``): only that rank gets it, the others an
+    empty tensor (gather; backward scatters its gradient, so every rank must run backward
+    through the result).
 
     Args:
         x: this rank's shard ``[N, c_r, *spatial]`` of the sharded layout for ``groups``.
@@ -95,9 +117,10 @@ def gather_channels(
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
+    dst = group_rank(pg, dst, group_dst, "dst")
     rank, world = dist.get_rank(pg), pg.size()
     guard = InputGuard(
-        f"gather_channels(groups={groups}, dst={dst})", ("gather_channels", groups, dst), pg
+        f"gather_channels(groups={groups}, group_dst={dst})", ("gather_channels", groups, dst), pg
     )
 
     def layout(sent: list[int]) -> list[int]:

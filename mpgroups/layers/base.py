@@ -1,6 +1,6 @@
 """What the parallel layers (the group-parallel convs, ``ParallelLinear``) share.
 
-:class:`ParallelLayer` places a layer on its process group (``shards``, the team subgroup,
+:class:`ShardedLayer` places a layer on its process group (``shards``, the team subgroup,
 the input checks), holds this rank's part of the whole ``torch.nn`` layer's parameters
 (initialised as ``torch.nn`` initialises the whole, taken from a whole layer, gathered back
 with ``full_weight``/``full_bias``), and makes copies that share the process group.
@@ -12,6 +12,7 @@ collective over the layer's process group, checked like any other (see
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -22,15 +23,48 @@ from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_gr
 from mpgroups.sharding.layout import (
     NOT_PICKLABLE,
     ChannelShards,
-    check_layout,
+    canonical_split,
     communicates,
     layer_shards,
+    layout_name,
 )
 
-__all__ = ["ConvConversion", "ParallelLayer", "conv_arguments"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["ConvConversion", "LayerOptions", "ShardedLayer", "conv_arguments"]
 
 
-class ParallelLayer:
+class LayerOptions(TypedDict, total=False):
+    """The keyword-only arguments every parallel layer takes after its ``torch.nn`` signature.
+
+    Attributes:
+        process_group: ``ProcessGroup``, 1-D ``DeviceMesh``, or ``None`` for the default group
+            when ``torch.distributed`` is initialised (else a single-device layer).
+        input_layout, output_layout: ``Replicate()`` (every rank holds the whole activation;
+            the default) or ``Shard(1)`` (``Shard(-1)`` for a Linear: each rank holds its
+            channels, see ``input_shard``/``output_shard``); the names ``"replicated"`` and
+            ``"sharded"`` mean the same.
+        split: which dimension of the weight the ranks divide: ``"colwise"`` (the default:
+            each rank its output channels' filters) or ``"rowwise"`` (each rank the weight's
+            columns for its input shard, the partial sums added; needs a sharded input), as
+            torch's ``ColwiseParallel``/``RowwiseParallel`` split a Linear's weight.
+        shard_groups: lay a ``groups=1`` layer's sharded sides out as those of a conv with
+            this many groups, to pair with a grouped neighbour.
+        checks: exchange a small record of every input before the data moves, so a mismatch
+            raises on every rank instead of hanging (default: ``MPGROUPS_CHECKS``, on unless
+            ``0``).
+    """
+
+    process_group: object
+    input_layout: object
+    output_layout: object
+    split: str
+    shard_groups: int | None
+    checks: bool | None
+
+
+class ShardedLayer:
     """What the parallel layers share (they provide ``_nn_type``, ``_arguments``, ``shards``,
     ``state_guard``, ``weight`` and ``bias``): their part of a whole ``torch.nn`` layer's
     parameters (initialised, taken, gathered back), and copies that share the process group.
@@ -41,19 +75,32 @@ class ParallelLayer:
         in_channels: int,
         out_channels: int,
         groups: int,
-        process_group,
-        *,
-        split: str,
-        shard_groups: int | None,
-        input_layout: str,
-        output_layout: str,
+        channel_dims: tuple[int, ...],
+        options: dict,
     ) -> None:
-        """Apply the placement rule: rank, world size, ``shards``, the team's subgroup."""
-        check_layout("input_layout", input_layout)
-        check_layout("output_layout", output_layout)
+        """Apply the placement rule: rank, world size, ``shards``, the team's subgroup.
+
+        ``options`` are the layer's :class:`LayerOptions`; ``channel_dims`` the input dims
+        that hold its channels (what ``Shard(d)`` may name).
+        """
+        unknown = sorted(set(options) - LayerOptions.__optional_keys__)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected keyword argument(s) {unknown}; it "
+                f"takes {sorted(LayerOptions.__optional_keys__)} after the torch.nn arguments"
+            )
+        input_layout = layout_name(
+            options.get("input_layout", "replicated"), "input_layout", channel_dims
+        )
+        output_layout = layout_name(
+            options.get("output_layout", "replicated"), "output_layout", channel_dims
+        )
+        split = canonical_split(options.get("split", "colwise"), stacklevel=5)
+        shard_groups = options.get("shard_groups")
         self.input_layout, self.output_layout = input_layout, output_layout
         self.split, self.shard_groups = split, shard_groups
-        pg = resolve_process_group(process_group)
+        self._checks = options.get("checks")
+        pg = resolve_process_group(options.get("process_group"))
         self.rank, self.world_size = rank_and_world_size(pg)
         self.shards = layer_shards(
             in_channels, out_channels, groups, self.world_size, self.rank, pg,
@@ -66,9 +113,9 @@ class ParallelLayer:
             self._team_shards = self.shards.team(team_subgroup(pg, placement.team))
         self._communicates = communicates(placement, input_layout, output_layout)
 
-    def _make_guards(self, config: tuple, channel_dim: int, checks: bool | None) -> None:
+    def _make_guards(self, config: tuple, channel_dim: int) -> None:
         """The checks of the layer's input and of its parameters' gathers."""
-        pg, site = self.process_group, self._name()
+        pg, site, checks = self.process_group, self._name(), self._checks
         self.input_guard = InputGuard(site, config, pg, channel_dim=channel_dim, checks=checks)
         self.state_guard = InputGuard(
             f"{site} gathering its parameters", ("state", *config), pg, channel_dim=0,
@@ -171,25 +218,18 @@ class ParallelLayer:
         return gather_rows(local, shards, dim=dim)
 
 
-class ConvConversion(ParallelLayer):
+class ConvConversion(ShardedLayer):
     """``from_conv``/``to_conv`` for the group-parallel conv layers."""
 
     @classmethod
     def from_conv(
-        cls,
-        conv: nn.modules.conv._ConvNd,
-        process_group=None,
-        *,
-        input_layout: str = "replicated",
-        output_layout: str = "replicated",
-        split: str = "out",
-        shard_groups: int | None = None,
-        checks: bool | None = None,
+        cls, conv: nn.modules.conv._ConvNd, process_group=None, **options: Unpack[LayerOptions]
     ):
         """Shard an existing ``nn.ConvNd``: this rank keeps its part of the weight and bias.
 
-        The new parameters are copies on ``conv``'s device and dtype, with its
-        ``requires_grad``; ``conv`` itself is left as it was.
+        ``options`` as the constructor's (:class:`LayerOptions`). The new parameters are
+        copies on ``conv``'s device and dtype, with its ``requires_grad``; ``conv`` itself is
+        left as it was.
         """
         if type(conv) is not cls._nn_type:
             raise TypeError(
@@ -201,12 +241,8 @@ class ConvConversion(ParallelLayer):
             device="meta",
             dtype=conv.weight.dtype,
             process_group=process_group,
-            input_layout=input_layout,
-            output_layout=output_layout,
-            split=split,
-            shard_groups=shard_groups,
-            checks=checks,
             _init_weights=False,
+            **options,
         )
         layer._take_shards_of(conv)
         return layer

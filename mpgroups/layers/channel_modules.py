@@ -36,6 +36,7 @@ from mpgroups.sharding.layout import ChannelShards, layout_shards
 __all__ = [
     "CHANNEL_AGNOSTIC",
     "DROPOUTS",
+    "NORMS",
     "GatherChannels",
     "ShardedDropout",
     "channel_shards",
@@ -81,6 +82,8 @@ CHANNEL_AGNOSTIC: tuple[type[nn.Module], ...] = (
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Per-channel modules with state that shard_channel_module runs on a channel shard.
+NORMS: tuple[type[nn.Module], ...] = (*_BATCH_NORMS, *_INSTANCE_NORMS, nn.GroupNorm)
 
 
 # Dropout draws a mask of its input's shape: on a shard it needs the whole tensor's mask

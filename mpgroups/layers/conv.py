@@ -15,16 +15,21 @@ input's memory format (channels_last in, channels_last out) in every layout.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpgroups.comm.checks import layer_input_problem
-from mpgroups.layers.base import ConvConversion, conv_arguments
+from mpgroups.layers.base import ConvConversion, LayerOptions, conv_arguments
 from mpgroups.layers.layer_comm import add_bias_once, layer_output, local_input
 from mpgroups.sharding.layout import (
     LAYOUTS,
 )
-from mpgroups.sharding.placement import Placement
+from mpgroups.sharding.placement import GroupPlacement
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["GroupParallelConv1d", "GroupParallelConv2d", "GroupParallelConv3d", "LAYOUTS"]
 
@@ -62,13 +67,8 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
         device=None,
         dtype=None,
         *,
-        process_group=None,
-        input_layout: str = "replicated",
-        output_layout: str = "replicated",
-        split: str = "out",
-        shard_groups: int | None = None,
-        checks: bool | None = None,
         _init_weights: bool = True,
+        **options: Unpack[LayerOptions],
     ) -> None:
         super().__init__()
         # nn.ConvNd itself checks and normalises the arguments (on the meta device: no memory).
@@ -85,24 +85,21 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
             ) from err
         for name in _CONV_ATTRIBUTES:
             setattr(self, name, getattr(spec, name))
-        self._place(
-            in_channels, out_channels, groups, process_group, split=split,
-            shard_groups=shard_groups, input_layout=input_layout, output_layout=output_layout,
-        )  # fmt: skip
+        self._place(in_channels, out_channels, groups, (1, -self._dims - 1), options)
         # Each rank's expected input channels and what they are, for the checks' messages.
         expected = [self._expected_channels(r) for r in range(self.world_size)]
         self._input_channels = [channels for channels, _ in expected]
         self._input_notes = [note for _, note in expected]
         config = (
-            type(self).__name__, conv_arguments(spec), input_layout, output_layout, split,
-            self.shards.inputs.slices, self.shards.outputs.slices,
+            type(self).__name__, conv_arguments(spec), self.input_layout, self.output_layout,
+            self.split, self.shards.inputs.slices, self.shards.outputs.slices,
         )  # fmt: skip
-        self._make_guards(config, -self._dims - 1, checks)
+        self._make_guards(config, -self._dims - 1)
         weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._make_parameters(weight_shape, bias, device, dtype, _init_weights)
 
     @property
-    def placement(self) -> Placement:
+    def placement(self) -> GroupPlacement:
         return self.shards.placement
 
     @property
@@ -178,7 +175,7 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
 
     def _forward_batched(self, x: Tensor) -> Tensor:
         x = local_input(x, self.shards, self._team_shards, self.input_layout, 1)
-        if self.shards.split == "in":
+        if self.shards.split == "rowwise":
             y = add_bias_once(self._conv_forward(x, None), self.bias, self.shards.outputs, 1)
         else:
             y = self._conv_forward(x, self.bias)
@@ -202,7 +199,7 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
             s += f", team={self.placement.team}"
         if (self.input_layout, self.output_layout) != ("replicated", "replicated"):
             s += f", layout={self.input_layout}->{self.output_layout}"
-        if self.shards.split == "in":
+        if self.shards.split == "rowwise":
             s += ", split=in"
         return s
 
@@ -219,13 +216,10 @@ class GroupParallelConv2d(_GroupParallelConvNd):
 
     Args:
         in_channels ... dtype: as ``nn.Conv2d``.
-        process_group: ``ProcessGroup``, 1-D ``DeviceMesh``, or ``None`` for the default group
-            when ``torch.distributed`` is initialised (else a single-device layer).
-        input_layout, output_layout: ``"replicated"`` (every rank holds the whole activation)
-            or ``"sharded"`` (each rank holds its channels, see ``input_shard``/``output_shard``).
-        checks: exchange a small record of every input between the ranks before the data
-            moves, so that a mismatch raises on every rank instead of hanging (default:
-            ``MPGROUPS_CHECKS``, on unless set to ``0``).
+        process_group, input_layout, output_layout, split, shard_groups, checks: keyword-only,
+            see :class:`~mpgroups.layers.base.LayerOptions` (``process_group=None``: the
+            default group when ``torch.distributed`` is initialised, else one device;
+            layouts ``Replicate()`` or ``Shard(1)``; ``split="colwise"`` or ``"rowwise"``).
 
     Raises:
         ValueError: bad conv arguments, as ``nn.Conv2d``; ``PlacementError`` (a ``ValueError``)

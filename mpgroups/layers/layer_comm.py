@@ -5,10 +5,10 @@ Shared by the conv layers (channels on dim 1) and :class:`~mpgroups.layers.linea
 (conv or matmul with its shard of the weight), then :func:`layer_output`::
 
     split   input        before the local op                 after it (output layout)
-    "out"   replicated   own slice (G >= P) / none, grads      replicated: all-gather
+    colwise replicated   own slice (G >= P) / none, grads      replicated: all-gather
                          summed (one team) / team block        sharded:    none
             sharded      none (G >= P) / team all-gather
-    "in"    sharded      none                                  replicated: all-reduce
+    rowwise sharded      none                                  replicated: all-reduce
                                                                sharded:    reduce-scatter
 """
 
@@ -48,18 +48,19 @@ def local_input(
             # One team reads every channel: nothing to take, the grads are summed.
             return copy_to_ranks(x, shards.inputs.process_group)
         return slice_group_channels(x, placement.in_slice, team, shards.inputs, dim)
-    if placement.filter_split and shards.split == "out":
+    if placement.filter_split and shards.split == "colwise":
         return all_gather_channels_partial(x, team, dim)
     return x
 
 
 def layer_output(y: Tensor, shards: LayerShards, output_layout: str, dim: int) -> Tensor:
     """The layer's output in ``output_layout``, from the local op's result ``y``: this rank's
-    output channels (``split="out"``) or its partial sums of all of them (``split="in"``)."""
+    output channels (``split="colwise"``) or its partial sums of all of them
+    (``split="rowwise"``)."""
     if shards.placement.world_size == 1:
         return y
     outputs = shards.outputs
-    if shards.split == "in":
+    if shards.split == "rowwise":
         if output_layout == "replicated":
             return all_reduce_sum(y, outputs.process_group)
         return reduce_scatter_channels(y, outputs, dim)

@@ -3,11 +3,11 @@
 A Linear is a 1×1 conv with one group over the last (feature) dimension (DESIGN §3b).
 Shapes on rank ``r`` of ``P`` (``in_r``/``out_r``: the rank's slices of the features)::
 
-    split="out" (column-parallel)          split="in" (row-parallel)
+    split="colwise" (column-parallel)          split="rowwise" (row-parallel)
     weight  [out_r, in]  rows of nn.Linear's   weight  [out, in_r]  columns of nn.Linear's
     bias    [out_r]                            bias    [out_r]  added once, before the sum
 
-    input   replicated [*, in]  or sharded [*, in_r]  (split="in": sharded only)
+    input   replicated [*, in]  or sharded [*, in_r]  (split="rowwise": sharded only)
     output  replicated [*, out] or sharded [*, out_r]
 
 Column-parallel with a replicated input computes its outputs with no communication forward
@@ -22,32 +22,33 @@ with the same parameters and ``state_dict`` keys.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpgroups.comm.checks import layer_input_problem
-from mpgroups.layers.base import ParallelLayer
+from mpgroups.layers.base import LayerOptions, ShardedLayer
 from mpgroups.layers.layer_comm import add_bias_once, layer_output, local_input
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["ParallelLinear"]
 
 
-class ParallelLinear(ParallelLayer, nn.Module):
+class ParallelLinear(ShardedLayer, nn.Module):
     """``nn.Linear`` whose weight is split over ``process_group`` (see the module docstring).
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        process_group: ``ProcessGroup``, 1-D ``DeviceMesh``, or ``None`` for the default group
-            when ``torch.distributed`` is initialised (else a single-device layer).
-        split: ``"out"`` (each rank holds its output features' rows of the weight) or
-            ``"in"`` (its input features' columns; needs ``input_layout="sharded"``).
-        input_layout, output_layout: ``"replicated"`` or ``"sharded"`` (features split as
-            ``torch.tensor_split`` does, or as ``shard_groups`` groups).
-        shard_groups: lay the sharded features out as a conv with this many groups lays out
-            its channels, to pair with a grouped neighbour (e.g. the flattened features of a
-            channel-sharded activation: ``in_features = C * H * W`` split as ``C``'s groups).
-        checks: exchange a small record of every input before the data moves (default:
-            ``MPGROUPS_CHECKS``, on unless ``0``).
+        process_group, input_layout, output_layout, split, shard_groups, checks: keyword-only,
+            see :class:`~mpgroups.layers.base.LayerOptions`: layouts ``Replicate()`` or
+            ``Shard(-1)`` (features split as ``torch.tensor_split`` does, or as
+            ``shard_groups`` groups: e.g. the flattened features of a channel-sharded
+            activation, ``in_features = C * H * W`` split as ``C``'s groups); ``split``
+            ``"colwise"`` (each rank its output features' rows of the weight) or ``"rowwise"``
+            (its input features' columns; needs a sharded input).
 
     Initialisation: with the same seed, each rank holds exactly its part of what
     ``nn.Linear`` would initialise.
@@ -63,13 +64,8 @@ class ParallelLinear(ParallelLayer, nn.Module):
         device=None,
         dtype=None,
         *,
-        process_group=None,
-        split: str = "out",
-        input_layout: str = "replicated",
-        output_layout: str = "replicated",
-        shard_groups: int | None = None,
-        checks: bool | None = None,
         _init_weights: bool = True,
+        **options: Unpack[LayerOptions],
     ) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
@@ -78,45 +74,34 @@ class ParallelLinear(ParallelLayer, nn.Module):
                 f"{in_features} and {out_features}"
             )
         self.in_features, self.out_features = in_features, out_features
-        self._place(
-            in_features, out_features, 1, process_group, split=split,
-            shard_groups=shard_groups, input_layout=input_layout, output_layout=output_layout,
-        )  # fmt: skip
+        self._place(in_features, out_features, 1, (-1,), options)
         inputs = self.shards.inputs
-        if input_layout == "sharded":
+        if self.input_layout == "sharded":
             self._input_features = inputs.widths
             self._input_notes = [f"sharded input: features {a}..{b}" for a, b in inputs.slices]
         else:
             self._input_features = [in_features] * self.world_size
             self._input_notes = ["replicated input"] * self.world_size
         config = (
-            "ParallelLinear", in_features, out_features, bias, split, input_layout,
-            output_layout, inputs.slices, self.shards.outputs.slices,
+            "ParallelLinear", in_features, out_features, bias, self.split, self.input_layout,
+            self.output_layout, inputs.slices, self.shards.outputs.slices,
         )  # fmt: skip
-        self._make_guards(config, -1, checks)
+        self._make_guards(config, -1)
         self._make_parameters((out_features, in_features), bias, device, dtype, _init_weights)
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        process_group=None,
-        *,
-        split: str = "out",
-        input_layout: str = "replicated",
-        output_layout: str = "replicated",
-        shard_groups: int | None = None,
-        checks: bool | None = None,
+        cls, linear: nn.Linear, process_group=None, **options: Unpack[LayerOptions]
     ) -> ParallelLinear:
         """Split an existing ``nn.Linear``: this rank keeps its part of the weight and bias
-        (copies on ``linear``'s device and dtype, with its ``requires_grad``)."""
+        (copies on ``linear``'s device and dtype, with its ``requires_grad``); ``options`` as
+        the constructor's."""
         if type(linear) is not nn.Linear:
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
             device="meta", dtype=linear.weight.dtype, process_group=process_group,
-            split=split, input_layout=input_layout, output_layout=output_layout,
-            shard_groups=shard_groups, checks=checks, _init_weights=False,
+            _init_weights=False, **options,
         )  # fmt: skip
         layer._take_shards_of(linear)
         return layer
@@ -155,7 +140,7 @@ class ParallelLinear(ParallelLayer, nn.Module):
         )
         dim = x.dim() - 1
         x = local_input(x, self.shards, self._team_shards, self.input_layout, dim)
-        if self.shards.split == "in":
+        if self.shards.split == "rowwise":
             y = add_bias_once(F.linear(x, self.weight), self.bias, self.shards.outputs, dim)
         else:
             y = F.linear(x, self.weight, self.bias)

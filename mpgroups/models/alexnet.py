@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from mpgroups.comm.process_groups import resolve_process_group
 from mpgroups.plans.parallelize import parallelize
-from mpgroups.plans.styles import ChannelLocal, GroupParallel
+from mpgroups.plans.styles import ChannelLocal, ParallelLayer
 from mpgroups.state.state_dict import local_parameter_bytes
 
 __all__ = ["AlexNet"]
@@ -118,9 +118,9 @@ class AlexNet(nn.Module):
     def parallel_plan(batch_norm: bool = False, split_classifier: bool = True) -> dict:
         """The plan of the whole network (see the module docstring); with
         ``split_classifier=False``, the towers conv1..pool5 and a replicated classifier."""
-        sharded = GroupParallel(input_layout="sharded", output_layout="sharded")
+        sharded = ParallelLayer(input_layout="sharded", output_layout="sharded")
         plan = {
-            "features.conv1": GroupParallel(output_layout="sharded"),
+            "features.conv1": ParallelLayer(output_layout="sharded"),
             "features.conv2": sharded,
             "features.conv3": sharded,
             "features.conv4": sharded,
@@ -135,9 +135,9 @@ class AlexNet(nn.Module):
             "flatten": ChannelLocal(),
             "classifier.0": ChannelLocal(),
             # fc6 reads the flattened conv5 shards: features laid out as conv5's two groups.
-            "classifier.1": GroupParallel(split="in", input_layout="sharded", shard_groups=2),
-            "classifier.4": GroupParallel(output_layout="sharded"),
-            "classifier.6": GroupParallel(split="in", input_layout="sharded"),
+            "classifier.1": ParallelLayer(split="rowwise", input_layout="sharded", shard_groups=2),
+            "classifier.4": ParallelLayer(output_layout="sharded"),
+            "classifier.6": ParallelLayer(split="rowwise", input_layout="sharded"),
         }
         return plan
 

@@ -6,10 +6,10 @@ activations can stay sharded by channel (DESIGN §3b):
 * a grouped conv (``groups > 1``) computes its own channels: its output is sharded;
 * a ``groups=1`` conv or Linear that produces, through per-channel modules alone, the input of
   a sharded consumer (a grouped conv, or an elementwise op whose other operand is sharded, as
-  in a squeeze-excitation) becomes column-parallel (``split="out"``), laid out as that
+  in a squeeze-excitation) becomes column-parallel (``split="colwise"``), laid out as that
   consumer's channels (``shard_groups``);
 * a ``groups=1`` conv or Linear that reads a sharded activation becomes row-parallel
-  (``split="in"``), closing the chain with one all-reduce; so does the second of two
+  (``split="rowwise"``), closing the chain with one all-reduce; so does the second of two
   ``groups=1`` layers joined by per-channel modules alone (Megatron-LM's pairing);
 * per-channel modules (BatchNorm, GroupNorm with whole norm groups per shard, activations,
   pooling, dropout, ``nn.Flatten``) and elementwise functions run on the shards;
@@ -32,18 +32,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
-from mpgroups.layers.channel_modules import CHANNEL_AGNOSTIC, DROPOUTS, is_channel_agnostic
-from mpgroups.plans.styles import ChannelLocal, GroupParallel, Replicated
+from mpgroups.layers.channel_modules import CHANNEL_AGNOSTIC, DROPOUTS, NORMS, is_channel_agnostic
+from mpgroups.layers.kinds import CONVS
+from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer
 from mpgroups.sharding.layout import ChannelShards, layer_shards, layout_shards
 from mpgroups.sharding.placement import PlacementError
 
 __all__ = ["auto_plan"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm,
-)  # fmt: skip
 # Elementwise modules: the only ones allowed on features sharded along the last dim.
 _ELEMENTWISE = tuple(
     m for m in CHANNEL_AGNOSTIC if not m.__name__.startswith(("MaxPool", "AvgPool", "Adaptive"))
@@ -128,11 +124,11 @@ def _dense(module: nn.Module | None) -> bool:
     """A ``groups=1`` conv or a Linear: its channels may split any way."""
     if type(module) is nn.Linear:
         return True
-    return type(module) in _CONVS and module.groups == 1 and module.padding_mode == "zeros"
+    return type(module) in CONVS and module.groups == 1 and module.padding_mode == "zeros"
 
 
 def _grouped(module: nn.Module | None) -> bool:
-    return type(module) in _CONVS and module.groups > 1
+    return type(module) in CONVS and module.groups > 1
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -174,7 +170,7 @@ def _keeps_layout(g: _Graph, node: fx.Node, layout: _Layout) -> bool:
             per_group = module.num_channels // module.num_groups
             fits = module.num_channels == layout.channels
             return fits and all(a % per_group == 0 for a, _ in layout.shards.slices)
-        if isinstance(module, _NORMS):
+        if isinstance(module, NORMS):
             return getattr(module, "num_features", None) == layout.channels
         if isinstance(module, DROPOUTS):
             return 0 not in layout.shards.widths
@@ -197,7 +193,7 @@ def _row_fits(g: _Graph, module: nn.Module, layout: _Layout) -> bool:
         return False
     try:
         shards = layer_shards(
-            cin, cout, 1, g.world_size, 0, split="in", shard_groups=layout.groups,
+            cin, cout, 1, g.world_size, 0, split="rowwise", shard_groups=layout.groups,
             input_layout="sharded",
         )  # fmt: skip
     except (PlacementError, ValueError):
@@ -321,18 +317,18 @@ def _styles(g: _Graph, roles: dict) -> dict[str, object]:
         out = "replicated" if node in g.gathered else "sharded"
         kind = role[0]
         if kind == "whole":
-            plan[node.target] = Replicated()
+            plan[node.target] = NoParallel()
             continue
         if kind == "grouped":
-            plan[node.target] = GroupParallel(input_layout=role[1], output_layout=out)
+            plan[node.target] = ParallelLayer(input_layout=role[1], output_layout=out)
             continue
         layout = role[1]
         groups = None if layout.groups == 1 else layout.groups
         if kind == "column":
-            plan[node.target] = GroupParallel(output_layout=out, shard_groups=groups)
+            plan[node.target] = ParallelLayer(output_layout=out, shard_groups=groups)
         elif kind == "row":
-            plan[node.target] = GroupParallel(
-                split="in", input_layout="sharded", shard_groups=groups
+            plan[node.target] = ParallelLayer(
+                split="rowwise", input_layout="sharded", shard_groups=groups
             )
         else:
             plan[node.target] = ChannelLocal(

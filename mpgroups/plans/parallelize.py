@@ -27,28 +27,15 @@ from mpgroups.layers.channel_modules import (
     shard_channel_module,
     unshard_channel_module,
 )
-from mpgroups.layers.conv import (
-    GroupParallelConv1d,
-    GroupParallelConv2d,
-    GroupParallelConv3d,
-    _GroupParallelConvNd,
-)
+from mpgroups.layers.kinds import PARALLEL_LAYERS, PARALLEL_OF
 from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
 from mpgroups.plans.hooks import move_hooks
-from mpgroups.plans.styles import ChannelLocal, GroupParallel, Replicated
+from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer
 from mpgroups.sharding.layout import NOT_PICKLABLE, ChannelShards
 from mpgroups.sharding.placement import PlacementError
 
 __all__ = ["PlanError", "parallelize", "unparallelize"]
-
-_PARALLEL_OF = {
-    nn.Conv1d: GroupParallelConv1d,
-    nn.Conv2d: GroupParallelConv2d,
-    nn.Conv3d: GroupParallelConv3d,
-    nn.Linear: ParallelLinear,
-}
-_PARALLEL_LAYERS = (_GroupParallelConvNd, ParallelLinear)
 
 
 class PlanError(ValueError):
@@ -205,8 +192,8 @@ def _styles(modules: list[tuple[str, nn.Module]], plan: dict) -> dict[int, objec
             styles[key], named[key] = style, name
     for _, module in modules:
         grouped = getattr(module, "groups", 1) > 1
-        if styles[id(module)] is None and type(module) in _PARALLEL_OF and grouped:
-            styles[id(module)] = GroupParallel()
+        if styles[id(module)] is None and type(module) in PARALLEL_OF and grouped:
+            styles[id(module)] = ParallelLayer()
     return styles
 
 
@@ -233,7 +220,7 @@ def parallelize(
     ``GroupParallelConvNd`` with its weights (replicated → replicated: same inputs and outputs
     as before); ``training``, device, dtype, ``requires_grad`` and registered hooks are kept.
     ``plan`` maps module names (or ``fnmatch`` patterns) to
-    :class:`~mpgroups.plans.styles.GroupParallel` or
+    :class:`~mpgroups.plans.styles.ParallelLayer` or
     :class:`~mpgroups.plans.styles.ChannelLocal` to keep activations sharded along a chain.
     While a plan keeps anything sharded, a module outside the plan that receives a sharded
     activation raises :class:`PlanError` naming itself (channel-agnostic modules such as
@@ -270,9 +257,9 @@ def parallelize(
     modules = list(model.named_modules(remove_duplicate=False))
     names = {name for name, _ in modules}
     for key, style in plan.items():
-        if not isinstance(style, GroupParallel | ChannelLocal | Replicated):
+        if not isinstance(style, ParallelLayer | ChannelLocal | NoParallel):
             raise PlanError(
-                f"plan['{key}'] must be GroupParallel, ChannelLocal or Replicated, got "
+                f"plan['{key}'] must be ParallelLayer, ChannelLocal or NoParallel, got "
                 f"{type(style).__name__}"
             )
         if key not in names and not any(fnmatch.fnmatchcase(n, key) for n in names):
@@ -297,9 +284,9 @@ def parallelize(
                 styled[name] = style
             continue
         converted[id(module)] = module
-        if isinstance(module, _PARALLEL_LAYERS):
+        if isinstance(module, PARALLEL_LAYERS):
             raise PlanError(f"module '{name}' is already a {type(module).__name__}")
-        if isinstance(style, GroupParallel):
+        if isinstance(style, ParallelLayer):
             layer = _parallel_layer(name, module, style, pg)
             move_hooks(module, layer)
             if style.input_layout == "sharded":
@@ -351,12 +338,12 @@ def parallelize(
     return model
 
 
-def _parallel_layer(name: str, module: nn.Module, style: GroupParallel, pg) -> nn.Module:
+def _parallel_layer(name: str, module: nn.Module, style: ParallelLayer, pg) -> nn.Module:
     """The parallel layer for ``module`` (an ``nn.ConvNd`` or ``nn.Linear``) in ``style``."""
-    kind = _PARALLEL_OF.get(type(module))
+    kind = PARALLEL_OF.get(type(module))
     if kind is None:
         raise PlanError(
-            f"plan gives GroupParallel to '{name}', a {type(module).__name__}; it applies to "
+            f"plan gives ParallelLayer to '{name}', a {type(module).__name__}; it applies to "
             f"nn.Conv1d/2d/3d and nn.Linear"
         )
     try:
@@ -410,7 +397,7 @@ def unparallelize(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in restored:
             model = _replace(model, name, restored[id(module)])
-        elif isinstance(module, (*_PARALLEL_LAYERS, ShardedDropout)):
+        elif isinstance(module, (*PARALLEL_LAYERS, ShardedDropout)):
             _drop_plan_hooks(module)
             if isinstance(module, ParallelLinear):
                 plain = module.to_linear()

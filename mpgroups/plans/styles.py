@@ -8,31 +8,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpgroups.sharding.layout import check_layout, check_split
+from mpgroups.sharding.layout import canonical_split, check_split, layout_name
 
-__all__ = ["ChannelLocal", "GroupParallel", "Replicated"]
+__all__ = ["DEPRECATED_STYLES", "ChannelLocal", "NoParallel", "ParallelLayer"]
+
+# A style's layouts name channels: dim 1 of a conv's activation, the last dim of a Linear's.
+_CHANNEL_DIMS = (1, -1)
+
+
+def _set_layout(style, argument: str) -> None:
+    object.__setattr__(
+        style, argument, layout_name(getattr(style, argument), argument, _CHANNEL_DIMS)
+    )
 
 
 @dataclass(frozen=True)
-class GroupParallel:
+class ParallelLayer:
     """A conv (any ``groups``) becomes its ``GroupParallelConvNd``, an ``nn.Linear`` a
     :class:`~mpgroups.ParallelLinear`, with these layouts and this ``split``.
 
+    Layouts are DTensor placements, ``Replicate()`` or ``Shard(1)`` (``Shard(-1)`` for a
+    Linear), or their names ``"replicated"``/``"sharded"``; the style holds the names.
+
     Every grouped conv that the plan does not name gets ``GroupParallel()`` (the drop-in,
-    replicated → replicated). A ``groups=1`` conv or a Linear with ``split="out"`` is
-    column-parallel, with ``split="in"`` (``input_layout="sharded"``) row-parallel.
+    replicated → replicated). A ``groups=1`` conv or a Linear with ``split="colwise"`` is
+    column-parallel (torch's ``ColwiseParallel``), with ``split="rowwise"`` (a sharded input)
+    row-parallel (``RowwiseParallel``).
     ``shard_groups`` lays a ``groups=1`` layer's sharded sides out as those of a conv with
     that many groups, so it pairs with a grouped neighbour (see DESIGN §3b).
     """
 
     input_layout: str = "replicated"
     output_layout: str = "replicated"
-    split: str = "out"
+    split: str = "colwise"
     shard_groups: int | None = None
 
     def __post_init__(self) -> None:
-        check_layout("input_layout", self.input_layout)
-        check_layout("output_layout", self.output_layout)
+        _set_layout(self, "input_layout")
+        _set_layout(self, "output_layout")
+        object.__setattr__(self, "split", canonical_split(self.split))
         check_split(self.split, 1, 1, self.input_layout)
 
     def layer_kwargs(self) -> dict:
@@ -65,10 +79,18 @@ class ChannelLocal:
     groups: int | None = None
 
     def __post_init__(self) -> None:
-        check_layout("output_layout", self.output_layout)
+        _set_layout(self, "output_layout")
 
 
 @dataclass(frozen=True)
-class Replicated:
+class NoParallel:
     """The module stays as it is, whole on every rank (a grouped conv is not converted: for
-    groups that cannot be placed on the process group's size, or to keep a layer local)."""
+    groups that cannot be placed on the process group's size, or to keep a layer local); the
+    name torchtitan gives the same style."""
+
+
+# The names of mpgroups 0.1, kept for one release: name -> (new name, the class).
+DEPRECATED_STYLES = {
+    "GroupParallel": ("ParallelLayer", ParallelLayer),
+    "Replicated": ("NoParallel", NoParallel),
+}

@@ -97,28 +97,16 @@ from torch.distributed.tensor.placement_types import Placement
 
 from mpgroups.comm.checks import check_same_call
 from mpgroups.comm.collectives import broadcast_tensors_
-from mpgroups.layers.channel_modules import shard_channel_module
-from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
+from mpgroups.layers.channel_modules import NORMS, shard_channel_module
+from mpgroups.layers.kinds import PARALLEL_CONV_OF
 from mpgroups.plans.hooks import HOOK_DICTS
 from mpgroups.sharding.layout import ChannelShards
 from mpgroups.sharding.placement import Slice
 
 __all__ = ["ChannelwiseNorm", "GroupwiseParallel", "dtensor_channel_slices"]
 
-_PARALLEL_OF: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv1d: GroupParallelConv1d,
-    nn.Conv2d: GroupParallelConv2d,
-    nn.Conv3d: GroupParallelConv3d,
-}
-_NORMS = (
-    nn.GroupNorm,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-)
+# SyncBatchNorm averages over the batch of every rank of its own group: not per shard.
+_NORMS = tuple(norm for norm in NORMS if norm is not nn.SyncBatchNorm)
 _LAYOUT_OF_PLACEMENT = {Shard(1): "sharded", Replicate(): "replicated"}
 _PLACEMENT_OF = {"sharded": Shard(1), "replicated": Replicate()}
 
@@ -343,7 +331,7 @@ class GroupwiseParallel(_ChannelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         name = type(self).__name__
-        parallel_type = _PARALLEL_OF.get(type(module))
+        parallel_type = PARALLEL_CONV_OF.get(type(module))
         if parallel_type is None:
             already = " (already parallelized?)" if hasattr(module, "shards") else ""
             raise TypeError(

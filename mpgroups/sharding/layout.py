@@ -10,10 +10,11 @@ Pure bookkeeping on channel counts and ranks: nothing here moves data or calls
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mpgroups.sharding.placement import Placement, PlacementError, Slice, place, shard_slice
+from mpgroups.sharding.placement import GroupPlacement, PlacementError, Slice, place, shard_slice
 
 __all__ = [
     "LAYOUTS",
@@ -21,9 +22,11 @@ __all__ = [
     "SPLITS",
     "ChannelShards",
     "LayerShards",
+    "canonical_split",
     "check_layout",
     "check_split",
     "communicates",
+    "layout_name",
     "layer_shards",
     "layout_shards",
 ]
@@ -40,6 +43,34 @@ def check_layout(name: str, layout: str) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``layout`` is one of :data:`LAYOUTS`."""
     if layout not in LAYOUTS:
         raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
+
+
+def layout_name(layout, argument: str, channel_dims: tuple[int, ...]) -> str:
+    """The layout ``layout`` names: ``"replicated"`` for DTensor's ``Replicate()``,
+    ``"sharded"`` for ``Shard(d)`` with ``d`` one of ``channel_dims`` (the tensor dims that
+    hold the channels, or a Linear's features), or one of :data:`LAYOUTS` as it is.
+
+    A ``Shard`` here means split along the channels by the placement rule, which is
+    ``torch.chunk``'s split whenever the ranks divide the channels and groups evenly. The
+    placements are read through their own ``is_replicate``/``is_shard`` (this module imports
+    no torch).
+
+    Raises:
+        ValueError: naming ``argument``, for anything else (``Partial()``, another dim).
+    """
+    if isinstance(layout, str):
+        check_layout(argument, layout)
+        return layout
+    if callable(getattr(layout, "is_replicate", None)) and layout.is_replicate():
+        return "replicated"
+    if callable(getattr(layout, "is_shard", None)) and layout.is_shard():
+        if layout.dim in channel_dims:
+            return "sharded"
+    dims = " or ".join(f"Shard({d})" for d in channel_dims)
+    raise ValueError(
+        f"{argument} must be Replicate(), {dims} (split along the channels), or one of "
+        f"{LAYOUTS}; got {layout!r}"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +138,31 @@ def layout_shards(
     return ChannelShards(process_group, slices, rank)
 
 
-SPLITS = ("out", "in")
+# Which dimension of a layer's weight the ranks divide, in the words of torch's
+# ColwiseParallel/RowwiseParallel: "colwise" shards the weight's rows (output channels),
+# "rowwise" its columns (input channels; the ranks' partial sums are added).
+SPLITS = ("colwise", "rowwise")
+# The spellings of mpgroups 0.1, kept for one release.
+DEPRECATED_SPLITS = {"out": "colwise", "in": "rowwise"}
+
+
+def canonical_split(split: str, stacklevel: int = 4) -> str:
+    """``split`` as one of :data:`SPLITS`; the deprecated ``"out"``/``"in"`` with a
+    ``FutureWarning`` (``stacklevel`` points it at the caller's code); anything else raises
+    ``ValueError``."""
+    if split in DEPRECATED_SPLITS:
+        new = DEPRECATED_SPLITS[split]
+        warnings.warn(
+            f"split={split!r} is deprecated and will be removed in the next release; use "
+            f"split={new!r} (the same weight split as torch's "
+            f"{'Colwise' if new == 'colwise' else 'Rowwise'}Parallel)",
+            FutureWarning,
+            stacklevel=stacklevel,
+        )
+        return new
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
 
 
 @dataclass(frozen=True)
@@ -116,23 +171,23 @@ class LayerShards:
 
     Attributes:
         placement: what this rank owns (:func:`~mpgroups.sharding.placement.place`; with
-            ``split="in"`` or ``shard_groups`` its ``in_slice``/``out_slice`` are those of the
+            ``split="rowwise"`` or ``shard_groups`` its ``in_slice``/``out_slice`` are those of the
             layer).
         inputs: the sharded layout of the layer's input channels.
         outputs: the sharded layout of its output channels (each rank's ``out_slice``).
         team_slices: for a filter split (``G < P``), how the team's group input channels
             split over the team, relative to the group's first channel; else ``None``.
-        split: which dimension of the weight the ranks divide: ``"out"`` (rows: each rank
-            its output channels' filters) or ``"in"`` (columns: each rank the filters' input
-            channels it holds; the ranks' partial sums are added). Whole groups per rank
-            (``G >= P``) are always ``"out"``: the two coincide.
+        split: which dimension of the weight the ranks divide: ``"colwise"`` (rows: each
+            rank its output channels' filters) or ``"rowwise"`` (columns: each rank the
+            filters' input channels it holds; the ranks' partial sums are added). Whole groups
+            per rank (``G >= P``) are always ``"colwise"``: the two coincide.
     """
 
-    placement: Placement
+    placement: GroupPlacement
     inputs: ChannelShards
     outputs: ChannelShards
     team_slices: tuple[Slice, ...] | None
-    split: str = "out"
+    split: str = "colwise"
 
     def team(self, team_process_group) -> ChannelShards:
         """The team's input split over ``team_process_group`` (a filter split only)."""
@@ -143,7 +198,7 @@ class LayerShards:
     @property
     def weight(self) -> tuple[ChannelShards, int]:
         """How the weight ``[C_out, C_in / G, ...]`` splits: ``(shards, dim)``."""
-        if self.split == "in":
+        if self.split == "rowwise":
             return self.inputs, 1
         return self.outputs, 0
 
@@ -152,16 +207,16 @@ def check_split(split: str, groups: int, world_size: int, input_layout: str) -> 
     """Raise ``ValueError`` unless the layer can divide its weight along ``split``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if split == "in" and input_layout != "sharded":
+    if split == "rowwise" and input_layout != "sharded":
         raise ValueError(
-            "split='in' (row-parallel) sums partial results of each rank's input channels: "
+            "split='rowwise' (row-parallel) sums partial results of each rank's input channels: "
             "it needs input_layout='sharded'"
         )
-    if split == "in" and 1 < groups < world_size:
+    if split == "rowwise" and 1 < groups < world_size:
         raise ValueError(
-            f"split='in' with 1 < groups={groups} < world size {world_size} is not supported; "
-            f"use split='out' (each team splits its group's filters), or groups=1 or "
-            f"groups >= {world_size}"
+            f"split='rowwise' with 1 < groups={groups} < world size {world_size} is not "
+            f"supported; use split='colwise' (each team splits its group's filters), or "
+            f"groups=1 or groups >= {world_size}"
         )
 
 
@@ -173,7 +228,7 @@ def layer_shards(
     rank: int,
     process_group=None,
     *,
-    split: str = "out",
+    split: str = "colwise",
     shard_groups: int | None = None,
     input_layout: str = "replicated",
     output_layout: str = "replicated",
@@ -186,7 +241,7 @@ def layer_shards(
     """
     check_split(split, groups, world_size, input_layout)
     if groups >= world_size:
-        split = "out"
+        split = "colwise"
     if shard_groups is not None and shard_groups != groups:
         if groups != 1:
             raise ValueError(
@@ -198,7 +253,7 @@ def layer_shards(
     else:
         in_groups = out_groups = groups
     inputs = layout_shards(in_channels, in_groups, world_size, rank, process_group)
-    if split == "in":
+    if split == "rowwise":
         # Row-parallel (groups=1 here): every rank reads its input shard and adds into all
         # outputs; the bias rows follow the output shards (some may be empty).
         if in_channels % groups or out_channels % groups:
@@ -206,10 +261,10 @@ def layer_shards(
         outputs = layout_shards(out_channels, out_groups, world_size, rank, process_group)
         if 0 in inputs.widths:
             raise PlacementError(
-                f"split='in' gives every rank a piece of the {in_channels} input channels, "
+                f"split='rowwise' gives every rank a piece of the {in_channels} input channels, "
                 f"but the shards {list(inputs.slices)} leave a rank without one"
             )
-        placement = Placement(
+        placement = GroupPlacement(
             rank, world_size, groups, (0, 1), inputs.own, outputs.own, (0, world_size)
         )
     else:
@@ -240,7 +295,7 @@ def layer_shards(
     return LayerShards(placement, inputs, outputs, team_slices, split)
 
 
-def communicates(placement: Placement, input_layout: str, output_layout: str) -> bool:
+def communicates(placement: GroupPlacement, input_layout: str, output_layout: str) -> bool:
     """Whether a call of the layer can issue a collective, forward or backward (DESIGN §3).
 
     Decided from the configuration alone, never from the input, so every rank agrees. Only a

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Placement", "PlacementError", "balanced_split", "place", "shard_slice"]
+__all__ = ["GroupPlacement", "PlacementError", "balanced_split", "place", "shard_slice"]
 
 Slice = tuple[int, int]
 
@@ -46,7 +46,7 @@ def balanced_split(n: int, parts: int) -> list[Slice]:
 
 
 @dataclass(frozen=True)
-class Placement:
+class GroupPlacement:
     """What rank ``rank`` of ``world_size`` owns of a grouped conv.
 
     Attributes:
@@ -113,7 +113,7 @@ def check_placeable(groups: int, world_size: int) -> None:
 
 def place(
     in_channels: int, out_channels: int, groups: int, world_size: int, rank: int
-) -> Placement:
+) -> GroupPlacement:
     """Apply the placement rule to one rank.
 
     Args:
@@ -138,7 +138,7 @@ def place(
     if groups >= world_size:
         group_slice = balanced_split(groups, world_size)[rank]
         g0, g1 = group_slice
-        return Placement(
+        return GroupPlacement(
             rank=rank,
             world_size=world_size,
             groups=groups,
@@ -157,7 +157,7 @@ def place(
     group = rank // team_size
     team_start = group * team_size
     f0, f1 = balanced_split(out_per_group, team_size)[rank - team_start]
-    return Placement(
+    return GroupPlacement(
         rank=rank,
         world_size=world_size,
         groups=groups,

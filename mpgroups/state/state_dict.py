@@ -2,7 +2,7 @@
 
 A parallel module's state holds its slices of the full tensors: rows (dim 0) of a
 group-parallel conv's ``weight`` and ``bias`` and of a sharded BatchNorm's state, columns
-(dim 1) of a row-parallel (``split="in"``) layer's ``weight``; every other entry is the same
+(dim 1) of a row-parallel (``split="rowwise"``) layer's ``weight``; every other entry is the same
 on every rank. The full state dict has the keys, order and shapes of the
 original ``torch.nn`` model, so it loads there with ``strict=True``.
 
