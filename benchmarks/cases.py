@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from comm_model import Collective, layer_collectives, model_collectives, spatial_out
 from torch import nn
 
@@ -287,7 +288,7 @@ def make_input(case: Case, batch: int, model: nn.Module | None = None) -> torch.
 def analytic_collectives(
     case: Case, world_size: int, rank: int, variant: str = MAIN
 ) -> list[Collective]:
-    """The data collectives DESIGN §3 and §3b prescribe for one step (an inference case: one
+    """The data collectives docs/design.md §3 and §3b prescribe for one step (an inference case: one
     forward) of ``case``'s ``variant`` on ``rank``.
 
     A block's input requires grad (as inside a network), AlexNet's (an image) does not.
@@ -328,3 +329,51 @@ def _model_collectives(case: Case, world: int, rank: int, variant: str) -> list[
         model, plan, shape, world, rank, training=not case.inference,
         input_requires_grad=case.block is not None,
     )  # fmt: skip
+
+
+def labels(case: Case) -> torch.Tensor | None:
+    """The class labels of a training step's batch (seeded), or ``None`` for a block."""
+    if not case.is_step:
+        return None
+    torch.manual_seed(2)
+    return torch.randint(0, case.alexnet["num_classes"], (case.batch,))
+
+
+def step_and_forward(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    inference: bool = False,
+):
+    """``(step, forward)`` closures over ``model`` and its input.
+
+    A block case's step is forward + backward of ``out.pow(2).mean()`` with the input grad
+    (as inside a network); with ``labels`` (the AlexNet step) it is cross-entropy, backward
+    and an SGD step. ``step(keep_grads=True)`` leaves the gradients for an optimizer. With
+    ``inference`` both are the forward under ``torch.no_grad`` (the model in eval mode).
+    """
+    if inference:
+
+        def forward_only(keep_grads: bool = False):
+            with torch.no_grad():
+                model(x)
+
+        return forward_only, forward_only
+    is_step = labels is not None
+    x = x.detach().requires_grad_(not is_step)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if is_step else None
+
+    def step(keep_grads: bool = False):
+        out = model(x)
+        loss = F.cross_entropy(out, labels) if is_step else out.float().pow(2).mean()
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        if not keep_grads:
+            model.zero_grad(set_to_none=True)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    return step, forward

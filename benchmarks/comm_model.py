@@ -2,7 +2,7 @@
 it costs.
 
 :func:`shard_collectives` lists the data collectives of one forward + backward of a layer from
-its :class:`~mpgroups.sharding.layout.LayerShards` (DESIGN §3, §3b; the table in
+its :class:`~mpgroups.sharding.layout.LayerShards` (docs/design.md §3, §3b; the table in
 ``mpgroups/layers/layer_comm.py``), with the byte counts
 :class:`~mpgroups.comm.counter.CommCounter` records (padding of uneven shards included).
 :func:`layer_collectives` does it for a conv or a Linear given

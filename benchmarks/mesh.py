@@ -54,19 +54,15 @@ which git ignores; it refuses to write over a file git tracks) and prints the ta
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -81,21 +77,24 @@ from cases import (  # noqa: E402
     build_parallel,
     build_single,
     make_input,
+    step_and_forward,
 )
+from cases import labels as batch_labels  # noqa: E402
 from comm_model import INTER_NODE_400G, LINKS, Link, collective_seconds  # noqa: E402
-from loopback import loopback_world  # noqa: E402
-from scaling import (  # noqa: E402
-    _barrier,
-    _free_port,
-    _labels,
-    _max_over_ranks,
-    _optimizer_state_bytes,
-    _step_and_forward,
-    _summary,
-    _without_collectives,
+from harness import (  # noqa: E402
+    barrier,
+    max_over_ranks,
+    mib,
+    ms,
+    optimizer_state_bytes,
+    prepare_out,
     run_header,
-    spawn_ranks,
+    run_ranks,
+    summary,
+    without_collectives,
 )
+from harness import parser as benchmark_parser  # noqa: E402
+from loopback import loopback_world  # noqa: E402
 
 import mpgroups  # noqa: E402
 from mpgroups import match_global_batch  # noqa: E402
@@ -107,7 +106,6 @@ VARIANTS = ("ddp", "gp", "mesh")
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "mesh"  # ignored by git
 INSIDE_NODE = LINKS["nvlink4"]
-MiB = 2**20
 
 # What "400 Gb/s between nodes" means for a collective whose ranks span nodes (its latency per
 # step is the link's in all three). The default is the issue's reading.
@@ -176,16 +174,16 @@ def _rows(dp_rank: int, dp: int, batch: int) -> slice:
 # The measured run: 4 gloo ranks --------------------------------------------------------------
 
 
-def _measure(rank: int, args) -> dict:
+def _measure(rank: int, world: int, args) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     case = _case(args.quick)
     mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "gp"))
-    x, labels = make_input(case, case.batch), _labels(case)
+    x, labels = make_input(case, case.batch), batch_labels(case)
     dp_rank = mesh["dp"].get_local_rank()
 
     def step_of(model, rows: slice):
-        return _step_and_forward(model, x[rows], labels[rows])[0]
+        return step_and_forward(model, x[rows], labels[rows])[0]
 
     # name -> (module whose parameters the rank holds, step, ranks that step)
     variants: dict[str, tuple] = {}
@@ -209,13 +207,13 @@ def _measure(rank: int, args) -> dict:
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             _, step, everywhere = variants[name]
-            _barrier(WORLD)
+            barrier(WORLD)
             elapsed = 0.0
             if everywhere or rank == 0:
                 start = time.perf_counter()
                 step()
                 elapsed = time.perf_counter() - start
-            elapsed = _max_over_ranks(elapsed, WORLD)  # the same on every rank
+            elapsed = max_over_ranks(elapsed, WORLD)  # the same on every rank
             if rep >= args.warmup:
                 times[name].append(elapsed)
         if rank == 0:
@@ -231,12 +229,12 @@ def _measure(rank: int, args) -> dict:
         record: dict = {"ddp_allreduce_bytes": 0, "gp_comm": None}
         if name in gp_groups:
             gp_size, gp_rank, batch = gp_groups[name]
-            _barrier(WORLD)
+            barrier(WORLD)
             with mpgroups.CommCounter() as comm:
                 step()
             analytic = analytic_collectives(replace(case, batch=batch), gp_size, gp_rank)
             analytic_bytes = sum(c.nbytes for c in analytic)
-            agree = _max_over_ranks(float(comm.bytes() != analytic_bytes), WORLD) == 0
+            agree = max_over_ranks(float(comm.bytes() != analytic_bytes), WORLD) == 0
             record["gp_comm"] = {
                 "measured_bytes": comm.bytes(),
                 "analytic_bytes": analytic_bytes,
@@ -246,7 +244,7 @@ def _measure(rank: int, args) -> dict:
             }
         if name != "gp":
             record["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(model)
-        record["param_and_momentum_bytes"] = _optimizer_state_bytes(model, step)
+        record["param_and_momentum_bytes"] = optimizer_state_bytes(model, step)
         out[name] = record
     if rank != 0:
         return {}
@@ -254,35 +252,20 @@ def _measure(rank: int, args) -> dict:
     out["single"] = {
         "ddp_allreduce_bytes": 0,
         "gp_comm": None,
-        "param_and_momentum_bytes": _optimizer_state_bytes(single, step),
+        "param_and_momentum_bytes": optimizer_state_bytes(single, step),
     }
     layouts = {"single": (1, 1), **_layouts(args.nodes, args.gpus_per_node)["measured"]}
     for name in names:
         out[name] |= {
             "layout": list(layouts[name]),
             "batch_per_rank": case.batch // layouts[name][0],
-            "times": _summary(times[name]),
+            "times": summary(times[name]),
         }
     return {
         "variants": {name: out[name] for name in names},
         "reps": len(times["ddp"]),
         "peak_rss_bytes_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-
-
-def _measure_worker(rank: int, port: int, args, queue) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-        )
-        result = _measure(rank, args)
-        if rank == 0:
-            queue.put(("ok", result))
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
 
 
 # The one-process runs: each layout's rank-0 work without the wire ------------------------------
@@ -297,7 +280,7 @@ def _local_step(case: Case, layout: tuple[int, int], args) -> dict:
     dp, gp = layout
     batch = case.batch // dp
     rows = _rows(0, dp, case.batch)
-    x, labels = make_input(case, case.batch)[rows], _labels(case)[rows]
+    x, labels = make_input(case, case.batch)[rows], batch_labels(case)[rows]
     world = dp * gp
     group = loopback_world(world) if gp > 1 else contextlib.nullcontext()
     with group as process_group:
@@ -308,8 +291,8 @@ def _local_step(case: Case, layout: tuple[int, int], args) -> dict:
         else:
             mesh = init_device_mesh("cpu", layout, mesh_dim_names=("dp", "gp"))
             model = match_global_batch(build_parallel(case, mesh["gp"]), mesh["dp"])
-        step = _step_and_forward(model, x, labels)[0]
-        timed = _without_collectives(step)
+        step = step_and_forward(model, x, labels)[0]
+        timed = without_collectives(step)
         times = []
         for rep in range(args.warmup + args.reps):
             start = time.perf_counter()
@@ -330,7 +313,7 @@ def _local_step(case: Case, layout: tuple[int, int], args) -> dict:
     return {
         "layout": list(layout),
         "batch_per_rank": batch,
-        "step": _summary(times),
+        "step": summary(times),
         "param_bytes": param_bytes,
         "measured_data_bytes": comm.bytes(),
         "collectives": [c.__dict__ for c in analytic],
@@ -338,21 +321,17 @@ def _local_step(case: Case, layout: tuple[int, int], args) -> dict:
     }
 
 
-def _local_worker(args, queue) -> None:
-    try:
-        torch.set_num_threads(1)
-        case = _case(args.quick)
-        layouts = _layouts(args.nodes, args.gpus_per_node)
-        wanted = [(1, 1), *layouts["measured"].values(), *layouts["projected"].values()]
-        out = {}
-        for layout in dict.fromkeys(wanted):
-            out[_key(layout)] = _local_step(case, layout, args)
-            print(f"  one process, layout dp×gp = {_key(layout)} done", file=sys.stderr,
-                  flush=True)  # fmt: skip
-        queue.put(("ok", out))
-    except BaseException:
-        queue.put(("error", traceback.format_exc()))
-        raise
+def _local_runs(rank: int, world: int, args) -> dict:
+    """Each layout's rank-0 work without the wire, in one process of one thread."""
+    case = _case(args.quick)
+    layouts = _layouts(args.nodes, args.gpus_per_node)
+    wanted = [(1, 1), *layouts["measured"].values(), *layouts["projected"].values()]
+    out = {}
+    for layout in dict.fromkeys(wanted):
+        out[_key(layout)] = _local_step(case, layout, args)
+        print(f"  one process, layout dp×gp = {_key(layout)} done", file=sys.stderr,
+              flush=True)  # fmt: skip
+    return out
 
 
 # Projection -------------------------------------------------------------------------------------
@@ -450,14 +429,6 @@ def project_mesh(result: dict) -> dict:
 # Output -----------------------------------------------------------------------------------------
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
-
-
-def _mib(nbytes: float) -> str:
-    return f"{nbytes / MiB:.2f}"
-
-
 def _load(values) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
@@ -510,14 +481,14 @@ def render(result: dict) -> str:
         gp_mib = "–"
         if gp_comm is not None:
             same = "" if gp_comm["equal_on_every_rank"] else " (≠ analytic!)"
-            gp_mib = _mib(gp_comm["measured_bytes"]) + same
-        ddp_mib = _mib(v["ddp_allreduce_bytes"]) if v["ddp_allreduce_bytes"] else "–"
+            gp_mib = mib(gp_comm["measured_bytes"]) + same
+        ddp_mib = mib(v["ddp_allreduce_bytes"]) if v["ddp_allreduce_bytes"] else "–"
         local = result["local"][_key(layout)]["step"]["median"]
         lines.append(
             f"| {_label(name, layout)} | {layout[0]} × {layout[1]} | {v['batch_per_rank']} | "
-            f"{_ms(t['median'])} ({_ms(t['p25'])}–{_ms(t['p75'])}) | "
-            f"{single / t['median']:.2f}× | {ddp / t['median']:.2f}× | {_ms(local)} | "
-            f"{gp_mib} | {ddp_mib} | {_mib(v['param_and_momentum_bytes'])} |"
+            f"{ms(t['median'])} ({ms(t['p25'])}–{ms(t['p75'])}) | "
+            f"{single / t['median']:.2f}× | {ddp / t['median']:.2f}× | {ms(local)} | "
+            f"{gp_mib} | {ddp_mib} | {mib(v['param_and_momentum_bytes'])} |"
         )
     projection = project_mesh(result)
     world = projection["world"]
@@ -538,7 +509,7 @@ def render(result: dict) -> str:
         "rank's parameter bytes, not overlapped with the backward. *Record exchanges*: the "
         "input checks' (none with `MPGROUPS_CHECKS=0`) and `match_global_batch`'s batch sizes, "
         "tiny: latency only. Ranks numbered node by node. Speedup: the one-process step "
-        f"({_ms(projection['rows'][0]['one_process'])} ms, one thread) / the step; "
+        f"({ms(projection['rows'][0]['one_process'])} ms, one thread) / the step; "
         "efficiency: speedup / P.",
         "",
         "| variant | dp × gp | batch per rank | compute ms | comm in node ms | comm between "
@@ -553,12 +524,12 @@ def render(result: dict) -> str:
         dp, gp = row["layout"]
         lines.append(
             f"| {row['label']} | {dp} × {gp} | {row['batch_per_rank']} | "
-            f"{_ms(row['compute'])} | {row['comm_inside_node'] * 1e3:.2f} | "
+            f"{ms(row['compute'])} | {row['comm_inside_node'] * 1e3:.2f} | "
             f"{row['comm_between_nodes'] * 1e3:.2f} | {row['comm_record_exchanges'] * 1e3:.2f} | "
-            f"{_ms(row['step'])} | "
+            f"{ms(row['step'])} | "
             f"{row['speedup']:.2f}× | {row['efficiency']:.0%} | "
-            f"{_mib(row['bytes_inside_node'])} | {_mib(row['bytes_between_nodes'])} | "
-            f"{_mib(row['param_and_momentum_bytes'])} |"
+            f"{mib(row['bytes_inside_node'])} | {mib(row['bytes_between_nodes'])} | "
+            f"{mib(row['param_and_momentum_bytes'])} |"
         )
     lines += [
         "",
@@ -571,33 +542,18 @@ def render(result: dict) -> str:
         cells = []
         for scenario in SCENARIOS:
             row = by_scenario[scenario][variant]
-            cells.append(f"{row['comm'] * 1e3:.2f} / {_ms(row['step'])}")
+            cells.append(f"{row['comm'] * 1e3:.2f} / {ms(row['step'])}")
         label = by_scenario[DEFAULT_SCENARIO][variant]["label"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [""] + [f"- `{name}`: {text}." for name, text in SCENARIOS.items()]
     return "\n".join(lines)
 
 
-def _refuse_tracked(paths: list[Path]) -> None:
-    """Never write over a file git tracks (the published results)."""
-    for path in paths:
-        try:
-            tracked = subprocess.run(
-                ["git", "ls-files", "--error-unmatch", str(path.resolve())],
-                cwd=HERE, capture_output=True, check=False,
-            ).returncode == 0  # fmt: skip
-        except OSError:
-            return  # no git: nothing is tracked
-        if tracked:
-            raise SystemExit(f"refusing to write over {path}: git tracks it; choose another --out")
-
-
 def _write(result: dict, out: Path, with_json: bool = True) -> str:
     """``OUT/table.md`` and (``with_json``) ``OUT/mesh.json``; returns the table."""
     json_path, table_path = out / "mesh.json", out / "table.md"
-    _refuse_tracked([json_path, table_path] if with_json else [table_path])
+    prepare_out(out, ["mesh.json", "table.md"] if with_json else ["table.md"])
     table = render(result)
-    out.mkdir(parents=True, exist_ok=True)
     if with_json:
         json_path.write_text(json.dumps(result, indent=1))
     table_path.write_text(table + "\n")
@@ -605,10 +561,10 @@ def _write(result: dict, out: Path, with_json: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=9, help="timed repetitions")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny AlexNet, 2 repetitions")
+    parser = benchmark_parser(
+        __doc__, out=DEFAULT_OUT, writes="mesh.json and table.md", reps=9, timeout=900,
+        quick="tiny AlexNet, 2 repetitions", renders="table.md",
+    )  # fmt: skip
     parser.add_argument("--nodes", type=int, default=2, help="of the projection")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="of the projection")
     parser.add_argument(
@@ -618,16 +574,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--between-latency", type=float, default=None,
         help="µs per ring step between nodes (default 10)",
-    )  # fmt: skip
-    parser.add_argument("--cores", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per job")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT,
-        help="folder for mesh.json and table.md (default: benchmarks/out/mesh/)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--from-json", type=Path, default=None,
-        help="render a stored mesh.json again: table.md into --out, the JSON only read",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.from_json is not None:
@@ -640,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     for ranks in (WORLD, world, args.nodes):
         if case.batch % ranks:
             parser.error(f"the global batch {case.batch} does not split over {ranks} ranks")
-    _refuse_tracked([args.out / "mesh.json", args.out / "table.md"])
+    prepare_out(args.out, ["mesh.json", "table.md"])
 
     started = time.time()
     load = {"start": list(os.getloadavg())}
@@ -653,11 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         else f"{WORLD} ranks on {args.cores} cores, one thread each."
     )
     print(f"measured: {note}", file=sys.stderr, flush=True)
-    port = _free_port()
-    measured = spawn_ranks(_measure_worker, [(r, port, args) for r in range(WORLD)], args.timeout)
+    measured = run_ranks(_measure, WORLD, args, timeout=args.timeout)
     load["after_measured"] = list(os.getloadavg())
     print("one-process runs (compute of each layout, one thread)", file=sys.stderr, flush=True)
-    local = spawn_ranks(_local_worker, [(args,)], args.timeout)
+    local = run_ranks(_local_runs, 1, args, timeout=args.timeout)
     load["end"] = list(os.getloadavg())
     layouts = _layouts(args.nodes, args.gpus_per_node)
     between = INTER_NODE_400G

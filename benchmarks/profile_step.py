@@ -52,15 +52,11 @@ Writes ``OUT/profile.json`` and ``OUT/profile.md`` (``--out``; by default
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -70,8 +66,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, build_single, make_input  # noqa: E402
+from cases import labels as batch_labels  # noqa: E402
+from harness import parser as benchmark_parser  # noqa: E402
+from harness import prepare_out, run_header, run_ranks, summary  # noqa: E402
 from loopback import loopback_group  # noqa: E402
-from scaling import _free_port, spawn_ranks  # noqa: E402
 
 import mpgroups  # noqa: E402
 
@@ -90,11 +88,6 @@ VARIANTS = {
     "e_one_process_twice": ("one process × 1 thread, a twin on the other core", True, "single"),
 }
 MICRO_REPS = 7
-
-
-def _summary(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-    return {"median": statistics.median(values), "p25": q[0], "p75": q[2], "runs": len(values)}
 
 
 def _in_collectives(comm: mpgroups.CommCounter) -> float:
@@ -153,7 +146,7 @@ def _micro(rank: int, reps: int, mib: int = 256) -> dict:
                     elapsed = time.perf_counter() - start
                     if rep and rank == 0:
                         times[f"{name}/{where}"].append(elapsed)
-    out = {key: _summary(v) for key, v in times.items()} if rank == 0 else {}
+    out = {key: summary(v) for key, v in times.items()} if rank == 0 else {}
     if rank == 0:
         out["copy_MiB"] = mib
         out["copy_GB_per_s"] = {
@@ -162,90 +155,49 @@ def _micro(rank: int, reps: int, mib: int = 256) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, args, queue) -> None:
-    try:
-        torch.set_num_threads(1)
-        case = QUICK_CASE if args.quick else CASE
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-        )
-        loopback = loopback_group(dist.group.WORLD)
-        models = {
-            "single": build_single(case),
-            "gp": build_parallel(case, dist.group.WORLD),
-            "local": build_parallel(case, loopback),
-        }
-        torch.manual_seed(2)  # scaling.py's labels
-        labels = torch.randint(0, case.alexnet["num_classes"], (case.batch,))
-        inputs = {k: make_input(case, case.batch, m) for k, m in models.items()}
-        optimizers = {
-            k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()
-        }
-        names = list(VARIANTS)
-        times = {n: {p: [] for p in PHASES} for n in names}
-        comm = {n: {p: [] for p in PHASES} for n in names}
-        idle_cpu = {n: [] for n in names if not VARIANTS[n][1]}
-        for rep in range(args.warmup + args.reps):
-            order = names[rep % len(names) :] + names[: rep % len(names)]
-            for name in order:
-                _, everywhere, kind = VARIANTS[name]
-                torch.manual_seed(100 + rep)  # the same dropout masks on both ranks
-                dist.barrier()
-                cpu = time.process_time()
-                if everywhere or rank == 0:
-                    phases = _phased_step(models[kind], optimizers[kind], inputs[kind], labels)
-                dist.barrier()
-                cpu = time.process_time() - cpu
-                if rep < args.warmup:
-                    continue
-                if rank == 1 and not everywhere:
-                    idle_cpu[name].append(cpu)
-                if rank == 0:
-                    for p, (wall, inside) in phases.items():
-                        times[name][p].append(wall)
-                        comm[name][p].append(inside)
-        micro = _micro(rank, MICRO_REPS, 1 if args.quick else 256)
-        # Rank 1's CPU time while it waited for rank 0 alone: is its core idle?
-        gathered = [None] * WORLD
-        dist.all_gather_object(gathered, idle_cpu)
-        if rank == 0:
-            queue.put(("ok", {"times": times, "comm": comm, "idle_cpu": gathered[1],
-                              "micro": micro}))  # fmt: skip
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
-
-
-def _commit() -> dict | None:
-    """The commit measured, and the Python files under ``mpgroups/`` and ``benchmarks/`` that
-    differ from it (a run of this script before it is committed lists at least the script)."""
-
-    def git(*command: str) -> str:
-        return subprocess.run(
-            ["git", *command], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        changed = [
-            line
-            for line in git("status", "--porcelain", "--", "../mpgroups", ".").splitlines()
-            if line.endswith(".py")
-        ]
-        return {"sha": git("rev-parse", "HEAD"), "uncommitted_changes": bool(changed),
-                "changed": changed}  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+def _rank(rank: int, world: int, args) -> dict:
+    """The five variants, timed on rank 0; rank 1's CPU time while it waited; the micro-
+    benchmarks."""
+    case = QUICK_CASE if args.quick else CASE
+    loopback = loopback_group(dist.group.WORLD)
+    models = {
+        "single": build_single(case),
+        "gp": build_parallel(case, dist.group.WORLD),
+        "local": build_parallel(case, loopback),
+    }
+    labels = batch_labels(case)  # scaling.py's
+    inputs = {k: make_input(case, case.batch, m) for k, m in models.items()}
+    optimizers = {
+        k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in models.items()
+    }
+    names = list(VARIANTS)
+    times = {n: {p: [] for p in PHASES} for n in names}
+    comm = {n: {p: [] for p in PHASES} for n in names}
+    idle_cpu = {n: [] for n in names if not VARIANTS[n][1]}
+    for rep in range(args.warmup + args.reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            _, everywhere, kind = VARIANTS[name]
+            torch.manual_seed(100 + rep)  # the same dropout masks on both ranks
+            dist.barrier()
+            cpu = time.process_time()
+            if everywhere or rank == 0:
+                phases = _phased_step(models[kind], optimizers[kind], inputs[kind], labels)
+            dist.barrier()
+            cpu = time.process_time() - cpu
+            if rep < args.warmup:
+                continue
+            if rank == 1 and not everywhere:
+                idle_cpu[name].append(cpu)
+            if rank == 0:
+                for p, (wall, inside) in phases.items():
+                    times[name][p].append(wall)
+                    comm[name][p].append(inside)
+    micro = _micro(rank, MICRO_REPS, 1 if args.quick else 256)
+    # Rank 1's CPU time while it waited for rank 0 alone: is its core idle?
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, idle_cpu)
+    return {"times": times, "comm": comm, "idle_cpu": gathered[1], "micro": micro}
 
 
 def summarize(raw: dict) -> dict:
@@ -258,18 +210,18 @@ def summarize(raw: dict) -> dict:
         row = {}
         for p in PHASES:
             work = [w - c for w, c in zip(phases[p], comm[p], strict=True)]
-            row[p] = {"wall": _summary(phases[p]), "collectives": _summary(comm[p]),
-                      "work": _summary(work)}  # fmt: skip
+            row[p] = {"wall": summary(phases[p]), "collectives": summary(comm[p]),
+                      "work": summary(work)}  # fmt: skip
         steps = [sum(phases[p][i] for p in PHASES) for i in range(reps)]
         inside = [sum(comm[p][i] for p in PHASES) for i in range(reps)]
         row["step"] = {
-            "wall": _summary(steps),
-            "collectives": _summary(inside),
-            "work": _summary([s - c for s, c in zip(steps, inside, strict=True)]),
+            "wall": summary(steps),
+            "collectives": summary(inside),
+            "work": summary([s - c for s, c in zip(steps, inside, strict=True)]),
         }
         for label, members in (("features", ("features_fwd", "features_bwd")),):
             work = [sum(phases[p][i] - comm[p][i] for p in members) for i in range(reps)]
-            row[label] = {"work": _summary(work)}
+            row[label] = {"work": summary(work)}
         out[name] = row
     return out
 
@@ -379,22 +331,13 @@ def write_markdown(result: dict, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=15, help="timed repetitions")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--quick", action="store_true", help="a tiny AlexNet, 1 repetition")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT,
-        help="folder for profile.json and profile.md (default: benchmarks/out/profile/)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--from-json", type=Path, default=None,
-        help="render a stored profile.json again into --out/profile.md (nothing is run)",
+    parser = benchmark_parser(
+        __doc__, out=DEFAULT_OUT, writes="profile.json and profile.md", reps=15, timeout=900,
+        quick="a tiny AlexNet, 1 repetition", renders="profile.md",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+        prepare_out(args.out, ["profile.md"])
         print(write_markdown(json.loads(args.from_json.read_text()), args.out / "profile.md"))
         return 0
     if args.quick:
@@ -402,19 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     case = QUICK_CASE if args.quick else CASE
     loadavg_before = os.getloadavg()
     started = time.time()
-    port = _free_port()
-    value = spawn_ranks(_worker, [(r, port, args) for r in range(WORLD)], args.timeout, "profile")
+    prepare_out(args.out, ["profile.json", "profile.md"])
+    value = run_ranks(_rank, WORLD, args, timeout=args.timeout, what="profile")
     result = {
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "cores": os.cpu_count(),
-            "cpu": _cpu_model(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "mpgroups": mpgroups.__version__,
-        },
-        "commit": _commit(),
+        **run_header(argv, os.cpu_count()),
         "case": {
             "name": case.name,
             "description": case.description,
@@ -434,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         "micro": value["micro"],
     }
     result["summary"] = summarize(result["raw"])
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=1))
     print(write_markdown(result, args.out / "profile.md"))
     return 0

@@ -22,15 +22,14 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import HERE, mib, ms, prepare_out  # noqa: E402
+
 DEFAULT_OUT = HERE / "out"  # ignored by git
 MAIN = "group_parallel"
 PROJECTION_LINK = "nvlink4"
 PROJECTION_WORLD_SIZES = (2, 4, 8)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
 
 
 def _repetitions(result: dict) -> str:
@@ -57,10 +56,6 @@ def _busbw(bytes_per_s: float | None) -> str:
     if bytes_per_s is None:
         return "busbw not resolved (the larger messages were not slower)"
     return f"busbw = {bytes_per_s / 1e9:.2f} GB/s"
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.2f}"
 
 
 def write_table(result: dict, path: Path) -> str:
@@ -115,7 +110,7 @@ def write_table(result: dict, path: Path) -> str:
             lines.append(
                 f"- P={world}: cost {cost:.2%} ({data['comm']['meta_ops_per_step']} checks of "
                 f"{data['check_seconds'] * 1e3:.2f} ms); in-step "
-                f"{data['comm']['checks_share_of_step']:.2%}; on/off {_ms(on)} vs {_ms(off)} ms "
+                f"{data['comm']['checks_share_of_step']:.2%}; on/off {ms(on)} vs {ms(off)} ms "
                 f"({on / off - 1:+.1%})"
             )
     projection = result["projection"]["cases"]
@@ -134,9 +129,9 @@ def write_table(result: dict, path: Path) -> str:
         for name, by_world in projection.items():
             for world, p in sorted(by_world.items(), key=lambda kv: int(kv[0])):
                 lines.append(
-                    f"| {name} | {world} | {_ms(p['compute'])} | {_ms(p['comm'])} | "
-                    f"{_ms(p['step'])} | {_ms(p['measured'])} | {p['error']:+.0%} | "
-                    f"{_ms(p['comm_at_size'])} | {p['error_at_size']:+.0%} |"
+                    f"| {name} | {world} | {ms(p['compute'])} | {ms(p['comm'])} | "
+                    f"{ms(p['step'])} | {ms(p['measured'])} | {p['error']:+.0%} | "
+                    f"{ms(p['comm_at_size'])} | {p['error_at_size']:+.0%} |"
                 )
         for world, links in sorted(result["projection"]["links"].items()):
             fits = "; ".join(
@@ -190,18 +185,18 @@ def _row(result: dict, name: str, world: str, variant: str) -> str:
         _label(name, variant),
         world,
         threads,
-        _ms(t[variant]["forward"]["median"]),
-        f"{_ms(gp['median'])} ({_ms(gp['p25'])}–{_ms(gp['p75'])})",
-        _ms(single),
+        ms(t[variant]["forward"]["median"]),
+        f"{ms(gp['median'])} ({ms(gp['p25'])}–{ms(gp['p75'])})",
+        ms(single),
         f"{single / gp['median']:.2f}×",
         f"{total / gp['median']:.2f}×",
-        _ms(ddp) if ddp else "–",
+        ms(ddp) if ddp else "–",
         f"{ddp / gp['median']:.2f}×" if ddp else "–",
         f"{comm['measured_bytes']:,}",
         f"{comm['analytic_bytes']:,}",
         f"{comm['share_of_step']:.0%}",
-        _mb(mem[variant]) if variant in mem else "–",
-        _mb(mem["ddp"]) if "ddp" in mem else "–",
+        mib(mem[variant]) if variant in mem else "–",
+        mib(mem["ddp"]) if "ddp" in mem else "–",
         f"{mem[variant] / mem['ddp']:.0%}" if "ddp" in mem and variant in mem else "–",
     ]
     return "| " + " | ".join(str(v) for v in row) + " |"
@@ -225,7 +220,7 @@ def _variant_notes(result: dict, names: list[str]) -> list[str]:
         for n in inference:
             for world, run in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
                 mem = run["cases"][n]["parameter_bytes"]
-                params.append(f"{n} P={world}: {_mb(mem[MAIN])} / {_mb(mem['single'])}")
+                params.append(f"{n} P={world}: {mib(mem[MAIN])} / {mib(mem['single'])}")
         notes.append(
             f"Inference rows ({', '.join(inference)}): batch 1, one eval forward under "
             f"`torch.no_grad` (the step columns are that forward's latency); DDP cannot split "
@@ -257,7 +252,7 @@ def _comm_by_op(result: dict, names: list[str]) -> list[str]:
                 by_op = comm.get("share_by_op", {})
                 step = c["times"][variant]["step"]["median"]
                 lines.append(
-                    f"| {_label(name, variant)} | {world} | {_ms(step)} | "
+                    f"| {_label(name, variant)} | {world} | {ms(step)} | "
                     f"{comm['share_of_step']:.0%} | "
                     + " | ".join(
                         f"{by_op[op]:.0%}" if op in by_op else "–"
@@ -282,8 +277,8 @@ def _nvlink_projection(result: dict, names: list[str]) -> list[str]:
             if p is None:
                 continue
             rows.append(
-                f"| {name} | {world} | {_ms(p['compute'])} | {p['comm'] * 1e3:.2f} | "
-                f"{_ms(p['step'])} | {_ms(p['one_process'])} | {p['speedup']:.2f}× | "
+                f"| {name} | {world} | {ms(p['compute'])} | {p['comm'] * 1e3:.2f} | "
+                f"{ms(p['step'])} | {ms(p['one_process'])} | {p['speedup']:.2f}× | "
                 f"{p['efficiency']:.0%} |"
             )
     if not rows:
@@ -442,12 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for table.md and the plots (default: benchmarks/out/)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
     from projection import validate
 
     result = json.loads(args.results.read_text())
     result["projection"] = validate(result)
-    args.out.mkdir(parents=True, exist_ok=True)
+    prepare_out(args.out, ["table.md", "scaling.png", "comm_share.png"])
     print(write_table(result, args.out / "table.md"))
     write_plots(result, args.out)
     return 0

@@ -38,25 +38,18 @@ projection's predicted vs measured step times. ``report.py`` renders a stored JS
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import psutil
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,8 +62,21 @@ from cases import (  # noqa: E402
     analytic_collectives,
     build_parallel,
     build_single,
+    labels,
     make_input,
+    step_and_forward,
 )
+from harness import (  # noqa: E402
+    barrier,
+    max_over_ranks,
+    optimizer_state_bytes,
+    prepare_out,
+    run_header,
+    run_ranks,
+    summary,
+    without_collectives,
+)
+from harness import parser as benchmark_parser  # noqa: E402
 from loopback import loopback_group, loopback_world  # noqa: E402
 
 import mpgroups  # noqa: E402
@@ -89,122 +95,16 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out"  # ignored by git: a run never writes over the published results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _max_over_ranks(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def _summary(times: list[float]) -> dict:
-    """Median and quartiles; inclusive quartiles stay within the times measured (the
-    default, exclusive method extrapolates beyond them when there are few)."""
-    if len(times) >= 2:
-        q = statistics.quantiles(times, n=4, method="inclusive")
-    else:
-        q = [times[0]] * 3
-    return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "runs": len(times)}
-
-
-def _optimizer_state_bytes(model, step) -> int:
-    """Parameters + SGD momentum on this rank, after one real optimizer step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    step(keep_grads=True)
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    state = sum(
-        t.numel() * t.element_size()
-        for s in optimizer.state.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    )
-    params = mpgroups.local_parameter_bytes(model)
-    if state != params:
-        raise RuntimeError(f"SGD momentum holds {state} bytes for {params} bytes of parameters")
-    return params + state
-
-
-def _step_and_forward(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    labels: torch.Tensor | None,
-    inference: bool = False,
-):
-    """``(step, forward)`` closures over ``model`` and its input.
-
-    A block case's step is forward + backward of ``out.pow(2).mean()`` with the input grad
-    (as inside a network); with ``labels`` (the AlexNet step) it is cross-entropy, backward
-    and an SGD step. ``step(keep_grads=True)`` leaves the gradients for an optimizer. With
-    ``inference`` both are the forward under ``torch.no_grad`` (the model in eval mode).
-    """
-    if inference:
-
-        def forward_only(keep_grads: bool = False):
-            with torch.no_grad():
-                model(x)
-
-        return forward_only, forward_only
-    is_step = labels is not None
-    x = x.detach().requires_grad_(not is_step)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if is_step else None
-
-    def step(keep_grads: bool = False):
-        out = model(x)
-        loss = F.cross_entropy(out, labels) if is_step else out.float().pow(2).mean()
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-        if not keep_grads:
-            model.zero_grad(set_to_none=True)
-
-    def forward():
-        with torch.no_grad():
-            model(x)
-
-    return step, forward
-
-
-def _without_collectives(fn):
-    """``fn`` that returns the seconds it spent inside mpgroups' collectives (data and
-    metadata exchanges; the checks' own work stays in), for the timing loop to take off."""
-
-    def run(*args, **kwargs) -> float:
-        with mpgroups.CommCounter() as comm:
-            fn(*args, **kwargs)
-        return comm.seconds(kind="data") + comm.seconds(kind="meta")
-
-    return run
-
-
-def _labels(case: Case) -> torch.Tensor | None:
-    if not case.is_step:
-        return None
-    torch.manual_seed(2)
-    return torch.randint(0, case.alexnet["num_classes"], (case.batch,))
-
-
 def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args, loopback) -> dict:
     """Time ``case``'s variants at ``world`` ranks; ``loopback`` (a group of the same ranks
     that moves no data; ``None`` at one rank) carries the ``local`` variant."""
     process_group = dist.group.WORLD if world > 1 else None
     single = build_single(case)
     x_full = make_input(case, case.batch)
-    labels = _labels(case)
+    batch_labels = labels(case)
 
-    def closures(model, x, y=labels):
-        return _step_and_forward(model, x, y, case.inference)
+    def closures(model, x, y=batch_labels):
+        return step_and_forward(model, x, y, case.inference)
 
     variants = {}  # name -> (all ranks?, threads, step, forward)
     variants["single_t"] = (False, threads, *closures(single, x_full))
@@ -240,11 +140,15 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
         local_model = build_parallel(case, loopback)
         x_local = make_input(case, case.batch, local_model)
         local_fns = closures(local_model, x_local)
-        variants["local"] = (True, threads, *map(_without_collectives, local_fns))
+        variants["local"] = (True, threads, *map(without_collectives, local_fns))
         if not case.inference:  # DDP cannot split a batch of one
             local = case.batch // world
             ddp = DistributedDataParallel(build_single(case))
-            y_local = labels[rank * local : (rank + 1) * local] if labels is not None else None
+            y_local = (
+                batch_labels[rank * local : (rank + 1) * local]
+                if batch_labels is not None
+                else None
+            )
             variants["ddp"] = (
                 True,
                 threads,
@@ -261,7 +165,7 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
             order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 everywhere, nthreads, *fns = variants[name]
-                _barrier(world)
+                barrier(world)
                 elapsed = 0.0
                 if everywhere or rank == 0:
                     torch.set_num_threads(nthreads)
@@ -269,7 +173,7 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
                     excluded = fns[index - 2]() or 0.0
                     elapsed = time.perf_counter() - start - excluded
                     torch.set_num_threads(threads)
-                elapsed = _max_over_ranks(elapsed, world)  # the same on every rank
+                elapsed = max_over_ranks(elapsed, world)  # the same on every rank
                 if rep >= args.warmup:
                     times[name][phase].append(elapsed)
                 elif rep == args.warmup - 1:  # the first calls are slow (first-touch memory)
@@ -288,7 +192,7 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
         "batch": case.batch,
         "inference": case.inference,
         "reps": reps_timed,
-        "times": {n: {p: _summary(v) for p, v in t.items()} for n, t in times.items()},
+        "times": {n: {p: summary(v) for p, v in t.items()} for n, t in times.items()},
     }
     # Communication of each group-parallel model: bytes per step, time in collectives.
     comm = {name: _comm_record(case, name, variants[name][2], world, rank) for name in gp_models}
@@ -316,11 +220,11 @@ def _run_case(case: Case, world: int, rank: int, threads: int, cores: int, args,
     else:
         # Memory per rank: parameters + optimizer state (SGD momentum), and resident size.
         memory = {
-            name: _optimizer_state_bytes(m, variants[name][2]) for name, m in gp_models.items()
+            name: optimizer_state_bytes(m, variants[name][2]) for name, m in gp_models.items()
         }
         if ddp is not None:
-            memory["ddp"] = _optimizer_state_bytes(ddp.module, variants["ddp"][2])
-        memory["single"] = _optimizer_state_bytes(single, variants["single_t"][2])
+            memory["ddp"] = optimizer_state_bytes(ddp.module, variants["ddp"][2])
+        memory["single"] = optimizer_state_bytes(single, variants["single_t"][2])
         result["param_and_optimizer_bytes"] = memory
     result["rss_bytes"] = psutil.Process().memory_info().rss
     result["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(single) if ddp is not None else 0
@@ -332,14 +236,14 @@ def _comm_record(case: Case, variant: str, step, world: int, rank: int) -> dict:
     share of its step spent inside collectives, in all and per op (medians of 5 steps)."""
     shares, check_shares, op_shares = [], [], []
     for _ in range(5):
-        _barrier(world)
+        barrier(world)
         with mpgroups.CommCounter() as comm:
             start = time.perf_counter()
             step()
             elapsed = time.perf_counter() - start
         shares.append(comm.seconds() / elapsed)
         op_shares.append({op: comm.seconds(op) / elapsed for op in comm.ops()})
-        check_shares.append(_max_over_ranks(comm.seconds(kind="check") / elapsed, world))
+        check_shares.append(max_over_ranks(comm.seconds(kind="check") / elapsed, world))
     ops = sorted({op for found in op_shares for op in found})
     analytic = analytic_collectives(case, world, rank, variant)
     return {
@@ -376,7 +280,7 @@ def _check_seconds(world: int, calls: int = 30) -> float:
     without the checks would be spent in the next collective instead; this times the check.
     """
     x = torch.zeros(8, 64, 13, 13)
-    _barrier(world)
+    barrier(world)
     start = time.perf_counter()
     for call in range(calls):
         check_across_ranks(
@@ -384,7 +288,7 @@ def _check_seconds(world: int, calls: int = 30) -> float:
             layer_id=fingerprint("benchmark"), call=call, problem=None, channel_dim=1,
             expected_channels=[64] * world, channels_note=["replicated input"] * world,
         )  # fmt: skip
-    return _max_over_ranks((time.perf_counter() - start) / calls, world)
+    return max_over_ranks((time.perf_counter() - start) / calls, world)
 
 
 def _local_compute_time(case: Case, world: int, args) -> tuple[float, int]:
@@ -403,8 +307,8 @@ def _local_compute_time(case: Case, world: int, args) -> tuple[float, int]:
         with loopback_world(world) as process_group:
             model = build_parallel(case, process_group)
             x = make_input(case, case.batch, model)
-            closures = _step_and_forward(model, x, _labels(case), case.inference)
-            step = _without_collectives(closures[0])
+            closures = step_and_forward(model, x, labels(case), case.inference)
+            step = without_collectives(closures[0])
             for rep in range(args.warmup + args.reps):
                 start = time.perf_counter()
                 excluded = step()
@@ -483,7 +387,7 @@ def _measure_link(world: int, cases: list[Case], args) -> dict:
             dist.barrier()
             start = time.perf_counter()
             call()
-            elapsed = _max_over_ranks(time.perf_counter() - start, world)
+            elapsed = max_over_ranks(time.perf_counter() - start, world)
             if rep >= args.warmup:
                 times[key, nbytes].append(elapsed)
     out = {}
@@ -492,96 +396,31 @@ def _measure_link(world: int, cases: list[Case], args) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, args, queue) -> None:
-    try:
-        cores = args.cores
-        threads = max(1, cores // world)
-        torch.set_num_threads(threads)
-        if world > 1:
-            dist.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-            )
-        known = QUICK if args.quick else CASES
-        cases = [known[name] for name in args.cases or list(known)]
-        out = {"threads_per_rank": threads, "oversubscribed": world * threads > cores, "cases": {}}
-        loopback = loopback_group(dist.group.WORLD) if world > 1 else None
-        for case in cases:
-            out["cases"][case.name] = _run_case(case, world, rank, threads, cores, args, loopback)
-            if rank == 0:
-                print(f"  P={world} {case.name} done", file=sys.stderr, flush=True)
-        if world > 1:
-            out["link"] = _measure_link(world, cases, args)
-        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _rank(rank: int, world: int, args) -> dict:
+    """One rank's measurements at ``world`` ranks (rank 0's are the run's)."""
+    cores = args.cores
+    threads = max(1, cores // world)
+    known = QUICK if args.quick else CASES
+    cases = [known[name] for name in args.cases or list(known)]
+    out = {"threads_per_rank": threads, "oversubscribed": world * threads > cores, "cases": {}}
+    loopback = loopback_group(dist.group.WORLD) if world > 1 else None
+    for case in cases:
+        out["cases"][case.name] = _run_case(case, world, rank, threads, cores, args, loopback)
         if rank == 0:
-            queue.put(("ok", out))
-        if world > 1:
-            dist.destroy_process_group()
-    except BaseException:
-        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
-
-
-def run_header(argv: list[str] | None, cores: int) -> dict:
-    """What a published JSON records first: the command, the machine and the commit."""
-    return {
-        "command": "python "
-        + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "cores": cores,
-            "logical_cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "mpgroups": mpgroups.__version__,
-        },
-        "commit": _commit(),
-    }
-
-
-def _commit() -> dict | None:
-    """The git commit measured, and whether ``mpgroups/`` or ``benchmarks/`` differ from it."""
-
-    def git(*command: str) -> str:
-        return subprocess.run(
-            ["git", *command], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        head = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--", "../mpgroups", ".")
-    except (OSError, subprocess.CalledProcessError):
-        return None  # not a git checkout
-    return {"sha": head, "uncommitted_changes": bool(changed)}
-
-
-def spawn_ranks(target, arg_lists: list[tuple], timeout: float, what: str = "benchmark"):
-    """Run ``target(*args, queue)`` in one spawned process per entry of ``arg_lists``; the
-    value the first of them puts on the queue (``("ok", value)``; an error raises)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, queue)) for args in arg_lists]
-    for p in procs:
-        p.start()
-    status, value = queue.get(timeout=timeout)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    if status != "ok":
-        raise RuntimeError(f"{what} failed:\n{value}")
-    return value
-
-
-def run_world(world: int, args) -> dict:
-    port = _free_port()
-    arg_lists = [(r, world, port, args) for r in range(world)]
-    return spawn_ranks(_worker, arg_lists, args.timeout, f"benchmark at world size {world}")
+            print(f"  P={world} {case.name} done", file=sys.stderr, flush=True)
+    if world > 1:
+        out["link"] = _measure_link(world, cases, args)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(
+        __doc__, out=DEFAULT_OUT, writes="scaling.json, table.md and the plots", reps=7,
+        timeout=3600, quick="tiny sizes, 2 repetitions",
+    )  # fmt: skip
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--cases", nargs="+", default=None, help=f"of {', '.join(CASES)}")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions, at least")
     parser.add_argument(
         "--min-time", type=float, default=4.0,
         help="seconds to time the slowest variant of a case for, in more repetitions if its "
@@ -591,14 +430,6 @@ def main(argv: list[str] | None = None) -> int:
         "--forward-min-time", type=float, default=2.0,
         help="the same for the forward-only phase of a training case (the table's 'GP fwd' "
         "column; an inference case's forward is its step and gets --min-time)",
-    )  # fmt: skip
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repetitions")
-    parser.add_argument("--cores", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT,
-        help="folder for scaling.json, table.md and the plots (default: benchmarks/out/)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
@@ -619,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         note = " (ranks outnumber cores: they share them)" if world > args.cores else ""
         print(f"world size {world}: {max(1, args.cores // world)} thread(s) per rank{note}",
               file=sys.stderr, flush=True)  # fmt: skip
-        runs[world] = run_world(world, args)
+        runs[world] = run_ranks(
+            _rank, world, args, threads=max(1, args.cores // world), timeout=args.timeout,
+            what=f"benchmark at world size {world}",
+        )  # fmt: skip
     result = {
         **run_header(argv, args.cores),
         "format": FORMAT,
@@ -634,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["projection"] = validate(result)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, ["scaling.json", "table.md", "scaling.png", "comm_share.png"])
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     table = write_table(result, out / "table.md")
     write_plots(result, out)

@@ -116,7 +116,7 @@ def memory_format(t: torch.Tensor) -> str:
 
 
 def expected_comm(c: dict, world: int, rank: int, layouts, in_spatial, out_spatial) -> Counter:
-    """The (op, bytes) records DESIGN §3 prescribes for one forward + backward, from the
+    """The (op, bytes) records docs/design.md §3 prescribes for one forward + backward, from the
     placement rule alone. Uneven shards count padded to the widest."""
     cin, cout, groups, n = c["cin"], c["cout"], c["groups"], c["batch"]
     elt = torch.empty(0, dtype=c["dtype"]).element_size()
@@ -195,7 +195,9 @@ def check_layer(ctx, c: dict, layout_pairs=LAYOUT_PAIRS) -> dict:
         got = Counter((r.op, r.nbytes) for r in comm.records if r.kind == "data")
         want = expected_comm(c, ctx.world_size, ctx.rank, layouts, x.shape[2:], y_ref.shape[2:])
         if got != want:
-            raise AssertionError(f"{what}: collectives {dict(got)}, DESIGN §3 says {dict(want)}")
+            raise AssertionError(
+                f"{what}: collectives {dict(got)}, docs/design.md §3 says {dict(want)}"
+            )
         for k, v in errors.items():
             worst[k] = max(worst[k], v)
     return dict(worst)

@@ -168,7 +168,7 @@ def test_model_comm_model_equals_what_the_model_issues(name, world):
     plan='auto' and the drop-in, batch-1 inference): every rank's measured data collectives
     per step, run as the benchmark runs it, equal the analytic list from the plan and
     ``layer_shards``."""
-    from scaling import _labels, _step_and_forward
+    from cases import labels, step_and_forward
 
     c = QUICK[name]
     for rank in range(world):
@@ -176,7 +176,7 @@ def test_model_comm_model_equals_what_the_model_issues(name, world):
             with loopback_world(world, rank) as process_group:
                 model = build_parallel(c, process_group, variant)
                 x = make_input(c, c.batch, model)
-                step = _step_and_forward(model, x, _labels(c), c.inference)[0]
+                step = step_and_forward(model, x, labels(c), c.inference)[0]
                 with mpgroups.CommCounter() as comm:
                     step()
             measured = sorted(
@@ -287,12 +287,12 @@ def test_short_steps_are_timed_in_more_repetitions():
 
 def test_quartiles_stay_within_the_times_measured():
     """Two repetitions (``--quick``): p25 and p75 lie between them, never beyond."""
-    from scaling import _summary
+    from harness import summary
 
-    summary = _summary([0.010, 0.200])
-    assert 0.010 <= summary["p25"] <= summary["median"] <= summary["p75"] <= 0.200
-    assert summary["runs"] == 2
-    assert _summary([0.3]) == {"median": 0.3, "p25": 0.3, "p75": 0.3, "runs": 1}
+    two = summary([0.010, 0.200])
+    assert 0.010 <= two["p25"] <= two["median"] <= two["p75"] <= 0.200
+    assert two["runs"] == 2
+    assert summary([0.3]) == {"median": 0.3, "p25": 0.3, "p75": 0.3, "runs": 1}
 
 
 @pytest.mark.parametrize("folder", ["results"])
@@ -340,11 +340,11 @@ def test_measured_times_interpolate_between_sizes():
 
 def _step_records(model: torch.nn.Module, c, batch: int) -> list:
     """The collectives (op, ranks, bytes, kind) of one step of ``model`` as the benchmark
-    runs it (``scaling._step_and_forward``; an inference case: one no_grad forward)."""
-    from scaling import _labels, _step_and_forward
+    runs it (``cases.step_and_forward``; an inference case: one no_grad forward)."""
+    from cases import labels, step_and_forward
 
-    labels = _labels(replace(c, batch=batch))
-    step = _step_and_forward(model, make_input(c, batch, model), labels, c.inference)[0]
+    batch_labels = labels(replace(c, batch=batch))
+    step = step_and_forward(model, make_input(c, batch, model), batch_labels, c.inference)[0]
     with mpgroups.CommCounter() as comm:
         step()
     return [(r.op, r.group_size, r.nbytes, r.kind) for r in comm.records]

@@ -115,7 +115,7 @@ def test_same_seed_gives_the_rows_of_the_single_device_weight(pool, world_size):
 
 
 def _comm_counts(ctx) -> None:
-    """DESIGN §3's table with explicit numbers (fp32, N=2, 5x5, kernel 3, padding 1)."""
+    """docs/design.md §3's table with explicit numbers (fp32, N=2, 5x5, kernel 3, padding 1)."""
     n, hw, elt = 2, 25, 4
     torch.manual_seed(0)
     x_full = torch.randn(n, 8, 5, 5)

@@ -392,7 +392,7 @@ def _alexnet_comm_sites(ctx) -> tuple[dict, list]:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_alexnet_communicates_only_at_conv3_and_the_classifier(pool, world_size):
-    """DESIGN §3b: towers run alone; conv3 mixes them; fc6 and fc8 (row-parallel) sum their
+    """docs/design.md §3b: towers run alone; conv3 mixes them; fc6 and fc8 (row-parallel) sum their
     partial outputs; at P = 4 each tower's two ranks also gather their group's channels."""
     (sites, backward_ops), *_ = pool.run(_alexnet_comm_sites, world_size)
     teams = ["features.conv2", "features.conv4", "features.conv5"] if world_size == 4 else []

@@ -1,5 +1,5 @@
 """Acceptance 1 and 4 of the foundation: every layout pair equals nn.ConvNd at P = 2 and 4,
-and moves exactly the collectives DESIGN §3 prescribes."""
+and moves exactly the collectives docs/design.md §3 prescribes."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""The placement rule (DESIGN §2) and the layouts built on it, as pure functions: no processes."""
+"""The placement rule (docs/design.md §2) and the layouts built on it, as pure functions: no
+processes."""
 
 import copy
 import itertools
@@ -36,7 +37,7 @@ def test_whole_groups(cin, cout, groups, world, expected_groups):
 
 
 def test_filter_split_uneven_team():
-    # DESIGN §2: G=1, C_out=6, P=4 -> filters 2, 2, 1, 1 of the one group.
+    # docs/design.md §2: G=1, C_out=6, P=4 -> filters 2, 2, 1, 1 of the one group.
     placements = [place(4, 6, 1, 4, r) for r in range(4)]
     assert [p.local_out_channels for p in placements] == [2, 2, 1, 1]
     assert all(p.filter_split and p.local_groups == 1 for p in placements)

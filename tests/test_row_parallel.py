@@ -1,6 +1,6 @@
 """Row-parallel convs (``split="rowwise"``) and ``ParallelLinear`` against ``nn.Conv2d`` /
 ``nn.Linear``: forward, input grad, weight and bias grads, the collectives issued, and
-gradgradcheck (DESIGN §3b)."""
+gradgradcheck (docs/design.md §3b)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ pure placement and layout math, and the linters' verdict (no processes, no colle
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,25 @@ def test_ruff(command):
         [ruff, *command, "."], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_design_citation_points_into_docs_design():
+    """Code and docs cite the design by section (``docs/design.md`` and a section sign);
+    every section cited is one there, and no citation names a document the repository does
+    not hold."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = set(re.findall(r"^## (\w+)\. ", design, flags=re.MULTILINE))
+    assert {"2", "3", "3b", "4", "5", "6", "7", "8"} <= sections, sections
+    cited, stray = [], []
+    for folder in ("mpgroups", "tests", "benchmarks", "launch"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix not in (".py", ".md", ".sh", ".sbatch"):
+                continue
+            text = path.read_text()
+            cited += [(path.name, n) for n in re.findall(r"docs/design\.md §(\w+)", text)]
+            stray += [path.name for _ in re.findall(r"DESIGN \u00a7", text)]
+    readme = (ROOT / "README.md").read_text()
+    cited += [("README.md", n) for n in re.findall(r"docs/design\.md §(\w+)", readme)]
+    assert len(cited) >= 19, cited
+    assert not [c for c in cited if c[1] not in sections], sections
+    assert not stray, stray

@@ -2,7 +2,7 @@
 
 ``scatter_channels`` (one rank holds the whole tensor; every rank gets its shard) and
 ``gather_channels`` (every rank, or just one, gets the whole tensor) are the explicit
-forms of the sharded layout's entry and exit (DESIGN §3). Both are checked like the layers:
+forms of the sharded layout's entry and exit (docs/design.md §3). Both are checked like the layers:
 with checks on, the ranks first exchange a record of what they pass, so a mismatch raises
 on every rank instead of hanging.
 

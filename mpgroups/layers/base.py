@@ -95,7 +95,7 @@ class ShardedLayer:
         output_layout = layout_name(
             options.get("output_layout", "replicated"), "output_layout", channel_dims
         )
-        split = canonical_split(options.get("split", "colwise"), stacklevel=5)
+        split = canonical_split(options.get("split", "colwise"))
         shard_groups = options.get("shard_groups")
         self.input_layout, self.output_layout = input_layout, output_layout
         self.split, self.shard_groups = split, shard_groups

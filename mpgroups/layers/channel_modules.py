@@ -1,6 +1,6 @@
 """Per-channel modules on a channel shard, and the module that ends a sharded chain.
 
-In a sharded chain (DESIGN §3) each rank holds a contiguous slice of the channels. Modules
+In a sharded chain (docs/design.md §3) each rank holds a contiguous slice of the channels. Modules
 that act on each channel alone run unchanged on that slice:
 
 * channel-agnostic modules (activations, pooling, ``nn.Flatten(start_dim=1)``) need nothing
@@ -280,7 +280,7 @@ class ShardedDropout(nn.Module):
 class GatherChannels(nn.Module):
     """End of a sharded chain: ``[N, c_r, *spatial]`` shards → ``[N, C, *spatial]`` on every rank.
 
-    Forward: all-gather along channels; backward: take own slice (DESIGN §4). The layout is
+    Forward: all-gather along channels; backward: take own slice (docs/design.md §4). The layout is
     that of ``channels`` channels for conv ``groups`` over ``process_group``.
     """
 

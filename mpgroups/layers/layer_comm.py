@@ -1,4 +1,4 @@
-"""What a group-parallel layer communicates around its local op (DESIGN §3, §3b).
+"""What a group-parallel layer communicates around its local op (docs/design.md §3, §3b).
 
 Shared by the conv layers (channels on dim 1) and :class:`~mpgroups.layers.linear.ParallelLinear`
 (features on the last dim). A layer calls :func:`local_input` on its input, runs its local op

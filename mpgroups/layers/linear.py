@@ -1,6 +1,6 @@
 """``nn.Linear`` with its weight split over a process group: column- or row-parallel.
 
-A Linear is a 1×1 conv with one group over the last (feature) dimension (DESIGN §3b).
+A Linear is a 1×1 conv with one group over the last (feature) dimension (docs/design.md §3b).
 Shapes on rank ``r`` of ``P`` (``in_r``/``out_r``: the rank's slices of the features)::
 
     split="colwise" (column-parallel)          split="rowwise" (row-parallel)

@@ -1,7 +1,7 @@
 """Plans derived from a model's graph (``torch.fx``): the longest chains that stay sharded.
 
 :func:`auto_plan` traces the model and decides, for the process group's size ``P``, which
-activations can stay sharded by channel (DESIGN §3b):
+activations can stay sharded by channel (docs/design.md §3b):
 
 * a grouped conv (``groups > 1``) computes its own channels: its output is sharded;
 * a ``groups=1`` conv or Linear that produces, through per-channel modules alone, the input of

@@ -35,7 +35,7 @@ class ParallelLayer:
     column-parallel (torch's ``ColwiseParallel``), with ``split="rowwise"`` (a sharded input)
     row-parallel (``RowwiseParallel``).
     ``shard_groups`` lays a ``groups=1`` layer's sharded sides out as those of a conv with
-    that many groups, so it pairs with a grouped neighbour (see DESIGN §3b).
+    that many groups, so it pairs with a grouped neighbour (see docs/design.md §3b).
     """
 
     input_layout: str = "replicated"

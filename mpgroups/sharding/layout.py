@@ -1,4 +1,4 @@
-"""Layouts of an activation and the channel shards of a layer (DESIGN §3).
+"""Layouts of an activation and the channel shards of a layer (docs/design.md §3).
 
 Pure bookkeeping on channel counts and ranks: nothing here moves data or calls
 ``torch.distributed``, so all of it is tested without processes.
@@ -10,6 +10,8 @@ Pure bookkeeping on channel counts and ranks: nothing here moves data or calls
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -146,10 +148,24 @@ SPLITS = ("colwise", "rowwise")
 DEPRECATED_SPLITS = {"out": "colwise", "in": "rowwise"}
 
 
-def canonical_split(split: str, stacklevel: int = 4) -> str:
+def _outside_package_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside mpgroups: a warning points at the user's
+    line, however many of our frames lie between (a layer built by ``from_conv``, a style)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def ours(code) -> bool:  # our files, and the __init__ a dataclass generates for a style
+        generated = code.co_filename == "<string>" and code.co_name == "__init__"
+        return generated or os.path.abspath(code.co_filename).startswith(package)
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and ours(frame.f_code):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def canonical_split(split: str) -> str:
     """``split`` as one of :data:`SPLITS`; the deprecated ``"out"``/``"in"`` with a
-    ``FutureWarning`` (``stacklevel`` points it at the caller's code); anything else raises
-    ``ValueError``."""
+    ``FutureWarning`` at the caller's line; anything else raises ``ValueError``."""
     if split in DEPRECATED_SPLITS:
         new = DEPRECATED_SPLITS[split]
         warnings.warn(
@@ -157,7 +173,7 @@ def canonical_split(split: str, stacklevel: int = 4) -> str:
             f"split={new!r} (the same weight split as torch's "
             f"{'Colwise' if new == 'colwise' else 'Rowwise'}Parallel)",
             FutureWarning,
-            stacklevel=stacklevel,
+            stacklevel=_outside_package_stacklevel(),
         )
         return new
     if split not in SPLITS:
@@ -296,7 +312,7 @@ def layer_shards(
 
 
 def communicates(placement: GroupPlacement, input_layout: str, output_layout: str) -> bool:
-    """Whether a call of the layer can issue a collective, forward or backward (DESIGN §3).
+    """Whether a call of the layer can issue a collective, forward or backward (docs/design.md §3).
 
     Decided from the configuration alone, never from the input, so every rank agrees. Only a
     sharded → sharded layer holding whole groups computes alone.
