@@ -147,6 +147,13 @@ def init_mesh(info: DistInfo, gp: int | None):
 
 
 def shutdown() -> None:
-    """Destroy the default process group if this process created one."""
+    """Destroy the default process group if this process created one, every rank together.
+
+    The barrier first: a rank that tears its group down while another still works after the
+    last collective (rank 0 writing its files) leaves gloo's connections to close under the
+    other, and a teardown racing that was seen to abort a restarted rank ("terminate called
+    without an active exception"). Call it on every rank, as the last collective.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
