@@ -74,6 +74,19 @@ def test_single_node_runs_the_training_entry_point():
     assert "(equal)" in result.stdout
 
 
+def test_training_entry_point_in_one_process(capsys, monkeypatch):
+    """Without torchrun's environment the demo trains as one plain process (in this process:
+    a subprocess would prove nothing more); the launch scripts run it at 2 and 4 processes."""
+    from mpgroups import train
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.main(["--epochs", "1", "--samples", "200", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "trained on 1 process(es), no process group, cpu" in out
+    assert "held-out accuracy: " in out
+
+
 def _two_nodes_on_loopback(nproc: int, *options: str, timeout: float = 240) -> str:
     """Run multi_node.sh as two "nodes" on this machine; their combined output.
 

@@ -23,6 +23,7 @@ activation gives a channels_last result), as ``nn.Conv2d`` does.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -500,7 +501,8 @@ def gather_rows(
     if dim != 0:
         whole = gather_rows(x.detach().movedim(dim, 0), shards, dst)
         return None if whole is None else whole.movedim(0, dim).contiguous()
-    rows = x.detach().reshape(1, x.shape[0], -1)
+    # The trailing size spelled out: -1 is ambiguous for an empty shard (a (0,) bias).
+    rows = x.detach().reshape(1, x.shape[0], math.prod(x.shape[1:]))
     with torch.no_grad():
         if dst is None:
             whole = _all_gather(rows, shards, 1)

@@ -30,7 +30,7 @@ class ParallelLayer:
     Layouts are DTensor placements, ``Replicate()`` or ``Shard(1)`` (``Shard(-1)`` for a
     Linear), or their names ``"replicated"``/``"sharded"``; the style holds the names.
 
-    Every grouped conv that the plan does not name gets ``GroupParallel()`` (the drop-in,
+    Every grouped conv that the plan does not name gets ``ParallelLayer()`` (the drop-in,
     replicated → replicated). A ``groups=1`` conv or a Linear with ``split="colwise"`` is
     column-parallel (torch's ``ColwiseParallel``), with ``split="rowwise"`` (a sharded input)
     row-parallel (``RowwiseParallel``).
