@@ -14,7 +14,7 @@ from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
 from mpgroups.plans.global_batch import match_global_batch
 from mpgroups.plans.parallelize import PlanError, parallelize, unparallelize
-from mpgroups.plans.styles import DEPRECATED_STYLES, ChannelLocal, NoParallel, ParallelLayer
+from mpgroups.plans.styles import DEPRECATED_STYLES, ChannelLocal, NoParallel, ParallelLayer, Plan
 from mpgroups.plans.tp_styles import ChannelwiseNorm, GroupwiseParallel
 from mpgroups.sharding.placement import GroupPlacement, PlacementError, place
 from mpgroups.state.checkpoint import (
@@ -46,6 +46,7 @@ __all__ = [
     "NoParallel",
     "ParallelLayer",
     "ParallelLinear",
+    "Plan",
     "PlacementError",
     "PlanError",
     "atomic_save",

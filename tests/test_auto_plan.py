@@ -186,3 +186,42 @@ def _fallback(ctx) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_untraceable_model_falls_back_to_the_drop_in_plan(pool, world_size):
     pool.run(_fallback, world_size)
+
+
+def _plans_of_another_size(ctx) -> None:
+    """The plan is made for a group size; at another size the same model splits otherwise."""
+    model = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=3), nn.ReLU())
+    for made_for in (2, 4):
+        if made_for == ctx.world_size:
+            continue
+        plan = mpgroups.auto_plan(model, world_size=made_for)
+        assert plan.world_size == made_for
+        with pytest.raises(mpgroups.PlanError, match=f"made for {made_for} ranks and the process"):
+            mpgroups.parallelize(copy.deepcopy(model), ctx.process_group, plan=plan)
+    # Made for this group it applies: groups=3 splits at P = 2 and stays whole at P = 4.
+    here = mpgroups.auto_plan(model, ctx.process_group)
+    converted = mpgroups.parallelize(copy.deepcopy(model), ctx.process_group, plan=here)
+    assert isinstance(converted[0], mpgroups.GroupParallelConv2d) == (ctx.world_size == 2)
+    if ctx.world_size == 4:
+        # A hand-written plan (or the drop-in) names the layer that cannot be placed.
+        with pytest.raises(
+            mpgroups.PlacementError, match=r"^'0' \(Conv2d with groups=3\): .*NoParallel"
+        ):
+            mpgroups.parallelize(copy.deepcopy(model), ctx.process_group)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_plan_made_for_another_group_size_is_refused(pool, world_size):
+    pool.run(_plans_of_another_size, world_size)
+
+
+def test_rowwise_with_unplaceable_groups_suggests_only_what_works():
+    from mpgroups.sharding.layout import check_split
+
+    with pytest.raises(ValueError, match="use split='colwise'"):
+        check_split("rowwise", 2, 4, "sharded")
+    with pytest.raises(
+        ValueError, match=r"nor can split='colwise' place groups=3 on 4 ranks"
+    ) as err:
+        check_split("rowwise", 3, 4, "sharded")
+    assert "use split='colwise'" not in str(err.value)

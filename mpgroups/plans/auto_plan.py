@@ -34,7 +34,7 @@ from torch import fx, nn
 from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
 from mpgroups.layers.channel_modules import CHANNEL_AGNOSTIC, DROPOUTS, NORMS, is_channel_agnostic
 from mpgroups.layers.kinds import CONVS
-from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer
+from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer, Plan
 from mpgroups.sharding.layout import ChannelShards, layer_shards, layout_shards
 from mpgroups.sharding.placement import PlacementError
 
@@ -337,9 +337,7 @@ def _styles(g: _Graph, roles: dict) -> dict[str, object]:
     return plan
 
 
-def auto_plan(
-    model: nn.Module, process_group=None, *, world_size: int | None = None
-) -> dict[str, object]:
+def auto_plan(model: nn.Module, process_group=None, *, world_size: int | None = None) -> Plan:
     """A plan for :func:`mpgroups.parallelize` derived from ``model``'s graph.
 
     Args:
@@ -350,8 +348,9 @@ def auto_plan(
             a machine without the job's process group).
 
     Returns:
-        ``{module name: style}`` in graph order (see the module docstring). A model that
-        ``torch.fx`` cannot trace gets ``{}``, the drop-in plan, with a warning saying why.
+        A :class:`~mpgroups.plans.styles.Plan` (a ``dict`` ``{module name: style}`` in graph
+        order, see the module docstring) for ``world_size`` ranks. A model that ``torch.fx``
+        cannot trace gets an empty plan, the drop-in, with a warning saying why.
     """
     if world_size is None:
         _, world_size = rank_and_world_size(resolve_process_group(process_group))
@@ -364,10 +363,10 @@ def auto_plan(
             f"conv replicated -> replicated)",
             stacklevel=2,
         )
-        return {}
+        return Plan(world_size=world_size)
     g = _Graph(model, graph, world_size)
     for _ in range(8 * len(g.nodes) + 8):  # each rerun adds a decision; there are few
         changed, _, roles = _propagate(g)
         if not changed:
-            return _styles(g, roles)
+            return Plan(_styles(g, roles), world_size=world_size)
     raise RuntimeError(f"auto_plan found no stable plan for {type(model).__name__}")

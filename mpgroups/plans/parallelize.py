@@ -231,7 +231,9 @@ def parallelize(
         model: the module tree to convert.
         process_group: ``ProcessGroup``, 1-D ``DeviceMesh`` or ``None`` (default group, or a
             single-device layer when ``torch.distributed`` is not initialised).
-        plan: ``{module name or pattern: style}``.
+        plan: ``{module name or pattern: style}``; a :class:`~mpgroups.plans.styles.Plan`
+            (what ``auto_plan`` returns) only over a group of the size it was made for;
+            ``"auto"`` makes one for this group.
         sync_module_states: first copy every parameter and buffer from rank 0 of the group
             (one broadcast per dtype), as DDP does, so ranks that initialised differently
             still hold one model. ``False`` trusts that every rank holds the same values.
@@ -240,9 +242,11 @@ def parallelize(
         The converted root (a new module only when ``model`` itself is a grouped conv).
 
     Raises:
-        PlanError: a plan entry that names no module, a style on a module it cannot apply to,
-            neighbouring sharded layers whose channel shards disagree.
-        PlacementError: a grouped conv whose groups cannot be placed on the group's size.
+        PlanError: a plan made for another group size, a plan entry that names no module,
+            a style on a module it cannot apply to, neighbouring sharded layers whose
+            channel shards disagree.
+        PlacementError: a grouped conv whose groups cannot be placed on the group's size
+            (naming the module).
     """
     if getattr(model, "_mpgroups_tracker", None) is not None:
         raise PlanError("model is already parallelized; call unparallelize(model) first")
@@ -251,6 +255,14 @@ def parallelize(
         if plan != "auto":
             raise PlanError(f"plan must be a dict or 'auto', got {plan!r}")
         plan = auto_plan(model, pg)
+    size = 1 if pg is None else pg.size()
+    made_for = getattr(plan, "world_size", size)
+    if made_for != size:
+        raise PlanError(
+            f"this plan was made for {made_for} ranks and the process group has {size}: a "
+            f"grouped conv splits differently (or not at all) at another size; make the plan "
+            f"for this group, auto_plan(model, process_group) or plan='auto'"
+        )
     plan = dict(plan or {})
     # Every name of a module held under several names (weight sharing): each name gets the
     # one converted module, so the weights stay tied.
@@ -350,8 +362,11 @@ def _parallel_layer(name: str, module: nn.Module, style: ParallelLayer, pg) -> n
         if kind is ParallelLinear:
             return ParallelLinear.from_linear(module, pg, **style.layer_kwargs())
         return kind.from_conv(module, pg, **style.layer_kwargs())
-    except PlacementError:
-        raise
+    except PlacementError as err:
+        raise PlacementError(
+            f"'{name}' ({type(module).__name__} with groups={getattr(module, 'groups', 1)})"
+            f": {err}. To keep this layer whole, give it NoParallel() in the plan"
+        ) from err
     except ValueError as err:
         raise PlanError(f"plan entry for '{name}' ({style}): {err}") from err
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from mpgroups.sharding.layout import canonical_split, check_split, layout_name
 
-__all__ = ["DEPRECATED_STYLES", "ChannelLocal", "NoParallel", "ParallelLayer"]
+__all__ = ["DEPRECATED_STYLES", "ChannelLocal", "NoParallel", "ParallelLayer", "Plan"]
 
 # A style's layouts name channels: dim 1 of a conv's activation, the last dim of a Linear's.
 _CHANNEL_DIMS = (1, -1)
@@ -87,6 +87,21 @@ class NoParallel:
     """The module stays as it is, whole on every rank (a grouped conv is not converted: for
     groups that cannot be placed on the process group's size, or to keep a layer local); the
     name torchtitan gives the same style."""
+
+
+class Plan(dict):
+    """A plan made for a process group of ``world_size`` ranks (what
+    :func:`mpgroups.auto_plan` returns): a ``dict`` of module names to styles, to print, edit
+    and pass to :func:`mpgroups.parallelize`, which refuses it over a group of another size
+    (a plan for 4 ranks leaves ``groups=3`` whole; over 2 ranks it would silently replicate
+    layers that could be split, and shard others as no group of that size can)."""
+
+    def __init__(self, styles=(), *, world_size: int) -> None:
+        super().__init__(styles)
+        self.world_size = world_size
+
+    def __repr__(self) -> str:
+        return f"Plan({dict.__repr__(self)}, world_size={self.world_size})"
 
 
 # The names of mpgroups 0.1, kept for one release: name -> (new name, the class).

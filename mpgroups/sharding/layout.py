@@ -229,10 +229,17 @@ def check_split(split: str, groups: int, world_size: int, input_layout: str) -> 
             "it needs input_layout='sharded'"
         )
     if split == "rowwise" and 1 < groups < world_size:
+        if world_size % groups == 0:
+            works = "use split='colwise' (each team splits its group's filters)"
+        else:
+            works = (
+                f"nor can split='colwise' place groups={groups} on {world_size} ranks (the "
+                f"ranks must form equal teams, one per group): leave the layer whole "
+                f"(NoParallel), or use a process group whose size divides by {groups}"
+            )
         raise ValueError(
             f"split='rowwise' with 1 < groups={groups} < world size {world_size} is not "
-            f"supported; use split='colwise' (each team splits its group's filters), or "
-            f"groups=1 or groups >= {world_size}"
+            f"supported; {works}"
         )
 
 
