@@ -36,6 +36,7 @@ from mpgroups.comm.process_groups import rank_and_world_size
 __all__ = [
     "RECORD_SIZE",
     "InputGuard",
+    "RootCheck",
     "InputMismatchError",
     "channel_counts",
     "check_same_call",
@@ -317,6 +318,10 @@ class InputGuard:
         self.channel_dim = channel_dim
         self.checks = checks
         self.calls = 0
+        # The root check of the model the site belongs to (set by parallelize): the site's
+        # records then carry the model's step, and its calls count within that step.
+        self.clock: RootCheck | None = None
+        self._step = 0
 
     def __deepcopy__(self, memo) -> InputGuard:
         twin = copy.copy(self)  # shares the process group
@@ -350,19 +355,30 @@ class InputGuard:
     # recompiled for each value), and the exchange reads the real input.
     @torch.compiler.disable
     def _exchange(self, x, problem, expected_channels, channels_note, weight):
-        self.calls += 1
+        call = self._next_call()
         return check_across_ranks(
             x,
             process_group=self.process_group,
             layer=self.site,
             layer_id=self.site_id,
-            call=self.calls,
+            call=call,
             problem=problem,
             channel_dim=self.channel_dim,
             expected_channels=expected_channels,
             channels_note=channels_note,
             weight=weight,
         )
+
+    def _next_call(self) -> int:
+        """This call's number: the model's step and the call within it under a root check,
+        else how many times the site was called."""
+        if self.clock is None:
+            self.calls += 1
+            return self.calls
+        if self._step != self.clock.step:
+            self._step, self.calls = self.clock.step, 0
+        self.calls += 1
+        return self.clock.step * _CALLS_PER_STEP + self.calls
 
     def raise_together(self, ok: bool, message: str) -> None:
         """Raise :class:`InputMismatchError` with ``message`` on every rank unless ``ok`` holds
@@ -378,3 +394,64 @@ def check_same_call(site: str, config: tuple, process_group) -> None:
     guard = InputGuard(site, (site, config), process_group)
     nothing = [None] * guard.world_size
     guard(None, problem=None, expected_channels=nothing, channels_note=nothing)
+
+
+_CALLS_PER_STEP = 1 << 20  # calls of one site within one step of its model, at most
+_WHOLE = _RECORD_DIMS  # a channel dim no record has: every dim is compared
+
+
+class RootCheck:
+    """The check a parallelized model makes once per forward, at its root (a forward
+    pre-hook ``parallelize`` registers).
+
+    Before the model runs, the ranks exchange a record of its input (the first tensor among
+    the arguments: every dim, dtype, device type, whether a backward is recorded) and of its
+    step (how many forwards the model has begun): any difference raises
+    :class:`InputMismatchError` on every rank, before any rank can raise alone inside the
+    model (a float64 batch reaching a replicated conv on one rank only). The model's layers
+    carry the step in their own records (``InputGuard.clock``), so ranks out of step never
+    pair one batch with another: a rank that failed alone inside a step (its own error, after
+    this check) meets the others' next root check at a layer's check, both raise, and every
+    later step raises on every rank, since their steps differ from then on: the job must
+    restart (``torchrun --max-restarts`` resumes from its last checkpoint). Deep copies share
+    it (an EMA copy runs in step on every rank as the model does).
+    """
+
+    def __init__(self, site: str, process_group) -> None:
+        self.site = f"{site} (the parallelized model's input)"
+        self.site_id = fingerprint("root", site)
+        self.process_group = process_group
+        self.world_size = rank_and_world_size(process_group)[1]
+        self.step = 0
+
+    def __copy__(self) -> RootCheck:
+        return self
+
+    def __deepcopy__(self, memo) -> RootCheck:
+        return self
+
+    def __reduce_ex__(self, protocol):
+        from mpgroups.sharding.layout import NOT_PICKLABLE
+
+        raise TypeError(NOT_PICKLABLE)
+
+    def __call__(self, module, args, kwargs=None) -> None:
+        if self.world_size > 1 and checks_enabled():
+            values = [*args, *(kwargs or {}).values()]
+            self._exchange(next((v for v in values if isinstance(v, Tensor)), None))
+
+    @torch.compiler.disable
+    def _exchange(self, x) -> None:
+        self.step += 1
+        whole = [-1] * self.world_size  # no channel count: every dim must agree
+        check_across_ranks(
+            x,
+            process_group=self.process_group,
+            layer=self.site,
+            layer_id=self.site_id,
+            call=self.step,
+            problem=None,
+            channel_dim=_WHOLE,
+            expected_channels=whole,
+            channels_note=[""] * self.world_size,
+        )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mpgroups.comm.checks import check_same_call
+from mpgroups.comm.checks import InputGuard, RootCheck, check_same_call
 from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.process_groups import resolve_process_group
 from mpgroups.layers.channel_modules import (
@@ -345,6 +345,14 @@ def parallelize(
             else:
                 handle = module.register_forward_pre_hook(_needs_whole(tracker, name))
             tracker.handles.append(handle)
+    if pg is not None and pg.size() > 1:
+        root = RootCheck(type(model).__name__, pg)
+        handle = model.register_forward_pre_hook(root, prepend=True, with_kwargs=True)
+        tracker.handles.append(handle)
+        for module in model.modules():
+            guard = getattr(module, "input_guard", None)
+            if isinstance(guard, InputGuard):
+                guard.clock = root
     model._mpgroups_tracker = tracker
     model._mpgroups_styled = styled
     return model

@@ -1,0 +1,116 @@
+"""A parallelized model checks its input once per forward, at its root, and its layers carry
+the model's step: a bad batch on one rank raises on every rank before any rank can fail alone,
+and ranks out of step never pair one rank's batch with another's."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import tv_models
+from parity import assert_close
+from torch import nn
+
+import mpgroups
+from mpgroups.comm.checks import InputMismatchError
+
+
+def _batches(count: int) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(2, 3, 32, 32) for _ in range(count)]
+
+
+def _float64_on_one_rank(ctx) -> list[str]:
+    """The auto-planned ResNeXt's stem conv is replicated: without the root check a float64
+    batch on rank 1 raised there alone (torch's dtype error) while rank 0 went on into the
+    first checked layer, and the loop below then paired rank 0's batch k with rank 1's batch
+    k + 1, silently."""
+    torch.manual_seed(0)
+    reference = tv_models.small_resnext().eval()
+    model = mpgroups.parallelize(copy.deepcopy(reference), ctx.process_group, plan="auto")
+    outcomes = []
+    with torch.no_grad():
+        for step, x in enumerate(_batches(4)):
+            bad = x.double() if (step == 1 and ctx.rank == 1) else x
+            try:
+                y = model(bad)
+            except InputMismatchError as err:
+                outcomes.append(str(err))
+                continue
+            assert_close(y, reference(x), 1e-5, f"step {step}")
+            outcomes.append("ok")
+    return outcomes
+
+
+def test_a_bad_batch_on_one_rank_raises_on_every_rank_and_the_loop_goes_on(pool):
+    outcomes = pool.run(_float64_on_one_rank, 2)
+    assert outcomes[0] == outcomes[1]
+    assert [o == "ok" for o in outcomes[0]] == [True, False, True, True]
+    message = outcomes[0][1]
+    assert "ResNet (the parallelized model's input)" in message, message
+    assert "rank 1 sent [2, 3, 32, 32] float64 on cpu" in message and "(dtype)" in message
+
+
+class _FailsOnRankZero(nn.Module):
+    """A user module that raises on rank 0 alone at one step (after the root check passed)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank, self.calls = rank, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.rank == 0 and self.calls == 2:
+            raise RuntimeError("a failure of rank 0 alone")
+        return x
+
+
+def _one_rank_fails_inside_a_step(ctx) -> list[str]:
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=4))
+    model = nn.Sequential(_FailsOnRankZero(ctx.rank), *copy.deepcopy(reference))
+    model = mpgroups.parallelize(model, ctx.process_group)
+    outcomes = []
+    # Rank 0 skipped the exchanges left in its failed step: it calls once more, so that the
+    # others' last exchange has a partner.
+    with torch.no_grad():
+        for step, x in enumerate(_batches(7 if ctx.rank == 0 else 6)):
+            try:
+                y = model(x)
+            except InputMismatchError:
+                outcomes.append("mismatch")
+                continue
+            except RuntimeError as err:
+                outcomes.append(str(err))
+                continue
+            assert_close(y, reference(x), 1e-5, f"step {step}")
+            outcomes.append("ok")
+    return outcomes
+
+
+def test_a_rank_that_fails_alone_never_pairs_with_another_step(pool):
+    """Rank 0 fails in its own code at step 2; rank 1 waits in the grouped conv's check, which
+    then meets rank 0's next root check: both raise. From then on the ranks' steps differ and
+    every step raises on both, instead of pairing rank 1's batch k with rank 0's k + 1."""
+    outcomes = pool.run(_one_rank_fails_inside_a_step, 2)
+    assert outcomes[0] == ["ok", "a failure of rank 0 alone"] + ["mismatch"] * 5
+    assert outcomes[1] == ["ok"] + ["mismatch"] * 5
+
+
+def _one_exchange_more_per_forward(ctx) -> tuple[int, int]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=4))
+    model = mpgroups.parallelize(model, ctx.process_group)
+    x = torch.randn(2, 3, 9, 9)
+    with mpgroups.CommCounter() as comm:
+        model(x)
+    checked = comm.count("input_check", kind="check")
+    with mpgroups.CommCounter() as comm:
+        mpgroups.unparallelize(model)
+    return checked, comm.count("input_check", kind="check")
+
+
+def test_the_root_check_is_one_exchange_per_forward(pool):
+    """The grouped conv's own check and the root's: two per forward (unparallelize takes the
+    root's hook away with the layers)."""
+    assert pool.run(_one_exchange_more_per_forward, 2)[0][0] == 2
