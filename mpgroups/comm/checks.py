@@ -32,12 +32,13 @@ from torch import Tensor
 from mpgroups.comm.collectives import WIRE_DTYPES, all_gather_records, all_ranks_agree
 from mpgroups.comm.counter import record
 from mpgroups.comm.process_groups import rank_and_world_size
+from mpgroups.sharding.layout import NOT_PICKLABLE
 
 __all__ = [
     "RECORD_SIZE",
     "InputGuard",
-    "RootCheck",
     "InputMismatchError",
+    "RootCheck",
     "channel_counts",
     "check_same_call",
     "check_across_ranks",
@@ -431,8 +432,6 @@ class RootCheck:
         return self
 
     def __reduce_ex__(self, protocol):
-        from mpgroups.sharding.layout import NOT_PICKLABLE
-
         raise TypeError(NOT_PICKLABLE)
 
     def __call__(self, module, args, kwargs=None) -> None:
