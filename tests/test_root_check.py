@@ -20,6 +20,25 @@ def _batches(count: int) -> list[torch.Tensor]:
     return [torch.randn(2, 3, 32, 32) for _ in range(count)]
 
 
+def _loop(model, reference, batches, feed=lambda step, x: x) -> list[str]:
+    """A loop that catches what a step raises and goes on: per step ``"ok"`` (the output
+    checked against ``reference`` on the batch itself), ``"mismatch"`` or its own error."""
+    outcomes = []
+    with torch.no_grad():
+        for step, x in enumerate(batches):
+            try:
+                y = model(feed(step, x))
+            except InputMismatchError as err:
+                outcomes.append(f"mismatch: {err}")
+                continue
+            except RuntimeError as err:
+                outcomes.append(str(err))
+                continue
+            assert_close(y, reference(x), 1e-5, f"step {step}")
+            outcomes.append("ok")
+    return outcomes
+
+
 def _float64_on_one_rank(ctx) -> list[str]:
     """The auto-planned ResNeXt's stem conv is replicated: without the root check a float64
     batch on rank 1 raised there alone (torch's dtype error) while rank 0 went on into the
@@ -28,18 +47,11 @@ def _float64_on_one_rank(ctx) -> list[str]:
     torch.manual_seed(0)
     reference = tv_models.small_resnext().eval()
     model = mpgroups.parallelize(copy.deepcopy(reference), ctx.process_group, plan="auto")
-    outcomes = []
-    with torch.no_grad():
-        for step, x in enumerate(_batches(4)):
-            bad = x.double() if (step == 1 and ctx.rank == 1) else x
-            try:
-                y = model(bad)
-            except InputMismatchError as err:
-                outcomes.append(str(err))
-                continue
-            assert_close(y, reference(x), 1e-5, f"step {step}")
-            outcomes.append("ok")
-    return outcomes
+
+    def feed(step, x):
+        return x.double() if (step == 1 and ctx.rank == 1) else x
+
+    return _loop(model, reference, _batches(4), feed)
 
 
 def test_a_bad_batch_on_one_rank_raises_on_every_rank_and_the_loop_goes_on(pool):
@@ -47,6 +59,7 @@ def test_a_bad_batch_on_one_rank_raises_on_every_rank_and_the_loop_goes_on(pool)
     assert outcomes[0] == outcomes[1]
     assert [o == "ok" for o in outcomes[0]] == [True, False, True, True]
     message = outcomes[0][1]
+    assert message.startswith("mismatch: "), message
     assert "ResNet (the parallelized model's input)" in message, message
     assert "rank 1 sent [2, 3, 32, 32] float64 on cpu" in message and "(dtype)" in message
 
@@ -70,22 +83,10 @@ def _one_rank_fails_inside_a_step(ctx) -> list[str]:
     reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=4))
     model = nn.Sequential(_FailsOnRankZero(ctx.rank), *copy.deepcopy(reference))
     model = mpgroups.parallelize(model, ctx.process_group)
-    outcomes = []
     # Rank 0 skipped the exchanges left in its failed step: it calls once more, so that the
     # others' last exchange has a partner.
-    with torch.no_grad():
-        for step, x in enumerate(_batches(7 if ctx.rank == 0 else 6)):
-            try:
-                y = model(x)
-            except InputMismatchError:
-                outcomes.append("mismatch")
-                continue
-            except RuntimeError as err:
-                outcomes.append(str(err))
-                continue
-            assert_close(y, reference(x), 1e-5, f"step {step}")
-            outcomes.append("ok")
-    return outcomes
+    outcomes = _loop(model, reference, _batches(7 if ctx.rank == 0 else 6))
+    return [o.split(":")[0] if o.startswith("mismatch") else o for o in outcomes]
 
 
 def test_a_rank_that_fails_alone_never_pairs_with_another_step(pool):
