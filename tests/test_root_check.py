@@ -115,3 +115,42 @@ def test_the_root_check_is_one_exchange_per_forward(pool):
     """The grouped conv's own check and the root's: two per forward (unparallelize takes the
     root's hook away with the layers)."""
     assert pool.run(_one_exchange_more_per_forward, 2)[0][0] == 2
+
+
+def _records_on_the_host(ctx) -> None:
+    """A group whose collectives run on a device (NCCL) gets a gloo twin of the same ranks for
+    the checks' records, made once and named from the group. A gloo group is its own: here
+    the twin is made by pretending the pool's group runs on a device."""
+    import torch.distributed as dist
+
+    from mpgroups.comm import process_groups
+    from mpgroups.comm.checks import InputGuard
+
+    pg = ctx.process_group
+    assert process_groups.host_group(pg) is pg and not process_groups.runs_on_device(pg)
+    real = process_groups.runs_on_device
+    process_groups.runs_on_device = lambda group: group is pg
+    try:
+        twin = process_groups.host_group(pg)
+        assert twin is not pg and process_groups.host_group(pg) is twin
+        assert dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(pg)
+        guard = InputGuard("twin check", ("twin",), pg)
+        assert guard.record_group is twin
+    finally:
+        process_groups.runs_on_device = real
+    every = [8] * ctx.world_size
+    notes = [""] * ctx.world_size
+    records = guard(torch.randn(2, 8), problem=None, expected_channels=every, channels_note=notes)
+    assert len(records) == ctx.world_size
+    bad = torch.randn(3 if ctx.rank == 1 else 2, 8)
+    try:
+        guard(bad, problem=None, expected_channels=every, channels_note=notes)
+    except InputMismatchError as err:
+        assert "rank 1 sent [3, 8]" in str(err), str(err)
+    else:
+        raise AssertionError("a mismatch over the twin did not raise")
+
+
+def test_check_records_travel_on_a_host_group(pool):
+    for world_size in (2, 4):
+        pool.run(_records_on_the_host, world_size)

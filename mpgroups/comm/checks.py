@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mpgroups.comm.collectives import WIRE_DTYPES, all_gather_records, all_ranks_agree
 from mpgroups.comm.counter import record
-from mpgroups.comm.process_groups import rank_and_world_size
+from mpgroups.comm.process_groups import host_group, rank_and_world_size
 from mpgroups.sharding.layout import NOT_PICKLABLE
 
 __all__ = [
@@ -315,6 +315,8 @@ class InputGuard:
         self.site = site
         self.site_id = fingerprint(*config)
         self.process_group = process_group
+        # The records travel on the host (a gloo twin of a device group): no device sync.
+        self.record_group = host_group(process_group)
         self.rank, self.world_size = rank_and_world_size(process_group)
         self.channel_dim = channel_dim
         self.checks = checks
@@ -359,7 +361,7 @@ class InputGuard:
         call = self._next_call()
         return check_across_ranks(
             x,
-            process_group=self.process_group,
+            process_group=self.record_group,
             layer=self.site,
             layer_id=self.site_id,
             call=call,
@@ -384,7 +386,7 @@ class InputGuard:
     def raise_together(self, ok: bool, message: str) -> None:
         """Raise :class:`InputMismatchError` with ``message`` on every rank unless ``ok`` holds
         on every rank (one tiny all-reduce; nothing when checks are off or on one rank)."""
-        if self.exchanges() and not all_ranks_agree(ok, self.process_group):
+        if self.exchanges() and not all_ranks_agree(ok, self.record_group):
             raise InputMismatchError(f"{self.site}: {message}")
 
 
@@ -421,7 +423,7 @@ class RootCheck:
     def __init__(self, site: str, process_group) -> None:
         self.site = f"{site} (the parallelized model's input)"
         self.site_id = fingerprint("root", site)
-        self.process_group = process_group
+        self.process_group = host_group(process_group)  # records on the host, as InputGuard's
         self.world_size = rank_and_world_size(process_group)[1]
         self.step = 0
 

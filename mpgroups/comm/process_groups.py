@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 __all__ = [
     "group_rank",
+    "host_group",
+    "runs_on_device",
     "group_timeout",
     "rank_and_world_size",
     "resolve_process_group",
@@ -23,6 +25,8 @@ __all__ = [
 # A team subgroup is created once per (parent group, team) and shared by every layer that
 # needs it: creating one per layer would open new connections for each conv of a model.
 _team_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The gloo twin of a group whose collectives run on a device, for the input checks' records.
+_host_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_process_group(process_group=None) -> dist.ProcessGroup | None:
@@ -142,14 +146,18 @@ def team_subgroup(process_group: dist.ProcessGroup, team: tuple[int, int]) -> di
     return teams[size]
 
 
-def _named_subgroup(parent: dist.ProcessGroup, ranks: list[int]) -> dist.ProcessGroup:
+def _named_subgroup(
+    parent: dist.ProcessGroup, ranks: list[int], backend: str | None = None, kind: str = "team"
+) -> dist.ProcessGroup:
     """``dist.new_group(ranks, use_local_synchronization=True)`` with a name every member
-    derives alike (``new_group`` has no name argument; this is its member-side path)."""
+    derives alike (``new_group`` has no name argument; this is its member-side path), over
+    ``backend`` (default: the parent's)."""
     from torch.distributed import distributed_c10d as c10d
 
     key = f"{parent.group_name}:{','.join(map(str, ranks))}"
-    name = "mpgroups-team-" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]
-    backend = dist.get_backend(parent)
+    digest = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]
+    name = f"mpgroups-{kind}-{digest}"
+    backend = backend or dist.get_backend(parent)
     pg, _ = c10d._new_process_group_helper(
         len(ranks),
         ranks.index(dist.get_rank()),
@@ -158,7 +166,35 @@ def _named_subgroup(parent: dist.ProcessGroup, ranks: list[int]) -> dist.Process
         c10d._get_default_store(),
         name,
         timeout=group_timeout(parent) or c10d._get_default_timeout(backend),
-        group_desc="mpgroups_team",
+        group_desc=f"mpgroups_{kind}",
     )
     c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(ranks)}
     return pg
+
+
+def runs_on_device(process_group: dist.ProcessGroup) -> bool:
+    """Whether ``process_group``'s small buffers live on a device (bound to one, or NCCL):
+    reading a result back to the host would wait for that device."""
+    bound = getattr(process_group, "bound_device_id", None)
+    if bound is not None:
+        return bound.type != "cpu"
+    return dist.get_backend(process_group) == "nccl"
+
+
+def host_group(process_group):
+    """The group the input checks exchange their records over: ``process_group`` itself when
+    its collectives run on the host (gloo), else a gloo group of the same ranks, made once per
+    group and named from it, so that every rank agrees on it whatever groups it made before.
+    A record is then host integers end to end: the check never waits for a device.
+
+    Every rank of ``process_group`` calls this in the same order (it is called where the
+    guards are made: layer construction, ``parallelize``, the collective helpers).
+    """
+    if process_group is None or process_group.size() == 1:
+        return process_group
+    if not runs_on_device(process_group):
+        return process_group
+    if process_group not in _host_cache:
+        ranks = dist.get_process_group_ranks(process_group)
+        _host_cache[process_group] = _named_subgroup(process_group, ranks, "gloo", "checks")
+    return _host_cache[process_group]
