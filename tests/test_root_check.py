@@ -127,9 +127,10 @@ def _records_on_the_host(ctx) -> None:
     from mpgroups.comm.checks import InputGuard
 
     pg = ctx.process_group
-    assert process_groups.host_group(pg) is pg and not process_groups.runs_on_device(pg)
-    real = process_groups.runs_on_device
-    process_groups.runs_on_device = lambda group: group is pg
+    assert process_groups.host_group(pg) is pg
+    assert process_groups.comm_device(pg).type == "cpu"
+    real = process_groups.comm_device
+    process_groups.comm_device = lambda group: torch.device("cuda" if group is pg else "cpu")
     try:
         twin = process_groups.host_group(pg)
         assert twin is not pg and process_groups.host_group(pg) is twin
@@ -137,7 +138,7 @@ def _records_on_the_host(ctx) -> None:
         guard = InputGuard("twin check", ("twin",), pg)
         assert guard.record_group is twin
     finally:
-        process_groups.runs_on_device = real
+        process_groups.comm_device = real
     every = [8] * ctx.world_size
     notes = [""] * ctx.world_size
     records = guard(torch.randn(2, 8), problem=None, expected_channels=every, channels_note=notes)

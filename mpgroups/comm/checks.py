@@ -421,11 +421,16 @@ class RootCheck:
     """
 
     def __init__(self, site: str, process_group) -> None:
-        self.site = f"{site} (the parallelized model's input)"
-        self.site_id = fingerprint("root", site)
-        self.process_group = host_group(process_group)  # records on the host, as InputGuard's
-        self.world_size = rank_and_world_size(process_group)[1]
-        self.step = 0
+        # An input check like a layer's, of every dim (no channel count), counting the steps.
+        self.guard = InputGuard(
+            f"{site} (the parallelized model's input)", ("root", site), process_group,
+            channel_dim=_WHOLE,
+        )  # fmt: skip
+
+    @property
+    def step(self) -> int:
+        """How many forwards the model has begun (with checks on)."""
+        return self.guard.calls
 
     def __copy__(self) -> RootCheck:
         return self
@@ -437,22 +442,9 @@ class RootCheck:
         raise TypeError(NOT_PICKLABLE)
 
     def __call__(self, module, args, kwargs=None) -> None:
-        if self.world_size > 1 and checks_enabled():
+        guard = self.guard
+        if guard.exchanges():
             values = [*args, *(kwargs or {}).values()]
-            self._exchange(next((v for v in values if isinstance(v, Tensor)), None))
-
-    @torch.compiler.disable
-    def _exchange(self, x) -> None:
-        self.step += 1
-        whole = [-1] * self.world_size  # no channel count: every dim must agree
-        check_across_ranks(
-            x,
-            process_group=self.process_group,
-            layer=self.site,
-            layer_id=self.site_id,
-            call=self.step,
-            problem=None,
-            channel_dim=_WHOLE,
-            expected_channels=whole,
-            channels_note=[""] * self.world_size,
-        )
+            x = next((v for v in values if isinstance(v, Tensor)), None)
+            nothing = [-1] * guard.world_size  # no channel count: every dim must agree
+            guard(x, problem=None, expected_channels=nothing, channels_note=[""] * len(nothing))

@@ -1,4 +1,5 @@
-"""Process-group plumbing: resolve what a layer was given, and the team subgroups of a filter split.
+"""Process-group plumbing: resolve what a layer was given, the team subgroups of a filter
+split, and the host group the input checks exchange their records over.
 
 Nothing here moves tensor data; the collectives live in :mod:`mpgroups.comm.collectives`.
 """
@@ -12,10 +13,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mpgroups.comm.collectives import comm_device
+
 __all__ = [
     "group_rank",
     "host_group",
-    "runs_on_device",
     "group_timeout",
     "rank_and_world_size",
     "resolve_process_group",
@@ -25,7 +27,7 @@ __all__ = [
 # A team subgroup is created once per (parent group, team) and shared by every layer that
 # needs it: creating one per layer would open new connections for each conv of a model.
 _team_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# The gloo twin of a group whose collectives run on a device, for the input checks' records.
+# The gloo twin of a group whose small buffers live on a device, for the input checks' records.
 _host_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -172,18 +174,10 @@ def _named_subgroup(
     return pg
 
 
-def runs_on_device(process_group: dist.ProcessGroup) -> bool:
-    """Whether ``process_group``'s small buffers live on a device (bound to one, or NCCL):
-    reading a result back to the host would wait for that device."""
-    bound = getattr(process_group, "bound_device_id", None)
-    if bound is not None:
-        return bound.type != "cpu"
-    return dist.get_backend(process_group) == "nccl"
-
-
 def host_group(process_group):
     """The group the input checks exchange their records over: ``process_group`` itself when
-    its collectives run on the host (gloo), else a gloo group of the same ranks, made once per
+    its small buffers live on the host (:func:`~mpgroups.comm.collectives.comm_device`: gloo),
+    else a gloo group of the same ranks, made once per
     group and named from it, so that every rank agrees on it whatever groups it made before.
     A record is then host integers end to end: the check never waits for a device.
 
@@ -192,7 +186,7 @@ def host_group(process_group):
     """
     if process_group is None or process_group.size() == 1:
         return process_group
-    if not runs_on_device(process_group):
+    if comm_device(process_group).type == "cpu":
         return process_group
     if process_group not in _host_cache:
         ranks = dist.get_process_group_ranks(process_group)

@@ -345,7 +345,7 @@ def parallelize(
             else:
                 handle = module.register_forward_pre_hook(_needs_whole(tracker, name))
             tracker.handles.append(handle)
-    if pg is not None and pg.size() > 1:
+    if size > 1:
         root = RootCheck(type(model).__name__, pg)
         handle = model.register_forward_pre_hook(root, prepend=True, with_kwargs=True)
         tracker.handles.append(handle)
