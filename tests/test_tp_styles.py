@@ -154,8 +154,15 @@ def _mamba_block(ctx, split_in_proj: bool) -> dict:
     order = tp_row_order(ref.conv.in_channels, world)
     assert type(block.conv) is mpgroups.GroupParallelConv1d
     assert (block.conv.input_layout, block.conv.output_layout) == ("sharded", "sharded")
-    assert block.conv.weight.shape == (8 // world, 1, 4) and type(block.conv.weight) is nn.Parameter
-    assert block.norm.num_groups == 4 // world and block.norm.weight.shape == (8 // world,)
+    # Every parameter is a DTensor, as torch's styles make theirs: the conv's and the norm's
+    # rows Shard(0) on the mesh (global shapes those of the torch.nn block).
+    for module, shape in ((block.conv, (8, 1, 4)), (block.norm, (8,))):
+        for name, param in module.named_parameters():
+            assert isinstance(param, DTensor) and isinstance(param, nn.Parameter), name
+            assert param.placements == (Shard(0),) and param.shape == shape[: param.dim()]
+            assert param.to_local().shape[0] == 8 // world
+    assert block.norm.num_groups == 4 // world
+    assert all(isinstance(p, DTensor) for p in block.parameters())
 
     u = torch.randn(2, 7, 6, dtype=torch.float64)
     grad = torch.randn(2, 7, 6, dtype=torch.float64)
@@ -233,15 +240,14 @@ def _mamba_habits(ctx) -> None:
     with torch.inference_mode():
         assert_close(block(u), y_ref, TOL, "inference_mode")
 
-    # state_dict: the keys of the torch.nn block; the conv's and the norm's entries are this
-    # rank's rows as plain tensors, torch's styles' entries DTensors; full_state_dict plus
-    # full_tensor() is the single-device state dict.
+    # state_dict: the keys of the torch.nn block; every parameter entry a DTensor (the conv's
+    # and the norm's holding this rank's rows, as torch's styles' do); full_state_dict is the
+    # single-device state dict.
     state = block.state_dict()
     assert list(state) == list(ref.state_dict())
     lo, hi = dtensor_channel_slices(8, world)[ctx.rank]
-    assert not isinstance(state["conv.weight"], DTensor)
-    assert torch.equal(state["conv.weight"], ref.conv.weight[lo:hi])
-    assert torch.equal(state["norm.bias"], ref.norm.bias[lo:hi])
+    assert torch.equal(state["conv.weight"].to_local(), ref.conv.weight[lo:hi])
+    assert torch.equal(state["norm.bias"].to_local(), ref.norm.bias[lo:hi])
     assert isinstance(state["out_proj.weight"], DTensor)
     full = mpgroups.full_state_dict(block)
     _assert_dict_close(full, ref.state_dict(), order, "full_state_dict")
@@ -255,7 +261,7 @@ def _mamba_habits(ctx) -> None:
     assert all(p.grad is None for p in block.parameters())
     assert all(p.grad is not None for p in twin.parameters())
 
-    # One SGD step on the mix of DTensor and local parameters equals the single-device step.
+    # One SGD step equals the single-device step.
     grad = torch.randn_like(y_ref)
     ref(u).backward(grad)
     block(u).backward(grad)
@@ -265,7 +271,7 @@ def _mamba_habits(ctx) -> None:
     _assert_dict_close(mpgroups.full_state_dict(block), ref.state_dict(), order, "stepped")
 
     # Loading a single-device state dict (a pretrained block): load_full_state_dict takes the
-    # rows of the conv's and the norm's entries; torch's DTensor entries are distributed first.
+    # rows of plain entries; DTensor entries are loaded as they are.
     torch.manual_seed(6)
     pretrained = MambaStyleBlock()
     state = {
@@ -357,15 +363,18 @@ def test_grouped_conv2d_and_batchnorm_dtensor_in_and_out(
 
 
 def _replicated_layouts(ctx) -> None:
-    """Replicate() in and out: a grouped conv whose groups split unevenly (G=3 on 2 ranks,
-    which Shard(1) refuses) still equals nn.Conv2d, DTensor or local in."""
+    """Replicate() in and out: the conv equals nn.Conv2d, DTensor or local in; its weight rows
+    are a DTensor Shard(0), so groups that split unevenly (G=3 on 2 ranks: 4 + 2 rows, where
+    Shard(0) holds 3 + 3) are refused, naming both splits."""
     from torch.distributed.tensor import distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
 
+    layouts = {"input_layouts": Replicate(), "output_layouts": Replicate()}
+    with pytest.raises(ValueError, match=r"\[\(0, 4\), \(4, 6\)\].*\[\(0, 3\), \(3, 6\)\]"):
+        parallelize_module(nn.Conv2d(12, 6, 3, groups=3), _mesh(ctx), GroupwiseParallel(**layouts))
     mesh = _mesh(ctx)
     torch.manual_seed(3)
-    ref = nn.Conv2d(12, 6, 3, groups=3, dtype=torch.float64)
-    layouts = {"input_layouts": Replicate(), "output_layouts": Replicate()}
+    ref = nn.Conv2d(12, 6, 3, groups=6, dtype=torch.float64)
     conv = parallelize_module(
         copy.deepcopy(ref), mesh, GroupwiseParallel(use_local_output=False, **layouts)
     )
@@ -563,3 +572,162 @@ def test_torch_and_mpgroups_splits_agree_where_documented():
                     checked += 1
     assert checked == 450
     assert layout_shards(6, 6, 4, 0).slices != dtensor_channel_slices(6, 4)
+
+
+# The training loop users already write, unchanged, on the parallelized block: every
+# parameter is a DTensor, so torch's own tools see the single-device model.
+
+
+def _clipped_training(ctx, optimizer: str) -> None:
+    """10 steps with clip_grad_norm_ active: the norm on every rank is the single-device
+    norm, and losses and the final state equal single-device training."""
+    world, mesh = ctx.world_size, _mesh(ctx)
+    torch.manual_seed(7)
+    ref = MambaStyleBlock(split_in_proj=True)
+    block = _parallel_block(ref, mesh, world)
+    make = {
+        "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+    }[optimizer]
+    opt_ref, opt = make(ref.parameters()), make(block.parameters())
+    for step in range(10):
+        u = torch.randn(3, 5, 6, dtype=torch.float64)
+        target = torch.randn(3, 5, 6, dtype=torch.float64)
+        losses = []
+        for model, opt_ in ((ref, opt_ref), (block, opt)):
+            opt_.zero_grad()
+            loss = F.mse_loss(model(u), target)
+            loss.backward()
+            losses.append(loss.detach())
+        assert_close(losses[1], losses[0], 1e-9, f"loss at step {step}")
+        total = torch.nn.utils.get_total_norm([p.grad for p in block.parameters()])
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm=0.1)
+        norm = torch.nn.utils.clip_grad_norm_(block.parameters(), max_norm=0.1)
+        assert norm_ref > 0.1, "clipping must be active"
+        for value in (total, norm):
+            assert isinstance(value, DTensor) and value.placements == (Replicate(),)
+            assert_close(value.full_tensor(), norm_ref, 1e-12 * float(norm_ref), "norm")
+        opt_ref.step()
+        opt.step()
+    _assert_dict_close(mpgroups.full_state_dict(block), ref.state_dict(), None, "trained")
+    # clip_grad_value_ clamps every rank's entries alike (elementwise: no reduction needed).
+    torch.nn.utils.clip_grad_value_(ref.parameters(), 1e-3)
+    torch.nn.utils.clip_grad_value_(block.parameters(), 1e-3)
+    grads = mpgroups.full_grad_dict(block)
+    _assert_dict_close(grads, {n: p.grad for n, p in ref.named_parameters()}, None, "clamped")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adamw"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_clip_grad_norm_sees_the_single_device_block(pool, world_size, optimizer):
+    pool.run(_clipped_training, world_size, optimizer)
+
+
+def _grad_scaler(ctx) -> None:
+    """An inf in one rank's rows of the conv's grad skips the step on every rank, and the
+    scale drops alike (DTensor all-reduces the overflow flag over the mesh)."""
+    world, mesh = ctx.world_size, _mesh(ctx)
+    torch.manual_seed(8)
+    block = _parallel_block(MambaStyleBlock(split_in_proj=True), mesh, world)
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = mpgroups.full_state_dict(block)
+    scaler.scale(block(torch.randn(2, 5, 6, dtype=torch.float64)).sum()).backward()
+    if ctx.rank == world - 1:
+        block.conv.weight.grad.to_local()[0, 0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**7
+    after = mpgroups.full_state_dict(block)
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+    # The next, finite step is taken on every rank.
+    opt.zero_grad()
+    scaler.scale(block(torch.randn(2, 5, 6, dtype=torch.float64)).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not torch.equal(mpgroups.full_state_dict(block)["conv.weight"], before["conv.weight"])
+
+
+def test_grad_scaler_skips_the_step_on_every_rank(pool):
+    pool.run(_grad_scaler, 2)
+
+
+def _dcp_save(ctx, path: str) -> dict:
+    """Train two AdamW steps, save model and optimizer with DCP, train two more; returns
+    the single-device states after each part (on rank 0)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    world, mesh = ctx.world_size, _mesh(ctx)
+    torch.manual_seed(9)
+    block = _parallel_block(MambaStyleBlock(split_in_proj=True), mesh, world)
+    opt = torch.optim.AdamW(block.parameters(), lr=0.01)
+    torch.manual_seed(10)
+    batches = [torch.randn(2, 5, 6, dtype=torch.float64) for _ in range(4)]
+    for u in batches[:2]:
+        _adamw_step(block, opt, u)
+    # Entries a rank holds whole are its tensors themselves, as in state_dict(): copy them.
+    saved = {key: value.clone() for key, value in mpgroups.full_state_dict(block).items()}
+    dcp.save(
+        {"model": get_model_state_dict(block), "optim": get_optimizer_state_dict(block, opt)},
+        checkpoint_id=path,
+        process_group=ctx.process_group,  # the pool's world is larger than the block's
+    )
+    for u in batches[2:]:
+        _adamw_step(block, opt, u)
+    return {"saved": saved, "final": mpgroups.full_state_dict(block), "batches": batches}
+
+
+def _adamw_step(model, opt, u) -> None:
+    opt.zero_grad()
+    model(u).square().mean().backward()
+    opt.step()
+
+
+def _dcp_resume(ctx, path: str, batches: list) -> dict:
+    """A block initialised otherwise loads the checkpoint (any world size) and trains the
+    last two steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    torch.manual_seed(11)
+    block = _parallel_block(MambaStyleBlock(split_in_proj=True), _mesh(ctx), ctx.world_size)
+    opt = torch.optim.AdamW(block.parameters(), lr=0.01)
+    _adamw_step(block, opt, batches[0])  # optimizer state to load into
+    state = {"model": get_model_state_dict(block), "optim": get_optimizer_state_dict(block, opt)}
+    dcp.load(state, checkpoint_id=path, process_group=ctx.process_group)
+    set_model_state_dict(block, state["model"])
+    set_optimizer_state_dict(block, opt, state["optim"])
+    loaded = {key: value.clone() for key, value in mpgroups.full_state_dict(block).items()}
+    for u in batches[2:]:
+        _adamw_step(block, opt, u)
+    return {"loaded": loaded, "final": mpgroups.full_state_dict(block)}
+
+
+def test_dcp_checkpoint_holds_the_single_device_block_and_resumes_at_another_size(pool, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = str(tmp_path / "dcp")
+    saved = pool.run(_dcp_save, 2, path)[0]
+    # The files hold the single-device tensors: the plain block loads them with strict=True.
+    dcp_to_torch_save(path, tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    plain = MambaStyleBlock(split_in_proj=True)
+    plain.load_state_dict(whole["model"], strict=True)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, saved["saved"][key]), key
+    # Resumed at P = 4 (and at P = 2), training equals the uninterrupted run.
+    for world_size in (4, 2):
+        resumed = pool.run(_dcp_resume, world_size, path, saved["batches"])[0]
+        for key, value in saved["saved"].items():
+            assert torch.equal(resumed["loaded"][key], value), (world_size, key)
+        for key, value in saved["final"].items():
+            assert_close(resumed["final"][key], value, 1e-12, f"P={world_size} {key}")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from mpgroups.comm.checks import InputGuard
 from mpgroups.comm.collectives import gather_rows
 from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group, team_subgroup
+from mpgroups.layers.dtensor_state import local_tensor
 from mpgroups.sharding.layout import (
     NOT_PICKLABLE,
     ChannelShards,
@@ -159,7 +160,8 @@ class ShardedLayer:
         with torch.no_grad():
             for name, (shards, dim) in self._mpgroups_tensor_shards.items():
                 start, stop = shards.own
-                getattr(self, name).copy_(getattr(full, name).narrow(dim, start, stop - start))
+                local = local_tensor(getattr(self, name))
+                local.copy_(getattr(full, name).narrow(dim, start, stop - start))
 
     # Copies as nn.Module's own (which go through __reduce_ex__), sharing the process groups.
     def __copy__(self):
@@ -205,7 +207,7 @@ class ShardedLayer:
         return None if self.bias is None else self._gather("bias")
 
     def _gather(self, name: str) -> Tensor:
-        local = getattr(self, name)
+        local = local_tensor(getattr(self, name))
         shards, dim = self._mpgroups_tensor_shards[name]
         widths = shards.widths
         self.state_guard(

@@ -51,25 +51,28 @@ What the module becomes, and its parameters:
   (:func:`mpgroups.layers.channel_modules.shard_channel_module`); a GroupNorm must hold whole norm
   groups on every rank. BatchNorm statistics are per channel, so a shard computes exactly
   its channels' statistics; no collective.
-* Parameters are **plain local** ``nn.Parameter`` s holding this rank's rows (conv: rows
-  ``out_slice`` of ``weight [C_out, C_in/G, *k]`` and ``bias``; norm: its channels), not
-  DTensors as torch's own styles make. Why: the layers compute on local tensors (a DTensor
-  weight would route the conv through DTensor's conv rule, the path that is wrong here, or be
-  unwrapped on every call), and mpgroups' tools read those rows (``full_state_dict``,
-  ``full_grad_dict``, the layer's ``full_weight()``/``to_conv()``). What
-  follows for a block that mixes them with torch's DTensor parameters: ``torch.optim``
-  optimizers work on the mix (SGD, AdamW, foreach or not); ``torch.nn.utils.clip_grad_norm_``
-  over all parameters raises torch's "mixed torch.Tensor and DTensor" (compute the norm per
-  kind, summing the local rows' squares over the mesh); ``torch.distributed.checkpoint`` and
-  ``get_model_state_dict`` take a plain tensor to be the same on every rank, so they must not
-  be used for these entries (one rank's rows would stand for all).
+* Parameters are ``DTensor`` s, as torch's own styles make theirs: the conv's ``weight`` and
+  ``bias`` and the norm's ``weight`` and ``bias`` are ``Shard(0)`` on the mesh (global shapes
+  those of the ``torch.nn`` module), and so are a BatchNorm's running statistics;
+  ``num_batches_tracked`` stays a plain tensor, the same on every rank. The module's
+  ``forward`` still computes on its local rows (:mod:`mpgroups.layers.dtensor_state`: no
+  DTensor dispatch, which would route the conv through DTensor's conv rule, the path that is
+  wrong here). So the loop a user writes for torch's styles works unchanged on the whole
+  block: ``torch.nn.utils.clip_grad_norm_``/``get_total_norm`` return the single-device norm
+  (a ``Replicate()`` DTensor) on every rank, ``torch.amp.GradScaler`` skips a step on every
+  rank when any rank's rows overflow, optimizers (SGD, AdamW, foreach or not) step as on one
+  device, and ``torch.distributed.checkpoint`` with ``get_model_state_dict`` /
+  ``get_optimizer_state_dict`` writes the single-device tensors, loadable at another mesh
+  size or, through ``dcp_to_torch_save``, into the plain module. A weight whose rows the
+  placement rule splits otherwise than ``torch.chunk`` (``Conv2d(12, 6, groups=3)`` on 2
+  ranks: 4 + 2 rows against 3 + 3) is refused when the style is applied, naming both splits.
 * ``state_dict()`` of the parallelized module: the keys of the ``torch.nn`` module
-  (``weight``, ``bias``; ``running_mean``, ``running_var``, ``num_batches_tracked``), the
-  conv's and norm's entries this rank's rows as plain tensors, torch's styles' entries
-  DTensors. ``mpgroups.full_state_dict(model)`` gathers the rows and makes the DTensor
-  entries whole (collectives): the result is the single-device state dict. The way back,
-  ``mpgroups.load_full_state_dict(model, state)``, keeps each rank's rows and distributes the
-  entries of DTensor parameters as their placements say.
+  (``weight``, ``bias``; ``running_mean``, ``running_var``, ``num_batches_tracked``),
+  ``DTensor`` entries except the scalar. ``mpgroups.full_state_dict(model)`` makes them whole
+  (collectives): the result is the single-device state dict, its entries that a rank holds
+  whole being that rank's tensors themselves, as ``state_dict()``'s are. The way back,
+  ``mpgroups.load_full_state_dict(model, state)``, distributes each whole entry as its
+  ``DTensor`` says.
 
 Inputs and outputs follow ``ColwiseParallel``: ``input_layouts`` annotates a local input
 (``Shard(1)`` by default), a DTensor input must carry that placement on the module's mesh
@@ -97,7 +100,8 @@ from torch.distributed.tensor.placement_types import Placement
 
 from mpgroups.comm.checks import check_same_call
 from mpgroups.comm.collectives import broadcast_tensors_
-from mpgroups.layers.channel_modules import NORMS, shard_channel_module
+from mpgroups.layers.channel_modules import NORMS, shard_channel_module, tensor_shards
+from mpgroups.layers.dtensor_state import chunk_slices, distribute_state, dtensor_stride
 from mpgroups.layers.kinds import PARALLEL_CONV_OF
 from mpgroups.plans.hooks import HOOK_DICTS
 from mpgroups.sharding.layout import ChannelShards
@@ -115,17 +119,7 @@ def dtensor_channel_slices(channels: int, world_size: int) -> tuple[Slice, ...]:
     """``(start, stop)`` of the channels each rank holds in a DTensor ``Shard`` of
     ``channels`` over ``world_size`` ranks (``torch.chunk``'s split: ``ceil(C/P)`` per rank,
     the last ranks fewer or none), as torch itself computes it."""
-    local_size_and_offset = getattr(Shard, "local_shard_size_and_offset", None)
-    slices = []
-    for rank in range(world_size):
-        if local_size_and_offset is not None:
-            size, start = local_size_and_offset(channels, world_size, rank)
-        else:  # older torch: the same torch.chunk arithmetic
-            chunk = -(-channels // world_size)
-            start = min(channels, chunk * rank)
-            size = max(0, min(channels, start + chunk) - start)
-        slices.append((int(start), int(start) + int(size)))
-    return tuple(slices)
+    return chunk_slices(channels, world_size)
 
 
 def _layout(style: str, which: str, placement: Placement | None, supported: tuple) -> str:
@@ -190,18 +184,6 @@ def _check_same_split(site: str, what: str, mpgroups_slices, channels: int, worl
             f"with {world_size} dividing groups, or groups < {world_size} with {world_size} "
             f"dividing the channels. Use such sizes, or Replicate() on this side"
         )
-
-
-def _global_stride(local: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Strides of a dense ``shape`` laid out in ``local``'s dim order (channels_last stays
-    channels_last)."""
-    order = sorted(range(local.dim()), key=local.stride, reverse=True)
-    stride = [0] * local.dim()
-    step = 1
-    for d in reversed(order):
-        stride[d] = step
-        step *= max(shape[d], 1)
-    return tuple(stride)
 
 
 class _ChannelStyle(ParallelStyle):
@@ -272,7 +254,7 @@ class _ChannelStyle(ParallelStyle):
                 (Shard(dim),),
                 run_check=False,
                 shape=torch.Size(shape),
-                stride=_global_stride(y, tuple(shape)),
+                stride=dtensor_stride(y, tuple(shape)),
             )
 
         module.register_forward_pre_hook(to_local)
@@ -356,11 +338,10 @@ class GroupwiseParallel(_ChannelStyle):
             _check_same_split(
                 site, "input", layer.shards.inputs.slices, module.in_channels, world_size
             )
-        if self.output_layout == "sharded":
-            _check_same_split(
-                site, "output", layer.shards.outputs.slices, module.out_channels, world_size
-            )
+        weight_shards, _ = layer.shards.weight
+        _check_same_split(site, "output", weight_shards.slices, module.out_channels, world_size)
         _become(module, layer)
+        _hold_as_dtensors(module, device_mesh)
         dims = len(module.kernel_size)
         self._install_hooks(
             module,
@@ -415,10 +396,22 @@ class ChannelwiseNorm(_ChannelStyle):
             )
         _take_source_values(module, pg, self.src_data_rank, site)
         shard_channel_module(module, ChannelShards(pg, slices, rank))
+        _hold_as_dtensors(module, device_mesh)
         self._install_hooks(
             module, device_mesh, f"{site} on rank {rank}", _norm_channel_dim(module), slices
         )
         return module
+
+
+def _hold_as_dtensors(module: nn.Module, device_mesh: DeviceMesh) -> None:
+    """The module's split parameters and buffers become ``DTensor`` s ``Shard(dim)`` on the
+    mesh, as torch's own styles make theirs (its ``forward`` still runs on the rows)."""
+    placements = {}
+    for name, (shards, dim) in tensor_shards(module).items():
+        shape = list(getattr(module, name).shape)
+        shape[dim] = shards.total
+        placements[name] = (Shard(dim), tuple(shape))
+    distribute_state(module, device_mesh, placements)
 
 
 def _norm_channel_dim(module: nn.Module):

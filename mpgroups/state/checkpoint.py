@@ -42,9 +42,9 @@ from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_gr
 from mpgroups.state.state_dict import (
     fsdp_process_group,
     load_full_state_dict,
+    local_rows,
     model_process_group,
     sharded_keys,
-    whole_dtensors,
 )
 
 __all__ = [
@@ -167,7 +167,7 @@ def save_sharded_state_dict(
     else:
         replicas = resolve_process_group(data_parallel_group)
     # DTensors (FSDP2's over dp) are made whole first: a collective every rank joins.
-    state = whole_dtensors(model.state_dict())
+    state = local_rows(model.state_dict(), sharded_keys(model))
     writes = replicas is None or rank_and_world_size(replicas)[0] == 0
     if writes:
         _write_shards(model, directory, state, process_group, rank, world_size)

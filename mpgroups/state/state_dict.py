@@ -10,8 +10,9 @@ Under FSDP2 (``fully_shard(model, mesh=mesh["dp"])`` around a model parallelized
 ``mesh["gp"]``) parameters and gradients are ``DTensor``s sharded over the data-parallel mesh:
 each is first made whole over its mesh (``full_tensor``, a collective), then gathered over the
 group-parallel ranks as any entry; loading distributes a plain entry back into a ``DTensor``
-parameter (each rank keeps its part). The same holds for the ``DTensor`` entries of torch's
-tensor-parallel styles.
+parameter (each rank keeps its part). A ``DTensor`` that itself spans the split (the entries
+of ``GroupwiseParallel``/``ChannelwiseNorm`` and torch's tensor-parallel styles) is made whole
+by DTensor and loaded as its placement says.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ __all__ = [
     "full_state_dict",
     "load_full_state_dict",
     "local_parameter_bytes",
+    "local_rows",
     "model_process_group",
     "sharded_keys",
-    "whole_dtensors",
 ]
 
 
@@ -75,14 +76,33 @@ def fsdp_process_group(model: nn.Module):
     return None
 
 
-def whole_dtensors(items: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
-    """``items`` with every ``DTensor`` (FSDP2's shards over dp, torch's tensor-parallel
-    styles' entries) made whole, detached: a collective over each one's mesh, in the order of
-    ``items``; other entries are returned as they are."""
-    return {
-        key: value.detach().full_tensor() if isinstance(value, DTensor) else value
-        for key, value in items.items()
-    }
+def _is_whole(value, shards: ChannelShards, dim: int) -> bool:
+    """True when ``value`` is a ``DTensor`` that spans the whole split (torch's styles hold
+    their rows so). Every rank decides alike (a DTensor's shape is the global one)."""
+    return isinstance(value, DTensor) and value.shape[dim] == shards.total
+
+
+def local_rows(
+    items: dict[str, Tensor | None], sharded: dict[str, tuple[ChannelShards, int]]
+) -> dict[str, Tensor | None]:
+    """``items`` in mpgroups' terms, detached: an entry split over the model's ranks as this
+    rank's rows (``shards.own`` along ``dim``), every other entry whole. A ``DTensor`` that
+    holds the rows gives its local tensor; any other ``DTensor`` (FSDP2's shards over dp) is
+    made whole first, a collective over its mesh, in the order of ``items``."""
+    out = {}
+    for key, value in items.items():
+        split = sharded.get(key)
+        if split is not None and _is_whole(value, *split):
+            shards, dim = split
+            if value.device_mesh.ndim == 1:
+                value = value.detach().to_local()
+            else:
+                start, stop = shards.own
+                value = value.detach().full_tensor().narrow(dim, start, stop - start)
+        elif isinstance(value, DTensor):
+            value = value.detach().full_tensor()
+        out[key] = value if value is None else value.detach()
+    return out
 
 
 def _gather_all(
@@ -91,10 +111,10 @@ def _gather_all(
     rank0_only: bool,
     what: str,
 ) -> dict[str, Tensor]:
-    items = whole_dtensors(items)
+    items = local_rows(items, sharded)
     group_shards = _group_shards(sharded)
     if group_shards is None:
-        return {key: value.detach() for key, value in items.items()}
+        return items
     # Every rank must gather the same entries in the same order: check that before the first.
     layout = [
         (key, dim, shards.total, tuple(items[key].movedim(dim, 0).shape[1:]))
@@ -151,7 +171,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
     to_load = {}
     for key, value in state_dict.items():
         shards, dim = sharded.get(key, (None, 0))
-        if shards is not None:
+        if shards is not None and not _is_whole(local.get(key), shards, dim):
             expected = list(local[key].shape)
             expected[dim] = shards.total
             if list(value.shape) != expected:
