@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mpgroups.layers.dtensor_state import chunk_slices
 from mpgroups.plans.styles import ChannelLocal, ParallelLayer
 from mpgroups.sharding.layout import LayerShards, layer_shards, layout_shards
 
@@ -276,20 +277,50 @@ def model_collectives(
                 shards, style.input_layout, style.output_layout, _rows(in_shape, dim),
                 _rows(out_shape, dim), element_size, requires_grad and training, name,
             )  # fmt: skip
+            split = {"weight": shards.weight}
+            if getattr(module, "bias", None) is not None:
+                split["bias"] = (shards.outputs, 0)
+            out += held_whole_collectives(module, split, training, name)
             if style.output_layout == "sharded":
                 producer = shards.outputs
-        elif style.output_layout == "replicated":
-            if style.groups is not None:
-                channels = style.channels or getattr(module, "num_features", None)
-                channels = channels or module.num_channels
-                shards = layout_shards(channels, style.groups, world_size, rank)
-            else:
-                shards = producer
+            continue
+        if style.groups is not None:
+            channels = style.channels or getattr(module, "num_features", None)
+            channels = channels or module.num_channels
+            shards = layout_shards(channels, style.groups, world_size, rank)
+        else:
+            shards = producer
+        state = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        split = {n: (shards, 0) for n, t in state if t is not None and t.dim() >= 1}
+        out += held_whole_collectives(module, split, training, name)
+        if style.output_layout == "replicated":
             rows = math.prod(out_shape) // shards.total
             nbytes = world_size * max(shards.widths) * rows * element_size
             out.append(Collective("all_gather", world_size, nbytes, "forward", name))
     if not training:
         out = [c for c in out if c.phase == "forward"]
+    return out
+
+
+def held_whole_collectives(
+    module: nn.Module, split: dict, training: bool, name: str = ""
+) -> list[Collective]:
+    """What keeps the entries of ``module`` (plain ``torch.nn``) that the ranks split unlike
+    ``torch.chunk`` (``split``: ``{name: (shards, dim)}``) one tensor on every rank
+    (``mpgroups.layers.dtensor_state``): a parameter gathers its rows' grads in backward, a
+    buffer (running statistics) its rows after a training forward."""
+    out = []
+    for entry, (shards, _) in split.items():
+        tensor = getattr(module, entry)
+        p = shards.world_size
+        if p == 1 or tuple(shards.slices) == chunk_slices(shards.total, p):
+            continue
+        nbytes = p * max(shards.widths) * (tensor.numel() // shards.total) * tensor.element_size()
+        if isinstance(tensor, nn.Parameter):
+            if training and tensor.requires_grad:
+                out.append(Collective("all_gather", p, nbytes, "backward", name))
+        elif training and module.training:
+            out.append(Collective("all_gather", p, nbytes, "forward", name))
     return out
 
 

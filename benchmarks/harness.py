@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mpgroups
+from mpgroups.layers.dtensor_state import local_tensor
 
 __all__ = [
     "HERE",
@@ -145,7 +146,7 @@ def optimizer_state_bytes(model, step) -> int:
     optimizer.step()
     model.zero_grad(set_to_none=True)
     state = sum(
-        t.numel() * t.element_size()
+        local_tensor(t).numel() * t.element_size()
         for s in optimizer.state.values()
         for t in s.values()
         if torch.is_tensor(t)

@@ -18,8 +18,10 @@ per repetition in a rotating order; medians and inclusive quartiles, slowest ran
 * ``gp``: the AlexNet split over the 4 ranks (towers and classifier, as in 2012), the whole
   batch of 32 on every rank;
 * ``mesh``: ``init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "gp"))``, the AlexNet
-  split over ``mesh["gp"]``, ``match_global_batch(model, mesh["dp"])``, DDP over
-  ``mesh["dp"].get_group()``, 16 samples per dp rank;
+  split over ``mesh["gp"]``, ``match_global_batch(model, mesh["dp"])``, FSDP2's
+  ``fully_shard(model, mesh=mesh["dp"], reshard_after_forward=False)`` (DDP takes no DTensor
+  parameters; this one gathers the parameters once a step and reduce-scatters the grads, the
+  bytes of DDP's all-reduce), 16 samples per dp rank;
 
 and ``single``, the one-process step (one thread, the whole batch; rank 0 while the others
 wait), the baseline. For each: bytes per step per rank (mpgroups' collectives as
@@ -65,6 +67,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -197,8 +200,11 @@ def _measure(rank: int, world: int, args) -> dict:
     gp_model = build_parallel(case, dist.group.WORLD)
     variants["gp"] = (gp_model, step_of(gp_model, slice(None)), True)
     mesh_model = match_global_batch(build_parallel(case, mesh["gp"]), mesh["dp"])
-    mesh_ddp = DistributedDataParallel(mesh_model, process_group=mesh["dp"].get_group())
-    variants["mesh"] = (mesh_model, step_of(mesh_ddp, _rows(dp_rank, MESH[0], case.batch)), True)
+    # A parallelized model's parameters are DTensors: FSDP2 composes with them, DDP does not.
+    # reshard_after_forward=False holds them whole from forward to backward, as DDP would.
+    dp_bytes = {"ddp": None, "mesh": mpgroups.local_parameter_bytes(mesh_model)}  # unsharded
+    mesh_dp = fully_shard(mesh_model, mesh=mesh["dp"], reshard_after_forward=False)
+    variants["mesh"] = (mesh_model, step_of(mesh_dp, _rows(dp_rank, MESH[0], case.batch)), True)
 
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -242,8 +248,8 @@ def _measure(rank: int, world: int, args) -> dict:
                 "data_ops": comm.count(),
                 "meta_ops": comm.count(kind="meta"),
             }
-        if name != "gp":
-            record["ddp_allreduce_bytes"] = mpgroups.local_parameter_bytes(model)
+        if name != "gp":  # what the dp ranks sum: one all-reduce's (FSDP2: its two halves)
+            record["ddp_allreduce_bytes"] = dp_bytes[name] or mpgroups.local_parameter_bytes(model)
         record["param_and_momentum_bytes"] = optimizer_state_bytes(model, step)
         out[name] = record
     if rank != 0:

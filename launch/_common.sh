@@ -15,7 +15,7 @@ COMMON_USAGE="Common options:
   --pg-timeout S       seconds a collective may wait before the job fails (default 300)
   --max-restarts K     restart all workers up to K times after a failure (default 0)
   --gp N               group parallel over N consecutive ranks (one node's, when N is the
-                       processes per node), data parallel (DDP) over the rest; passed to the
+                       processes per node), data parallel (FSDP2) over the rest; passed to the
                        module as '--gp N' (default: every rank group-parallel)
   -h, --help           this text
   -- ARGS...           passed to the module (see: python -m mpgroups.train --help)

@@ -11,7 +11,7 @@ Example (two nodes, node 0 is 10.0.0.1):
   node 0: $(basename "$0") --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500
   node 1: $(basename "$0") --nnodes 2 --node-rank 1 --rdzv-endpoint 10.0.0.1:29500
 With '--nproc-per-node 8 --gp 8' each node holds one group-parallel replica of the model
-and the nodes train data parallel (only DDP's gradient all-reduce crosses nodes).
+and the nodes train data parallel (only FSDP2's gathers and reductions cross nodes).
 
 Node options (environment defaults in brackets):
   --nnodes N               number of nodes [NNODES, SLURM_NNODES]

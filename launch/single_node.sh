@@ -8,7 +8,7 @@ usage() {
 Usage: $(basename "$0") [options] [-- ARGS...]
 Runs 'torchrun --standalone --nproc-per-node N -m MODULE ARGS' on this machine.
 Example: $(basename "$0") --nproc-per-node 2 -- --epochs 4
-         $(basename "$0") --nproc-per-node 4 --gp 2    # 2 x 2 mesh: DDP over 2 pairs
+         $(basename "$0") --nproc-per-node 4 --gp 2    # 2 x 2 mesh: FSDP2 over 2 pairs
 
 $COMMON_USAGE
 USAGE

@@ -6,7 +6,7 @@ Usage (the README's first command runs the first line)::
     torchrun --standalone --nproc-per-node 4 -m mpgroups.train --epochs 5 --samples 1000
     torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m mpgroups.train \\
         --checkpoint-dir /tmp/ckpt --checkpoint-every 10      # resumes after a crash
-    torchrun --standalone --nproc-per-node 4 -m mpgroups.train --gp 2  # 2 x 2 mesh, DDP over dp
+    torchrun --standalone --nproc-per-node 4 -m mpgroups.train --gp 2  # 2 x 2 mesh, FSDP2 over dp
     python -m mpgroups.train                                   # one process, no group
 
 The 1,797 8x8 digit images (bundled with scikit-learn, no download) are upscaled to
@@ -16,8 +16,10 @@ every layer's channels); the epoch order comes from the seed and the epoch, so a
 draws the same batches.
 
 ``--gp N`` makes a 2-D ``("dp", "gp")`` mesh: the model is group-parallel over ``N`` ranks and
-replicated (DDP) over the ``P / N`` data-parallel ranks, each of which takes its contiguous
-part of every batch. :func:`match_global_batch` makes the replicas compute what one device
+data parallel over the ``P / N`` others (FSDP2's ``fully_shard`` over ``mesh["dp"]``, which
+composes with the DTensor parameters of a parallelized model; DDP for ``--gp 1``, a plain
+model), each dp rank taking its contiguous part of every batch. :func:`match_global_batch`
+makes the replicas compute what one device
 computes on the whole batch (BatchNorm statistics of the global batch, each sample's dropout
 mask as one device draws it), so the loss curve still equals the one-process run's.
 
@@ -119,9 +121,9 @@ def _mesh_axes(mesh) -> tuple:
 def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False, mesh=None) -> dict:
     """Train; returns ``{"losses", "accuracy", "epochs": [...], "resumed_from", "model"}``.
 
-    With a ``("dp", "gp")`` ``mesh`` the model is group-parallel over ``mesh["gp"]`` and
-    replicated with DDP over ``mesh["dp"]``; each dp rank takes its contiguous part of every
-    batch and the losses recorded are the whole batch's.
+    With a ``("dp", "gp")`` ``mesh`` the model is group-parallel over ``mesh["gp"]`` and data
+    parallel over ``mesh["dp"]`` (FSDP2, or DDP when gp is 1); each dp rank takes its
+    contiguous part of every batch and the losses recorded are the whole batch's.
     """
     x_train, y_train, x_test, y_test = load_digits_data(args.image_size, args.samples, args.seed)
     dtype = _DTYPES[args.dtype]
@@ -132,11 +134,19 @@ def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False, mesh
     model = build_model(args, info, gp_parallel, gp_group)
     net = model
     if dp > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         match_global_batch(model, dp_group)
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_group)
+        if gp_parallel:
+            # The parallelized model's parameters are DTensors over gp: FSDP2 composes with
+            # them (DDP takes plain tensors only). Whole parameters between forward and
+            # backward, as DDP holds them; sharded over dp at rest, optimizer state included.
+            from torch.distributed.fsdp import fully_shard
+
+            net = fully_shard(model, mesh=mesh["dp"], reshard_after_forward=False)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [info.device.index] if info.device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=device_ids, process_group=dp_group)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )
@@ -183,7 +193,7 @@ def train(args, info: DistInfo, parallel: bool = True, quiet: bool = False, mesh
             loss = F.cross_entropy(net(x_train[batch]), y_train[batch])
             loss.backward()
         else:
-            # This rank's share of the batch's mean loss; DDP averages the dp ranks'
+            # This rank's share of the batch's mean loss; DDP and FSDP2 average the dp ranks'
             # gradients, so the backward pass takes dp times the share.
             rows = torch.tensor_split(batch, dp)[dp_rank]
             logits = net(x_train[rows])
@@ -254,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
         "--gp",
         type=int,
         default=None,
-        help="group-parallel ranks per model replica (consecutive ranks); data parallel (DDP, "
+        help="group-parallel ranks per model replica (consecutive ranks); data parallel (FSDP2, "
         "the batch split) over the rest. Default: every rank group-parallel",
     )
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")

@@ -11,9 +11,11 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Shard
 
 import mpgroups
 from mpgroups.sharding.placement import place, shard_slice
+from mpgroups.state.state_dict import sharded_keys
 
 LAYOUT_PAIRS = [
     ("replicated", "replicated"),
@@ -67,6 +69,21 @@ def assert_close(actual, expected, tol: float, what: str) -> float:
     if not err <= tol * scale:  # also catches NaN
         raise AssertionError(f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}")
     return err / scale
+
+
+def held_whole(model: nn.Module, buffers: bool = False) -> list[str]:
+    """The parameters (``buffers``: the buffers) of a parallelized model split over its ranks
+    unlike ``torch.chunk``, so held whole on every rank (a DTensor ``Replicate()``): each
+    parameter gathers its rows' grads backward, each buffer its rows after a training
+    forward (one all-gather each)."""
+    held = dict(model.named_buffers() if buffers else model.named_parameters())
+    return [
+        key
+        for key, (shards, _) in sharded_keys(model).items()
+        if shards.world_size > 1
+        and key in held
+        and getattr(held[key], "placements", [Shard(0)])[0].is_replicate()
+    ]
 
 
 def make_reference(c: dict, seed: int = 0):

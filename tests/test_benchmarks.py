@@ -350,6 +350,20 @@ def _step_records(model: torch.nn.Module, c, batch: int) -> list:
     return [(r.op, r.group_size, r.nbytes, r.kind) for r in comm.records]
 
 
+def _own_shards(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: this rank's part}`` of every parameter: its rows of a split one (also of one
+    held whole, whose other rows a group that moves no data never received), else its local
+    tensor."""
+    from mpgroups.layers.dtensor_state import local_tensor, own_rows
+    from mpgroups.state.state_dict import sharded_keys
+
+    split = sharded_keys(model)
+    return {
+        key: own_rows(p, *split[key]) if key in split else local_tensor(p)
+        for key, p in model.named_parameters()
+    }
+
+
 def _loopback_model_does_the_ranks_work(ctx, suite: str) -> list[str]:
     loopback = loopback_group(ctx.process_group)
     checked = []
@@ -359,8 +373,7 @@ def _loopback_model_does_the_ranks_work(ctx, suite: str) -> list[str]:
             real = build_parallel(c, ctx.process_group, variant)
             local = build_parallel(c, loopback, variant)
             # The rank's own shards (state_dict would gather the full tensors over the group).
-            real_params = dict(real.named_parameters())
-            local_params = dict(local.named_parameters())
+            real_params, local_params = _own_shards(real), _own_shards(local)
             assert list(local_params) == list(real_params), name
             for key, value in real_params.items():
                 assert torch.equal(local_params[key], value), (name, key)

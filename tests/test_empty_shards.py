@@ -78,7 +78,7 @@ def test_state_paths_with_an_empty_bias_shard(pool, tmp_path):
             pool.run(_state_paths, world_size, kind, str(tmp_path / f"{kind}-{world_size}"))
 
 
-def _auto_planned_head_of_one_output(ctx) -> None:
+def _auto_planned_head_of_one_output(ctx, directory: str) -> None:
     """A classifier of one output under ``plan="auto"`` is a row-parallel ``Linear(C, 1)``:
     it trains as the single-device model, and its state gathers back whole."""
     import tv_models
@@ -88,7 +88,8 @@ def _auto_planned_head_of_one_output(ctx) -> None:
     model = mpgroups.parallelize(copy.deepcopy(reference), ctx.process_group, plan="auto")
     head = model.classifier[-1]
     assert isinstance(head, mpgroups.ParallelLinear) and head.split == "rowwise"
-    assert head.bias.shape == ((1,) if ctx.rank == 0 else (0,))
+    assert head.bias.shape == (1,)  # a DTensor: its global shape; its local rows below
+    assert head.bias.to_local().shape == ((1,) if ctx.rank == 0 else (0,))
     torch.manual_seed(1)
     x = torch.randn(2, 3, 32, 32)
     for net in (model, reference):
@@ -101,10 +102,23 @@ def _auto_planned_head_of_one_output(ctx) -> None:
     full = mpgroups.full_state_dict(model)
     for key, value in reference.state_dict().items():
         assert_close(full[key], value, 1e-4, key)
+    # DCP: rank 0's one bias row and the others' none make the one-element entry of the file.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    path = f"{directory}/dcp-{ctx.world_size}"
+    dcp.save(get_model_state_dict(model), checkpoint_id=path, process_group=ctx.process_group)
+    if ctx.rank == 0:
+        dcp_to_torch_save(path, f"{path}.pt")
+        whole = torch.load(f"{path}.pt", weights_only=True)
+        assert whole["classifier.1.bias"].shape == (1,)
+        for key, value in full.items():
+            assert torch.equal(whole[key], value), key
     plain = mpgroups.unparallelize(model)
     assert type(plain.classifier[-1]) is nn.Linear
 
 
-def test_auto_planned_head_of_one_output(pool):
+def test_auto_planned_head_of_one_output(pool, tmp_path):
     for world_size in (2, 4):
-        pool.run(_auto_planned_head_of_one_output, world_size)
+        pool.run(_auto_planned_head_of_one_output, world_size, str(tmp_path))

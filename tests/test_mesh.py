@@ -1,5 +1,7 @@
 """A 2-D ``("dp", "gp")`` mesh at world size 4 (2 x 2): group parallel over ``mesh["gp"]``,
-DDP or FSDP2 over ``mesh["dp"]``, and checkpoints that move between meshes.
+FSDP2 over ``mesh["dp"]`` (sharding parameters at rest, or holding them whole between forward
+and backward as DDP does), and checkpoints that move between meshes. DDP itself takes plain
+tensors only and refuses a parallelized model, whose parameters are DTensors, saying so.
 
 What "equals the single-device model on the global batch" takes. Each dp rank gets its half
 of a global batch of 8 (dp rank 0 the first 4 samples); the reference is the plain
@@ -69,15 +71,12 @@ def _data(size: int):
 
 
 def _wrap(model, mesh, wrapper: str):
-    """``(module to call, parameters to optimise)`` of ``model`` under DDP or FSDP2 over dp."""
-    match_global_batch(model, mesh["dp"])
-    if wrapper == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, process_group=mesh["dp"].get_group()), model
+    """``(module to call, parameters to optimise)`` of ``model`` under FSDP2 over dp
+    (``"fsdp2-keep"``: ``reshard_after_forward=False``)."""
     from torch.distributed.fsdp import fully_shard
 
-    return fully_shard(model, mesh=mesh["dp"]), model
+    match_global_batch(model, mesh["dp"])
+    return fully_shard(model, mesh=mesh["dp"], reshard_after_forward=wrapper == "fsdp2"), model
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -145,7 +144,7 @@ def _train_on_mesh(ctx, kind: str, wrapper: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("wrapper", ["fsdp2-keep", "fsdp2"])
 @pytest.mark.parametrize("kind", ["alexnet", "resnext"])
 def test_mesh_training_equals_one_device_on_the_global_batch(pool, kind, wrapper):
     """10 SGD (momentum) steps on the 2 x 2 mesh; see the module docstring for the seeding."""
@@ -160,10 +159,27 @@ def test_mesh_training_equals_one_device_on_the_global_batch(pool, kind, wrapper
         bad = {key: err for key, err in errors.items() if not err <= TOLERANCE}
         assert not bad, (rank, bad)
         local_bytes, plain_bytes = result["bytes"]
-        assert result["dtensor"] == (wrapper == "fsdp2")
+        assert result["dtensor"]
         # gp splits (nearly) every layer in two; FSDP2 splits each rank's part again over dp.
         share = local_bytes / plain_bytes
-        assert share <= (0.3 if wrapper == "fsdp2" else 0.6), share
+        assert share <= 0.3, share
+
+
+def _ddp_refuses(ctx) -> str:
+    from torch.nn.parallel import DistributedDataParallel
+
+    mesh = _mesh()
+    model, _ = _build("alexnet", mesh["gp"])
+    with pytest.raises(TypeError, match="fully_shard") as info:
+        DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+    # unparallelize gives back a plain model, which DDP takes.
+    DistributedDataParallel(mpgroups.unparallelize(model), process_group=ctx.process_group)
+    return str(info.value)
+
+
+def test_ddp_refuses_a_parallelized_model_and_names_fsdp2(pool):
+    message = pool.run(_ddp_refuses, 4)[0]
+    assert "DTensors" in message and "mesh['dp']" in message
 
 
 # Checkpoints on the mesh ------------------------------------------------------------------
@@ -242,15 +258,15 @@ def _assert_same_state(state: dict, expected: dict, what: str) -> None:
 
 @pytest.mark.parametrize(
     "wrapper, name_dp",
-    [("ddp", True), ("fsdp2", False), ("ddp", False)],
-    ids=["ddp-dp-named", "fsdp2-dp-found", "ddp-every-replica-writes"],
+    [("fsdp2-keep", True), ("fsdp2", False)],
+    ids=["fsdp2-keep-dp-named", "fsdp2-dp-found"],
 )
 def test_checkpoint_written_on_2x2_loads_on_other_meshes(pool, tmp_path, wrapper, name_dp):
     saved = pool.run(_save_on_mesh, 4, str(tmp_path), wrapper, name_dp, timeout=180)
     files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert files == ["shard-00000-of-00002.pt", "shard-00001-of-00002.pt"], files
     for rank, result in enumerate(saved):
-        writes = result["dp_rank"] == 0 or (wrapper == "ddp" and not name_dp)
+        writes = result["dp_rank"] == 0
         expected = [f"shard-{rank % 2:05d}-of-00002.pt"] if writes else []
         assert result["written"] == expected, (rank, result)
     full = mpgroups.safe_load(tmp_path / "full.pt")

@@ -623,35 +623,6 @@ def test_clip_grad_norm_sees_the_single_device_block(pool, world_size, optimizer
     pool.run(_clipped_training, world_size, optimizer)
 
 
-def _grad_scaler(ctx) -> None:
-    """An inf in one rank's rows of the conv's grad skips the step on every rank, and the
-    scale drops alike (DTensor all-reduces the overflow flag over the mesh)."""
-    world, mesh = ctx.world_size, _mesh(ctx)
-    torch.manual_seed(8)
-    block = _parallel_block(MambaStyleBlock(split_in_proj=True), mesh, world)
-    opt = torch.optim.SGD(block.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    before = mpgroups.full_state_dict(block)
-    scaler.scale(block(torch.randn(2, 5, 6, dtype=torch.float64)).sum()).backward()
-    if ctx.rank == world - 1:
-        block.conv.weight.grad.to_local()[0, 0, 0] = float("inf")
-    scaler.step(opt)
-    scaler.update()
-    assert scaler.get_scale() == 2.0**7
-    after = mpgroups.full_state_dict(block)
-    assert all(torch.equal(after[key], value) for key, value in before.items())
-    # The next, finite step is taken on every rank.
-    opt.zero_grad()
-    scaler.scale(block(torch.randn(2, 5, 6, dtype=torch.float64)).sum()).backward()
-    scaler.step(opt)
-    scaler.update()
-    assert not torch.equal(mpgroups.full_state_dict(block)["conv.weight"], before["conv.weight"])
-
-
-def test_grad_scaler_skips_the_step_on_every_rank(pool):
-    pool.run(_grad_scaler, 2)
-
-
 def _dcp_save(ctx, path: str) -> dict:
     """Train two AdamW steps, save model and optimizer with DCP, train two more; returns
     the single-device states after each part (on rank 0)."""

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from mpgroups.comm.collectives import comm_device
 
 __all__ = [
+    "group_mesh",
     "group_rank",
     "host_group",
     "group_timeout",
@@ -29,6 +30,8 @@ __all__ = [
 _team_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # The gloo twin of a group whose small buffers live on a device, for the input checks' records.
 _host_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The 1-D DeviceMesh over a group, per device type, that a model's DTensor state lives on.
+_mesh_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_process_group(process_group=None) -> dist.ProcessGroup | None:
@@ -67,6 +70,20 @@ def resolve_process_group(process_group=None) -> dist.ProcessGroup | None:
             f"got {type(process_group).__name__}"
         )
     return process_group
+
+
+def group_mesh(process_group: dist.ProcessGroup, device_type: str, given=None):
+    """The 1-D ``DeviceMesh`` over ``process_group`` for tensors on ``device_type``: ``given``
+    when that is a ``DeviceMesh`` of the group (a dim of the user's mesh: FSDP2 then sees one
+    root mesh), else one made once per group and device type and shared."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(given, DeviceMesh) and given.device_type == device_type:
+        return given
+    meshes = _mesh_cache.setdefault(process_group, {})
+    if device_type not in meshes:
+        meshes[device_type] = DeviceMesh.from_group(process_group, device_type)
+    return meshes[device_type]
 
 
 def rank_and_world_size(process_group) -> tuple[int, int]:

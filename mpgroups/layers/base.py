@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from mpgroups.comm.checks import InputGuard
 from mpgroups.comm.collectives import gather_rows
 from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group, team_subgroup
-from mpgroups.layers.dtensor_state import local_tensor
+from mpgroups.layers.dtensor_state import own_rows
 from mpgroups.sharding.layout import (
     NOT_PICKLABLE,
     ChannelShards,
@@ -160,8 +161,11 @@ class ShardedLayer:
         with torch.no_grad():
             for name, (shards, dim) in self._mpgroups_tensor_shards.items():
                 start, stop = shards.own
-                local = local_tensor(getattr(self, name))
-                local.copy_(getattr(full, name).narrow(dim, start, stop - start))
+                target, whole = getattr(self, name), getattr(full, name)
+                if isinstance(target, DTensor) and target.placements[0].is_replicate():
+                    target.to_local().copy_(whole)  # held whole (uneven split): all rows
+                else:
+                    own_rows(target, shards, dim).copy_(whole.narrow(dim, start, stop - start))
 
     # Copies as nn.Module's own (which go through __reduce_ex__), sharing the process groups.
     def __copy__(self):
@@ -207,8 +211,8 @@ class ShardedLayer:
         return None if self.bias is None else self._gather("bias")
 
     def _gather(self, name: str) -> Tensor:
-        local = local_tensor(getattr(self, name))
         shards, dim = self._mpgroups_tensor_shards[name]
+        local = own_rows(getattr(self, name), shards, dim)
         widths = shards.widths
         self.state_guard(
             local.movedim(dim, 0),

@@ -31,7 +31,7 @@ from mpgroups.comm.checks import (
 )
 from mpgroups.comm.collectives import all_gather_channels, dense_order, gather_rows
 from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
-from mpgroups.layers.dtensor_state import local_tensor
+from mpgroups.layers.dtensor_state import own_rows
 from mpgroups.sharding.layout import ChannelShards, layout_shards
 
 __all__ = [
@@ -214,11 +214,11 @@ def unshard_channel_module(module: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dim() >= 1:
-                full = gather_rows(local_tensor(param), shards)
+                full = gather_rows(own_rows(param, shards, 0), shards)
                 setattr(module, name, nn.Parameter(full, requires_grad=param.requires_grad))
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.dim() >= 1:
-                setattr(module, name, gather_rows(local_tensor(buffer), shards))
+                setattr(module, name, gather_rows(own_rows(buffer, shards, 0), shards))
     _set_channels(module, shards.total, module._mpgroups_full_norm_groups)
     del module._mpgroups_row_shards, module._mpgroups_full_norm_groups
     return module

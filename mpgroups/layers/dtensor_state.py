@@ -15,14 +15,23 @@ runs exactly as before, on the local tensors, with no ``DTensor`` dispatch in th
 Buffers updated in place during ``forward`` (BatchNorm's running statistics) are updated
 through the local view, which shares the ``DTensor``'s storage.
 
-A split must follow ``torch.chunk``'s rule (what ``Shard`` means: ``ceil(n / P)`` rows per
-rank, the last fewer): :func:`chunk_slices` gives it, and :func:`distribute_state` refuses a
-tensor whose rows on this rank differ, because DTensor's collectives (``full_tensor``, DCP's
-offsets) would then compute on the wrong rows.
+A ``Shard`` must follow ``torch.chunk``'s rule (``ceil(n / P)`` rows per rank, the last
+fewer): :func:`chunk_slices` gives it, and :func:`distribute_state` refuses a tensor whose rows
+on this rank differ, because DTensor's collectives (``full_tensor``, DCP's offsets) would then
+compute on the wrong rows. mpgroups' placement rule splits whole conv groups, in
+``torch.tensor_split``'s balance, which is often another split (``groups=3`` on 2 ranks: 8 + 4
+rows of 12; 10 classes on 4 ranks: 3, 3, 2, 2 against 3, 3, 3, 1). Such a tensor is held
+**whole** on every rank instead (``Replicate()``), and the module computes on its rows of it:
+the rows' gradient is gathered from every rank in backward (one all-gather of the tensor's
+gradient), so every rank holds the whole, identical gradient and the optimizer updates every
+copy alike; a buffer updated during a training ``forward`` has its rows gathered after it.
+Correct for every tool, at the cost of the whole tensor (and its optimizer state) on every
+rank for those layers only (``mpgroups.plans.dtensor_model``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -31,9 +40,18 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import Placement
 
+from mpgroups.comm.collectives import gather_rows
+from mpgroups.sharding.layout import ChannelShards
 from mpgroups.sharding.placement import Slice
 
-__all__ = ["chunk_slices", "distribute_state", "dtensor_stride", "local_tensor"]
+__all__ = [
+    "LOCAL_FORWARD_HOOKS",
+    "chunk_slices",
+    "distribute_state",
+    "dtensor_stride",
+    "local_tensor",
+    "own_rows",
+]
 
 
 def chunk_slices(size: int, world_size: int) -> tuple[Slice, ...]:
@@ -73,11 +91,25 @@ def local_tensor(tensor: Tensor | None) -> Tensor | None:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def own_rows(tensor: Tensor | None, shards: ChannelShards, dim: int) -> Tensor | None:
+    """This rank's rows ``shards.own`` along ``dim`` of a split entry, however it is held: a
+    ``Shard`` DTensor's local tensor, the rows of a tensor held whole (``Replicate()``), or a
+    plain tensor of the rows itself. Shares storage with the entry."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    local = tensor.to_local()
+    if isinstance(tensor.placements[0], Shard) or shards.world_size == 1:
+        return local
+    start, stop = shards.own
+    return local.narrow(dim, start, stop - start)
+
+
 def distribute_state(
     module: nn.Module,
     mesh: DeviceMesh,
     placements: Mapping[str, tuple[Placement, tuple[int, ...]]],
-    made: dict[int, Tensor] | None = None,
+    made: dict[int, tuple[Tensor, Tensor]] | None = None,
+    whole_rows: Mapping[str, tuple[ChannelShards, int]] | None = None,
 ) -> None:
     """Hold ``module``'s own parameters and buffers named in ``placements`` as ``DTensor`` s
     on ``mesh`` (1-D), in place; ``forward`` keeps computing on the local tensors.
@@ -89,8 +121,11 @@ def distribute_state(
 
     Parameters stay ``nn.Parameter`` s with their ``requires_grad``; a tensor that already is
     a ``DTensor`` is left alone. Build optimizers afterwards (the parameters are new objects).
-    ``made`` (``{id(local tensor): its DTensor}``, filled in here) keeps a tensor that several
-    modules share one object.
+    ``made`` (``{id(local tensor): (that tensor, its DTensor)}``, filled in here; holding the
+    tensor keeps its id from being reused) keeps a tensor that several modules share one
+    object. ``whole_rows`` names ``Replicate()`` entries of which
+    ``forward`` computes on this rank's rows only (``{name: (shards, dim)}``, see the module
+    docstring).
 
     Raises:
         ValueError: a ``Shard(d)`` part whose size along ``d`` is not ``torch.chunk``'s.
@@ -100,9 +135,9 @@ def distribute_state(
         current = getattr(module, name)
         if current is None or isinstance(current, DTensor):
             continue
-        if made is not None and id(current) in made:
+        if made is not None and made.get(id(current), (None,))[0] is current:
             entries = module._parameters if name in module._parameters else module._buffers
-            entries[name] = made[id(current)]
+            entries[name] = made[id(current)][1]
             continue
         if isinstance(placement, Shard):
             dim = placement.dim % len(shape)
@@ -128,7 +163,11 @@ def distribute_state(
         else:
             module._buffers[name] = value
         if made is not None:
-            made[id(current)] = value
+            made[id(current)] = (current, value)
+    if whole_rows:
+        module._mpgroups_whole_rows = {**getattr(module, "_mpgroups_whole_rows", {}), **whole_rows}
+        if any(name in module._buffers for name in whole_rows):
+            module.register_forward_hook(_share_updated_rows)
     if not getattr(module, "_mpgroups_local_forward", False):
         module.register_forward_pre_hook(_shadow_with_locals)
         module.register_forward_hook(_drop_shadows, always_call=True)
@@ -144,10 +183,114 @@ def _dtensor_entries(module: nn.Module):
 
 def _shadow_with_locals(module: nn.Module, args) -> None:
     # An instance attribute is found before nn.Module.__getattr__ looks into _parameters.
+    whole_rows = getattr(module, "_mpgroups_whole_rows", {})
+    # to_local() is what links a gradient to the DTensor; where none can flow its autograd
+    # function is pure cost (a few µs a tensor, a few % of a batch-1 forward), so the local
+    # tensor itself is taken (outside torch.compile, which traces to_local()).
+    grad = torch.is_grad_enabled()
+    compiling = torch.compiler.is_compiling()
     for name, value in list(_dtensor_entries(module)):
-        module.__dict__[name] = value.to_local()
+        if compiling:
+            local = value.to_local()
+        elif grad and value.requires_grad:
+            local = _LocalView.apply(value)
+        else:
+            local = value._local_tensor
+        if name in whole_rows:
+            shards, dim = whole_rows[name]
+            if name in module._parameters:
+                local = _OwnRows.apply(local, shards, dim)
+            else:
+                local = own_rows(value, shards, dim)
+        module.__dict__[name] = local
+
+
+def _share_updated_rows(module: nn.Module, args, output) -> None:
+    """After a training forward, every rank's updated rows of the whole buffers (running
+    statistics) onto every rank: the copies stay one tensor."""
+    if not module.training:
+        return
+    for name, (shards, dim) in module._mpgroups_whole_rows.items():
+        value = module._buffers.get(name)
+        if isinstance(value, DTensor):
+            with torch.no_grad():
+                rows = own_rows(value, shards, dim)
+                # Through .data: BatchNorm's backward saved this rank's rows (which keep their
+                # values) and checks their version; the other rows are not read by it.
+                value.to_local().data.copy_(gather_rows(rows.contiguous(), shards, dim=dim))
+
+
+class _LocalView(torch.autograd.Function):
+    """``DTensor.to_local()`` with a cheaper backward: a gradient laid out as the local
+    tensor gets the DTensor's own spec (torch recomputes the global layout and goes through
+    ``DTensor.from_local``, about 90 µs a parameter on CPU, a few % of a training step);
+    any other layout takes torch's path."""
+
+    @staticmethod
+    def forward(ctx, value: DTensor) -> Tensor:
+        local = value._local_tensor
+        ctx.spec, ctx.local_stride = value._spec, local.stride()
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        spec = ctx.spec
+        if grad.stride() == ctx.local_stride:
+            return DTensor(grad, copy.copy(spec), requires_grad=False)
+        return DTensor.from_local(
+            grad, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
+            stride=dtensor_stride(grad, tuple(spec.shape)),
+        )  # fmt: skip
+
+
+class _OwnRows(torch.autograd.Function):
+    """This rank's rows of a tensor every rank holds whole; backward gathers every rank's
+    rows' gradient, so the whole tensor's gradient is the same on every rank."""
+
+    @staticmethod
+    def forward(ctx, whole: Tensor, shards: ChannelShards, dim: int) -> Tensor:
+        ctx.shards, ctx.dim = shards, dim
+        start, stop = shards.own
+        return whole.narrow(dim, start, stop - start)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        return gather_rows(grad.contiguous(), ctx.shards, dim=ctx.dim), None, None
 
 
 def _drop_shadows(module: nn.Module, args, output) -> None:
     for name, _ in list(_dtensor_entries(module)):
         module.__dict__.pop(name, None)
+
+
+# The hooks distribute_state registers, for whoever removes them.
+LOCAL_FORWARD_HOOKS = (_shadow_with_locals, _drop_shadows, _share_updated_rows)
+
+
+def _sharded_grad_first(handler):
+    """torch's handler of GradScaler's overflow check on DTensor gradients, given a split
+    gradient first: torch (2.13) reads the placements of the first gradient alone to decide
+    whether each rank's found-inf flag is reduced over the mesh, so with a replicated first
+    parameter (a stem conv) an inf in one rank's shard skipped the step on that rank only.
+    The op updates every gradient in place and does not care about their order."""
+
+    def handle(op_call, args, kwargs):
+        grads, *rest = args
+        split = [g for g in grads if not all(p.is_replicate() for p in g.placements)]
+        if split and split[0] is not grads[0]:
+            grads = [split[0], *(g for g in grads if g is not split[0])]
+        return handler(op_call, (grads, *rest), kwargs)
+
+    handle._mpgroups = True
+    return handle
+
+
+def _install_found_inf_fix() -> None:
+    handlers = getattr(DTensor._op_dispatcher, "_custom_op_handlers", None)
+    op = torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default
+    if handlers is not None and op in handlers and not getattr(handlers[op], "_mpgroups", False):
+        handlers[op] = _sharded_grad_first(handlers[op])
+
+
+_install_found_inf_fix()

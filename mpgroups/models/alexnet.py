@@ -33,6 +33,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mpgroups.comm.process_groups import resolve_process_group
+from mpgroups.layers.dtensor_state import local_tensor
 from mpgroups.plans.parallelize import parallelize
 from mpgroups.plans.styles import ChannelLocal, ParallelLayer
 from mpgroups.state.state_dict import local_parameter_bytes
@@ -112,7 +113,9 @@ class AlexNet(nn.Module):
         pg = resolve_process_group(process_group) if parallel else None
         self.world_size = 1 if pg is None else pg.size()
         if parallel:
-            parallelize(self, pg, plan=self.parallel_plan(batch_norm, split_classifier))
+            # The group as given: a DeviceMesh dim stays the mesh its DTensors live on.
+            given = process_group if process_group is not None else pg
+            parallelize(self, given, plan=self.parallel_plan(batch_norm, split_classifier))
 
     @staticmethod
     def parallel_plan(batch_norm: bool = False, split_classifier: bool = True) -> dict:
@@ -155,7 +158,7 @@ class AlexNet(nn.Module):
 
     def extra_repr(self) -> str:
         nbytes = local_parameter_bytes(self)
-        count = sum(p.numel() for p in self.parameters())
+        count = sum(local_tensor(p).numel() for p in self.parameters())
         return (
             f"world_size={self.world_size}, parameters on this rank: {count:,} "
             f"({nbytes / 2**20:.1f} MiB)"

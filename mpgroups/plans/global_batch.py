@@ -1,9 +1,9 @@
 """Data parallelism that computes what one device computes on the global batch.
 
-Data parallel replicas (DDP or FSDP2 over the ``dp`` dim of a mesh) each see their part of
-the global batch; :func:`match_global_batch` makes the batch-dependent modules of a model
-behave as they would on the whole batch on one device, so a (dp, gp) run trains exactly as the
-single-device model does (the loss being the global batch's mean).
+Data parallel replicas (FSDP2 over the ``dp`` dim of a mesh, or DDP of a plain model) each see
+their part of the global batch; :func:`match_global_batch` makes the batch-dependent modules of
+a model behave as they would on the whole batch on one device, so a (dp, gp) run trains exactly
+as the single-device model does (the loss being the global batch's mean).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def match_global_batch(model: nn.Module, process_group) -> nn.Module:
       group-parallel dropout needs, each sample is then dropped as one device drops it; plain
       data parallelism would give every replica the same masks for its rows.
 
-    Apply it to the model before wrapping it in DDP or ``fully_shard`` (the data-parallel loss
+    Apply it to the model before wrapping it in ``fully_shard`` or DDP (the data-parallel loss
     must be the global batch's mean: with unequal parts, weight each rank's mean by its part).
     ``process_group``: a ``ProcessGroup`` or 1-D ``DeviceMesh`` (``mesh["dp"]``).
     """

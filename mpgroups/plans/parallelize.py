@@ -30,6 +30,7 @@ from mpgroups.layers.channel_modules import (
 from mpgroups.layers.kinds import PARALLEL_LAYERS, PARALLEL_OF
 from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
+from mpgroups.plans.dtensor_model import distribute_model_state, undistribute_model_state
 from mpgroups.plans.hooks import move_hooks
 from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer
 from mpgroups.sharding.layout import NOT_PICKLABLE, ChannelShards
@@ -353,6 +354,7 @@ def parallelize(
             guard = getattr(module, "input_guard", None)
             if isinstance(guard, InputGuard):
                 guard.clock = root
+        distribute_model_state(model, pg, process_group)
     model._mpgroups_tracker = tracker
     model._mpgroups_styled = styled
     return model
@@ -435,6 +437,7 @@ def unparallelize(model: nn.Module) -> nn.Module:
             _drop_plan_hooks(module)
             unshard_channel_module(module)
             restored[id(module)] = module
+    undistribute_model_state(model)
     for attr in ("_mpgroups_tracker", "_mpgroups_styled"):
         if attr in model.__dict__:
             delattr(model, attr)

@@ -152,12 +152,12 @@ def save_sharded_state_dict(
     two saves of different states (one interrupted part-way over an older one) are refused
     together at load.
 
-    On a 2-D mesh (model parallelized over ``mesh["gp"]``, DDP or FSDP2 over ``mesh["dp"]``),
-    every rank of the mesh calls it; ``data_parallel_group`` (``mesh["dp"]``, found by itself
-    under FSDP2) names the replicas, and only the first writes files, the others waiting until
-    they are written. Without it under DDP every replica writes the same files; that is safe
-    (each write is atomic and replicas holding the same state write the same bytes under the
-    same id) but costs one write per replica.
+    On a 2-D mesh (model parallelized over ``mesh["gp"]``, FSDP2 over ``mesh["dp"]``), every
+    rank of the mesh calls it; ``data_parallel_group`` (``mesh["dp"]``, found by itself under
+    FSDP2) names the replicas, and only the first writes files, the others waiting until they
+    are written. Replicas left unnamed (a plain model under DDP) each write the same files;
+    that is safe (each write is atomic and replicas holding the same state write the same bytes
+    under the same id) but costs one write per replica.
     """
     directory = Path(directory)
     process_group = model_process_group(model)

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from mpgroups.comm.checks import check_same_call
 from mpgroups.comm.collectives import gather_rows
 from mpgroups.layers.channel_modules import tensor_shards
+from mpgroups.layers.dtensor_state import own_rows
 from mpgroups.sharding.layout import ChannelShards
 
 __all__ = [
@@ -62,9 +63,10 @@ def model_process_group(model: nn.Module):
 
 def fsdp_process_group(model: nn.Module):
     """The process group FSDP2 (``fully_shard``) shards ``model``'s parameters over: the 1-D
-    mesh of its ``DTensor`` parameters. ``None`` when no module of ``model`` is fully sharded
-    (``DTensor`` parameters of torch's tensor-parallel styles are not data parallel) or the
-    mesh has more dimensions."""
+    mesh of its ``DTensor`` parameters, or the first dim of a 2-D one (FSDP2 lays a
+    parameter that already was a ``DTensor``, such as a parallelized model's, out on its
+    ``(dp, gp)`` mesh, dp first). ``None`` when no module of ``model`` is fully sharded
+    (``DTensor`` parameters alone are not data parallel) or the mesh has more dimensions."""
     from torch.distributed.fsdp import FSDPModule
 
     if not any(isinstance(module, FSDPModule) for module in model.modules()):
@@ -72,7 +74,7 @@ def fsdp_process_group(model: nn.Module):
     for param in model.parameters():
         if isinstance(param, DTensor):
             mesh = param.device_mesh
-            return mesh.get_group() if mesh.ndim == 1 else None
+            return mesh.get_group(0) if mesh.ndim <= 2 else None
     return None
 
 
@@ -95,7 +97,7 @@ def local_rows(
         if split is not None and _is_whole(value, *split):
             shards, dim = split
             if value.device_mesh.ndim == 1:
-                value = value.detach().to_local()
+                value = own_rows(value.detach(), shards, dim)
             else:
                 start, stop = shards.own
                 value = value.detach().full_tensor().narrow(dim, start, stop - start)
