@@ -71,6 +71,21 @@ def plain_parameters(model: nn.Module) -> nn.Module:
     return model
 
 
+def _closures(model: nn.Module, x: torch.Tensor, labels, inference: bool):
+    """``(step, forward)``: the benchmark's step, and an eval forward returning the output."""
+    step = step_and_forward(model, x, labels, inference)[0]
+
+    def forward() -> torch.Tensor:
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        model.train(training)
+        return out
+
+    return step, forward
+
+
 def _rank(rank: int, world: int, args) -> dict:
     cases = QUICK if args.quick else CASES
     times: dict[str, dict[str, list[float]]] = {}
@@ -78,12 +93,15 @@ def _rank(rank: int, world: int, args) -> dict:
         case = cases[name]
         x = make_input(case, case.batch)
         labels = batch_labels(case)
-        steps = {}
+        steps, forwards = {}, {}
         for variant in ("dtensor", "plain"):
             model = build_parallel(case, torch.distributed.group.WORLD)
             if variant == "plain":
                 plain_parameters(model)
-            steps[variant] = step_and_forward(model, x, labels, case.inference)[0]
+            steps[variant], forwards[variant] = _closures(model, x, labels, case.inference)
+        # The two compute the same numbers (else the comparison would be of two models).
+        if not torch.equal(forwards["dtensor"](), forwards["plain"]()):
+            raise RuntimeError(f"{name}: the two variants' outputs differ")
         times[name] = {variant: [] for variant in steps}
         order = list(steps)
         for rep in range(args.warmup + args.reps):

@@ -1,5 +1,6 @@
 """2-D mesh benchmark: the AlexNet training step as DDP over 4 ranks, group-parallel (GP) over
-4, and a 2 × 2 (dp × gp) mesh, measured on this machine and projected to 2 nodes × 8 GPUs.
+4, and a 2 × 2 (dp × gp) mesh (FSDP2 over dp), measured on this machine and projected to 2
+nodes × 8 GPUs.
 
 Usage (from the repository root, in the environment of ``pip install -e '.[test]'``)::
 
@@ -29,7 +30,8 @@ wait), the baseline. For each: bytes per step per rank (mpgroups' collectives as
 rank's parameter bytes) and parameters + SGD momentum per rank.
 
 **Projected** to ``--nodes`` × ``--gpus-per-node`` (2 × 8 by default, P = 16): DDP over 16, GP
-over the 8 GPUs of each node × DDP over the 2 nodes, and GP over all 16 (across the link
+over the 8 GPUs of each node × FSDP2 over the 2 nodes (priced as DDP's all-reduce: the same
+bytes), and GP over all 16 (across the link
 between nodes). As in ``projection.project``, step = compute + communication:
 
 * compute: the rank's own work in that layout on one thread of this machine (one core per
@@ -146,7 +148,7 @@ def _key(layout) -> str:
     return f"{dp}x{gp}"
 
 
-def _label(variant: str, layout, projected: bool = False) -> str:
+def _label(variant: str, layout, result: dict, projected: bool = False) -> str:
     dp, gp = layout
     if variant == "single":
         return "one process (1 thread)"
@@ -155,7 +157,9 @@ def _label(variant: str, layout, projected: bool = False) -> str:
     if variant == "gp":
         return f"GP over {gp}" + (" (across nodes)" if projected else "")
     where = (" (a node)", " (nodes)") if projected else ("", "")
-    return f"mesh: GP over {gp}{where[0]} × DDP over {dp}{where[1]}"
+    # Runs stored before the parallel model held DTensor parameters wrapped it in DDP.
+    data_parallel = result.get("mesh_data_parallel", "DDP")
+    return f"mesh: GP over {gp}{where[0]} × {data_parallel} over {dp}{where[1]}"
 
 
 def _own_rng(fn):
@@ -413,7 +417,7 @@ def project_mesh(result: dict) -> dict:
             rows.append({
                 "scenario": scenario,
                 "variant": variant,
-                "label": _label(variant, layout, projected=True),
+                "label": _label(variant, layout, result, projected=True),
                 "layout": list(layout),
                 "batch_per_rank": run["batch_per_rank"],
                 "compute": compute,
@@ -490,8 +494,9 @@ def render(result: dict) -> str:
             gp_mib = mib(gp_comm["measured_bytes"]) + same
         ddp_mib = mib(v["ddp_allreduce_bytes"]) if v["ddp_allreduce_bytes"] else "–"
         local = result["local"][_key(layout)]["step"]["median"]
+        label = _label(name, layout, result)
         lines.append(
-            f"| {_label(name, layout)} | {layout[0]} × {layout[1]} | {v['batch_per_rank']} | "
+            f"| {label} | {layout[0]} × {layout[1]} | {v['batch_per_rank']} | "
             f"{ms(t['median'])} ({ms(t['p25'])}–{ms(t['p75'])}) | "
             f"{single / t['median']:.2f}× | {ddp / t['median']:.2f}× | {ms(local)} | "
             f"{gp_mib} | {ddp_mib} | {mib(v['param_and_momentum_bytes'])} |"
@@ -621,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         **run_header(argv, args.cores),
         "format": FORMAT,
+        "mesh_data_parallel": "FSDP2",
         "quick": args.quick,
         "reps": args.reps,
         "warmup": args.warmup,

@@ -404,6 +404,27 @@ def test_loopback_model_does_the_ranks_work(pool, world_size, suite):
     assert checked == [expected] * world_size
 
 
+def test_dtensor_params_benchmark_compares_the_same_model(tmp_path):
+    """The with/without DTensor parameters comparison runs on every case, and its two
+    variants compute the same output (the benchmark raises otherwise)."""
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "dtensor_params.py"), "--quick",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "dtensor_params.json").read_text())
+    assert set(data["summary"]) == {
+        "alexnet_step",
+        "resnext50_block",
+        "alexnet_b1",
+        "resnext50_block_b1",
+    }
+    for row in data["summary"].values():
+        assert row["dtensor"]["runs"] == row["plain"]["runs"] == 2 and row["ratio"] > 0
+    assert "| DTensor / plain |" in (tmp_path / "dtensor_params.md").read_text()
+
+
 def test_benchmark_runs_and_writes_json_table_and_plots(tmp_path, capsys):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick",

@@ -81,8 +81,8 @@ def test_mesh_benchmark_quick_writes_variants_and_projection(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "4 ranks on" in table and "## Projected: 2 nodes × 8 GPUs (P = 16)" in table
     labels = (
-        "DDP over 4", "GP over 4", "mesh: GP over 2 × DDP over 2", "DDP over 16",
-        "GP over 16 (across nodes)", "mesh: GP over 8 (a node) × DDP over 2 (nodes)",
+        "DDP over 4", "GP over 4", "mesh: GP over 2 × FSDP2 over 2", "DDP over 16",
+        "GP over 16 (across nodes)", "mesh: GP over 8 (a node) × FSDP2 over 2 (nodes)",
     )  # fmt: skip
     for label in labels:
         assert f"| {label} |" in table, label

@@ -138,18 +138,24 @@ def _grad_scaler(ctx, kind: str) -> None:
         _, model = _styles_block(_mesh(ctx))
         batches = [(torch.randn(2, 5, 6, dtype=torch.float64), None) for _ in range(2)]
         split = model.conv  # its rows Shard(0) over the ranks
-    else:
+    elif kind == "alexnet-fp16":
+        _, model, size = _models("alexnet", ctx.process_group)
+        batches = _batches(size, 2)
+        split = model.features.conv2  # a tower conv, Shard(0) over the ranks
+    else:  # its first parameter (the stem conv) is replicated
         _, model, size = _models(kind, ctx.process_group)
         batches = _batches(size, 2)
         split = model.layer1[0].conv2  # the grouped conv, Shard(0) over the ranks
+    fp16 = torch.autocast("cpu", dtype=torch.float16, enabled=kind.endswith("fp16"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     params = [name for name, _ in model.named_parameters()]
     before = {k: v.clone() for k, v in mpgroups.full_state_dict(model).items() if k in params}
     for step, (x, y) in enumerate(batches):
         opt.zero_grad()
-        out = model(_input(model, x))
-        loss = out.sum() if y is None else F.cross_entropy(out, y)
+        with fp16:
+            out = model(_input(model, x))
+            loss = out.sum() if y is None else F.cross_entropy(out, y)
         scaler.scale(loss).backward()
         if step == 0 and ctx.rank == ctx.world_size - 1:
             split.weight.grad.to_local().view(-1)[0] = float("inf")
@@ -163,16 +169,17 @@ def _grad_scaler(ctx, kind: str) -> None:
             assert moved
 
 
-@pytest.mark.parametrize("kind", ["auto", "styles"])
+@pytest.mark.parametrize("kind", ["auto", "alexnet-fp16", "styles"])
 def test_grad_scaler_skips_the_step_on_every_rank(pool, kind):
+    """fp16: the AlexNet's forward under CPU autocast to float16, as GradScaler is used."""
     pool.run(_grad_scaler, 2, kind)
 
 
 # DCP: the files hold the single-device tensors and move between world sizes and meshes.
 
 
-def _adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+def _optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    return _OPTIMIZERS[name](model.parameters())
 
 
 def _train(model: nn.Module, optimizer, batches) -> None:
@@ -212,12 +219,12 @@ def _copy(state: dict) -> dict:
     return {key: value.clone() for key, value in state.items()}
 
 
-def _dcp_save(ctx, kind: str, path: str) -> dict:
-    """Two AdamW steps, a DCP save of model and optimizer, two more steps."""
+def _dcp_save(ctx, kind: str, path: str, opt_name: str) -> dict:
+    """Two steps, a DCP save of model and optimizer, two more steps."""
     import torch.distributed.checkpoint as dcp
 
     _, model, size = _models(kind, ctx.process_group)
-    optimizer = _adamw(model)
+    optimizer = _optimizer(model, opt_name)
     batches = _batches(size, 4)
     _train(model, optimizer, batches[:2])
     saved = _copy(mpgroups.full_state_dict(model))
@@ -226,7 +233,7 @@ def _dcp_save(ctx, kind: str, path: str) -> dict:
     return {"saved": saved, "final": _copy(mpgroups.full_state_dict(model))}
 
 
-def _dcp_resume(ctx, kind: str, path: str, on_mesh: bool) -> dict:
+def _dcp_resume(ctx, kind: str, path: str, opt_name: str, on_mesh: bool) -> dict:
     """A model initialised otherwise loads the checkpoint and trains the last two steps:
     over this world's group, or on the 2 x 2 mesh under FSDP2 (each dp rank its half of
     every batch, the global batch's statistics)."""
@@ -243,7 +250,7 @@ def _dcp_resume(ctx, kind: str, path: str, on_mesh: bool) -> dict:
     else:
         _, model, size = _models(kind, ctx.process_group)
         dp_rank, group = None, ctx.process_group
-    optimizer = _adamw(model)
+    optimizer = _optimizer(model, opt_name)
     batches = _batches(size, 4)
     _train(model, optimizer, batches[:1])  # optimizer state to load into
     _load_dcp(model, optimizer, path, group)
@@ -256,16 +263,19 @@ def _dcp_resume(ctx, kind: str, path: str, on_mesh: bool) -> dict:
     return {"loaded": loaded, "final": _copy(mpgroups.full_state_dict(model))}
 
 
-@pytest.mark.parametrize("kind", ["auto", "alexnet"])
-def test_dcp_checkpoint_is_the_single_device_model_and_resumes_anywhere(pool, tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, opt_name", [("auto", "adamw"), ("alexnet", "adamw"), ("alexnet", "sgd-momentum")]
+)
+def test_dcp_checkpoint_is_the_single_device_model_and_resumes_anywhere(
+    pool, tmp_path, kind, opt_name
+):
     """Written at P = 2: ``dcp_to_torch_save`` gives the plain model's file (``strict=True``,
     values equal); loaded at P = 4, at P = 2, on one device (no process group) and on the
     2 x 2 mesh under FSDP2, training resumes as the uninterrupted run."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = str(tmp_path / "dcp")
-    saved = pool.run(_dcp_save, 2, kind, path)[0]
+    saved = pool.run(_dcp_save, 2, kind, path, opt_name)[0]
     dcp_to_torch_save(path, tmp_path / "whole.pt")
     whole = torch.load(tmp_path / "whole.pt", weights_only=True)
     plain, _, size = _models(kind, None)
@@ -275,15 +285,14 @@ def test_dcp_checkpoint_is_the_single_device_model_and_resumes_anywhere(pool, tm
     # One device, no process group: DCP reads the same files into the plain model.
     torch.manual_seed(5)
     plain, _, _ = _models(kind, None)
-    optimizer = _adamw(plain)
+    optimizer = _optimizer(plain, opt_name)
     _train(plain, optimizer, _batches(size, 1))
     _load_dcp(plain, optimizer, path, None)
     _train(plain, optimizer, _batches(size, 4)[2:])
     runs = {"P=1": {"final": plain.state_dict(), "loaded": None}}
-    runs["P=4"] = pool.run(_dcp_resume, 4, kind, path, False)[0]
-    runs["P=2"] = pool.run(_dcp_resume, 2, kind, path, False)[0]
-    runs["2x2 FSDP2"] = pool.run(_dcp_resume, 4, kind, path, True)[0]
-    assert dcp is not None
+    runs["P=4"] = pool.run(_dcp_resume, 4, kind, path, opt_name, False)[0]
+    runs["P=2"] = pool.run(_dcp_resume, 2, kind, path, opt_name, False)[0]
+    runs["2x2 FSDP2"] = pool.run(_dcp_resume, 4, kind, path, opt_name, True)[0]
     for where, run in runs.items():
         for key, value in saved["saved"].items():
             if run["loaded"] is not None:
@@ -348,7 +357,7 @@ def _ema_and_scheduler(ctx, kind: str) -> None:
     plain, model, size = _models(kind, ctx.process_group)
     runs = []
     for net in (plain, model):
-        opt = _adamw(net)
+        opt = _optimizer(net, "adamw")
         scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=5)
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
         runs.append((net, opt, scheduler, ema))
