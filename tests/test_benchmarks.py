@@ -511,3 +511,26 @@ def test_published_profile_renders_to_its_table(tmp_path):
         == 0
     )
     assert (tmp_path / "profile.md").read_text() == (stored / "profile.md").read_text()
+
+
+def test_saved_bytes_counts_each_storage_once():
+    """A Linear saves its input and its weight, the ReLU its output, the loss that output
+    again (the same storage): 2 x 8 floats twice, and the 8 x 8 weight apart."""
+    from activation_memory import saved_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    assert saved_bytes(model, torch.randn(2, 8), None) == {"activations": 128, "parameters": 256}
+
+
+def test_activation_memory_per_rank_is_below_one_device(tmp_path):
+    """Every rank of every case saves less than one device, and less at P = 4 than at 2."""
+    import activation_memory
+
+    assert activation_memory.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "activation_memory.json").read_text())
+    for name, row in data["cases"].items():
+        single = row["single"]["activations"]
+        largest = {p: max(r["activations"] for r in ranks) for p, ranks in row["ranks"].items()}
+        assert largest["4"] < largest["2"] < single, (name, largest, single)
+    assert "| per rank / one device |" in (tmp_path / "activation_memory.md").read_text()
