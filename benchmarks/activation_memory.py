@@ -23,7 +23,6 @@ Writes ``OUT/activation_memory.json`` and ``OUT/activation_memory.md`` (``--out`
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, build_single, make_input  # noqa: E402
 from cases import labels as batch_labels  # noqa: E402
-from harness import HERE, mib, prepare_out, run_header  # noqa: E402
+from harness import HERE, mib, prepare_out, publish, run_header  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
 from loopback import loopback_world  # noqa: E402
 
@@ -80,7 +79,7 @@ def measure(case) -> dict:
     return row
 
 
-def write_markdown(result: dict, path: Path) -> str:
+def table_lines(result: dict) -> list[str]:
     lines = [
         "Bytes saved for backward by one training forward, per rank (the largest rank) against "
         f"one device; `{result['command']}`",
@@ -98,9 +97,7 @@ def write_markdown(result: dict, path: Path) -> str:
                 f"| {name} | {world} | {mib(single)} | {mib(largest)} | "
                 f"{largest / single:.3f} | {mib(params)} |"
             )
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "cases": {name: measure(cases[name]) for name in CASE_NAMES},
     }
-    (args.out / "activation_memory.json").write_text(json.dumps(result, indent=1))
-    print(write_markdown(result, args.out / "activation_memory.md"))
+    print(publish(args.out, "activation_memory", result, table_lines(result)))
     return 0
 
 

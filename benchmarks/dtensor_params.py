@@ -23,7 +23,6 @@ Writes ``OUT/dtensor_params.json`` and ``OUT/dtensor_params.md`` (``--out``; by 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, make_input, step_and_forward  # noqa: E402
 from cases import labels as batch_labels  # noqa: E402
-from harness import HERE, max_over_ranks, ms, prepare_out, run_header, run_ranks, summary  # noqa: E402
+from harness import HERE, max_over_ranks, ms, prepare_out, publish, run_header, run_ranks, summary  # noqa: E402
 from harness import barrier as world_barrier  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
 
@@ -115,7 +114,7 @@ def _rank(rank: int, world: int, args) -> dict:
     return times
 
 
-def write_markdown(result: dict, path: Path) -> str:
+def table_lines(result: dict) -> list[str]:
     lines = [
         f"DTensor parameters against plain local ones, P = {result['world']} (gloo, one "
         f"thread per rank), {result['reps']} interleaved repetitions; `{result['command']}`",
@@ -129,9 +128,7 @@ def write_markdown(result: dict, path: Path) -> str:
             f"| {name} | {ms(d['median'])} ({ms(d['p25'])}–{ms(d['p75'])}) | "
             f"{ms(p['median'])} ({ms(p['p25'])}–{ms(p['p75'])}) | {row['ratio']:.3f} |"
         )
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {variant: summary(values) for variant, values in variants.items()}
         row["ratio"] = row["dtensor"]["median"] / row["plain"]["median"]
         result["summary"][name] = row
-    (args.out / "dtensor_params.json").write_text(json.dumps(result, indent=1))
-    print(write_markdown(result, args.out / "dtensor_params.md"))
+    print(publish(args.out, "dtensor_params", result, table_lines(result)))
     return 0
 
 

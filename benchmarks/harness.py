@@ -8,7 +8,8 @@
   :func:`optimizer_state_bytes` for what a step costs besides its time.
 * :func:`run_header` is what a published JSON records first (command, machine, commit);
   :func:`prepare_out` makes the output folder and refuses to write over a file git tracks (the
-  published results), so a run never changes the repository.
+  published results), so a run never changes the repository; :func:`publish` writes a run's
+  JSON and Markdown there.
 * :func:`parser` holds the options every benchmark takes; :func:`ms` and :func:`mib` format
   the tables' numbers.
 """
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -42,6 +44,7 @@ __all__ = [
     "optimizer_state_bytes",
     "parser",
     "prepare_out",
+    "publish",
     "run_header",
     "run_ranks",
     "summary",
@@ -220,6 +223,15 @@ def prepare_out(out: Path, names: list[str]) -> None:
         if tracked:
             raise SystemExit(f"refusing to write over {path}: git tracks it; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def publish(out: Path, name: str, result: dict, lines: list[str]) -> str:
+    """Write ``out/name.json`` (``result``) and ``out/name.md`` (``lines``); return the
+    Markdown."""
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    text = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(text)
+    return text
 
 
 def ms(seconds: float) -> str:
