@@ -26,7 +26,7 @@ from mpgroups.comm.collectives import (
     scatter_channels_from,
     sum_over_ranks,
 )
-from mpgroups.comm.process_groups import group_rank, resolve_process_group
+from mpgroups.comm.process_groups import group_rank, host_group, resolve_process_group
 from mpgroups.sharding.layout import layout_shards
 
 __all__ = ["gather_channels", "scatter_channels"]
@@ -81,7 +81,8 @@ def scatter_channels(
         expected_channels=lambda sent: [sent[r] if r == src else None for r in range(len(sent))],
         channels_note=lambda sent: [""] * len(sent),
     )
-    meta = broadcast_meta(x, src, pg)
+    # Host integers on the host: over NCCL a device buffer would make every rank wait for it.
+    meta = broadcast_meta(x, src, host_group(pg))
     guard.raise_together(
         holds or torch.is_grad_enabled() or not meta.requires_grad,
         f"rank {src} records a backward through its input, and a rank that runs under "
@@ -137,7 +138,7 @@ def gather_channels(
     if records is not None:
         total = sum(channel_counts(records))
     else:
-        total = sum_over_ranks(x.shape[1], pg)
+        total = sum_over_ranks(x.shape[1], host_group(pg))
     shards = layout_shards(total, groups, world, rank, pg)
     if x.shape[1] != shards.widths[rank]:
         raise ValueError(
