@@ -12,6 +12,7 @@ from mpgroups.layers.channel_modules import GatherChannels
 from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
 from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
+from mpgroups.plans.dtensor_model import distribute_parameters
 from mpgroups.plans.global_batch import match_global_batch
 from mpgroups.plans.parallelize import PlanError, parallelize, unparallelize
 from mpgroups.plans.styles import DEPRECATED_STYLES, ChannelLocal, NoParallel, ParallelLayer, Plan
@@ -51,6 +52,7 @@ __all__ = [
     "PlanError",
     "atomic_save",
     "auto_plan",
+    "distribute_parameters",
     "full_grad_dict",
     "full_state_dict",
     "gather_channels",

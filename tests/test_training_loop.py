@@ -385,3 +385,39 @@ def test_ema_and_lr_scheduler_follow_one_device(pool, kind):
     """OneCycleLR, clipping and an ``AveragedModel`` EMA (a deep copy of the parallel model,
     averaged with foreach ops on its DTensors): the EMA equals the single-device EMA."""
     pool.run(_ema_and_scheduler, 2, kind)
+
+
+# A model whose parallel layer the user placed by hand.
+
+
+def _hand_placed(ctx) -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=4),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    model = copy.deepcopy(plain)
+    model[3] = mpgroups.GroupParallelConv2d.from_conv(plain[3], ctx.process_group)
+    assert mpgroups.distribute_parameters(model, ctx.process_group) is model
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, model)]
+    for x, y in _batches(8, 3):
+        norms = []
+        for net, opt in zip((plain, model), optimizers, strict=True):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=0.05))
+            opt.step()
+        assert norms[0] > 0.05
+        assert_close(norms[1].full_tensor(), norms[0], NORM_TOL, "hand-placed norm")
+    _assert_single_device_state(model, plain, "hand-placed")
+    # A layer split over another group is named.
+    other = nn.Sequential(mpgroups.GroupParallelConv2d(8, 8, 1, groups=8, process_group=None))
+    if ctx.world_size == 2:
+        with pytest.raises(ValueError, match=r"'0.weight' is split over the ranks \[0, 1, 2, 3\]"):
+            mpgroups.distribute_parameters(other, ctx.process_group)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_hand_placed_layers_with_distribute_parameters(pool, world_size):
+    pool.run(_hand_placed, world_size)

@@ -9,15 +9,21 @@ with :func:`undistribute_model_state`.
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mpgroups.comm.collectives import gather_rows
-from mpgroups.comm.process_groups import group_mesh
+from mpgroups.comm.process_groups import group_mesh, resolve_process_group
 from mpgroups.layers.channel_modules import tensor_shards
 from mpgroups.layers.dtensor_state import LOCAL_FORWARD_HOOKS, chunk_slices, distribute_state
 
-__all__ = ["DDP_REFUSED", "distribute_model_state", "undistribute_model_state"]
+__all__ = [
+    "DDP_REFUSED",
+    "distribute_model_state",
+    "distribute_parameters",
+    "undistribute_model_state",
+]
 
 DDP_REFUSED = (
     "DistributedDataParallel cannot hold this model: mpgroups holds a parallelized model's "
@@ -81,6 +87,36 @@ def distribute_model_state(model: nn.Module, process_group, given_mesh=None) -> 
         if placements:
             distribute_state(module, mesh, placements, made, whole_rows)
     model._ddp_params_and_buffers_to_ignore = _RefuseDDP()
+
+
+def distribute_parameters(model: nn.Module, process_group=None) -> nn.Module:
+    """Hold the parameters of a model whose parallel layers you placed yourself as DTensors,
+    as ``parallelize`` does for the models it converts (a collective; returns ``model``).
+
+    For a model that holds ``GroupParallelConv2d``/``ParallelLinear`` layers built or
+    converted by hand (``from_conv``) over ``process_group``: afterwards
+    ``clip_grad_norm_``, ``GradScaler`` and DCP see the single-device model, as for a
+    parallelized one. Without it, a rank's shards look to them like whole tensors. Every rank
+    of the group calls it on the same model; a no-op on one rank.
+
+    Raises:
+        ValueError: a layer split over another process group than ``process_group``.
+    """
+    pg = resolve_process_group(process_group)
+    if pg is None or pg.size() == 1:
+        return model
+    ranks = dist.get_process_group_ranks(pg)
+    for name, module in model.named_modules():
+        for entry, (shards, _) in tensor_shards(module).items():
+            group = shards.process_group
+            if shards.world_size > 1 and dist.get_process_group_ranks(group) != ranks:
+                raise ValueError(
+                    f"'{name}.{entry}' is split over the ranks "
+                    f"{dist.get_process_group_ranks(group)}, not over the group of ranks "
+                    f"{ranks} it was given; give distribute_parameters that layer's group"
+                )
+    distribute_model_state(model, pg, process_group)
+    return model
 
 
 def undistribute_model_state(model: nn.Module) -> None:
