@@ -421,3 +421,39 @@ def _hand_placed(ctx) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_hand_placed_layers_with_distribute_parameters(pool, world_size):
     pool.run(_hand_placed, world_size)
+
+
+def _local_view_grads(ctx) -> None:
+    """The parameters' gradients arrive as torch's own ``to_local()`` would hand them, laid
+    out as the local tensor whatever the gradient's layout (an expanded grad of a sum,
+    channels_last), and accumulate over backward passes."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
+
+    from mpgroups.layers.dtensor_state import _LocalView
+
+    mesh = DeviceMesh.from_group(ctx.process_group, "cpu")
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        local = torch.randn(6, 4, 3, 3).contiguous(memory_format=memory_format)
+        ours, torchs = (
+            nn.Parameter(
+                DTensor.from_local(local.clone(), mesh, [Shard(0)], run_check=False,
+                                   shape=(12, 4, 3, 3), stride=local.stride())
+            )
+            for _ in range(2)
+        )  # fmt: skip
+        weights = torch.randn(6, 4, 3, 3)
+        for _ in range(2):
+            _LocalView.apply(ours).sum().backward()  # an expanded gradient
+            torchs.to_local().sum().backward()
+            (_LocalView.apply(ours) * weights).sum().backward()
+            (torchs.to_local() * weights).sum().backward()
+        assert (
+            ours.grad.placements == torchs.grad.placements and ours.grad.shape == torchs.grad.shape
+        )
+        assert torch.equal(ours.grad.to_local(), torchs.grad.to_local())
+        assert ours.grad.to_local().stride() == local.stride()
+
+
+def test_local_view_hands_back_gradients_as_torch_does(pool):
+    pool.run(_local_view_grads, 2)
