@@ -457,3 +457,25 @@ def _local_view_grads(ctx) -> None:
 
 def test_local_view_hands_back_gradients_as_torch_does(pool):
     pool.run(_local_view_grads, 2)
+
+
+def _gradient_penalty(ctx) -> None:
+    """Higher-order grads through the DTensor parameters: a penalty on the gradient of the
+    loss with respect to every parameter (``create_graph=True``), then its backward."""
+    plain, model, size = _models("drop-in", ctx.process_group)
+    x, y = _batches(size, 1)[0]
+    for net in (plain, model):
+        params = list(net.parameters())
+        first = torch.autograd.grad(F.cross_entropy(net(x), y), params, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        if isinstance(penalty, DTensor):  # the norm of DTensor gradients: made whole
+            penalty = penalty.full_tensor()
+        penalty.backward()
+    full = mpgroups.full_grad_dict(model)
+    for key, param in plain.named_parameters():
+        assert_close(full[key], param.grad, TOL, f"penalty grad {key}")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_gradient_penalty_through_dtensor_parameters(pool, world_size):
+    pool.run(_gradient_penalty, world_size)

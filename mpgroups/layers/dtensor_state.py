@@ -184,9 +184,9 @@ def _dtensor_entries(module: nn.Module):
 def _shadow_with_locals(module: nn.Module, args) -> None:
     # An instance attribute is found before nn.Module.__getattr__ looks into _parameters.
     whole_rows = getattr(module, "_mpgroups_whole_rows", {})
-    # to_local() is what links a gradient to the DTensor; where none can flow its autograd
-    # function is pure cost (a few µs a tensor, a few % of a batch-1 forward), so the local
-    # tensor itself is taken (outside torch.compile, which traces to_local()).
+    # A gradient reaches the DTensor through _LocalView (torch.compile traces torch's own
+    # to_local()); where none can flow, the local tensor itself is taken: an autograd
+    # function there is pure cost (a few µs a tensor, a few % of a batch-1 forward).
     grad = torch.is_grad_enabled()
     compiling = torch.compiler.is_compiling()
     for name, value in list(_dtensor_entries(module)):
@@ -233,12 +233,17 @@ class _LocalView(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        local = ctx.local
+        spec, local = ctx.spec, ctx.local
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            return DTensor.from_local(
+                grad, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
+                stride=spec.stride,
+            )  # fmt: skip
         if grad.stride() != local.stride():
             # Laid out otherwise (an expanded grad of a sum, another memory format): copied
             # into the local tensor's layout, which the DTensor's spec describes.
             grad = torch.empty_like(local).copy_(grad)
-        return DTensor(grad, copy.copy(ctx.spec), requires_grad=False)
+        return DTensor(grad, copy.copy(spec), requires_grad=False)
 
 
 class _OwnRows(torch.autograd.Function):
