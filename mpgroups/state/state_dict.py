@@ -3,8 +3,11 @@
 A parallel module's state holds its slices of the full tensors: rows (dim 0) of a
 group-parallel conv's ``weight`` and ``bias`` and of a sharded BatchNorm's state, columns
 (dim 1) of a row-parallel (``split="rowwise"``) layer's ``weight``; every other entry is the same
-on every rank. The full state dict has the keys, order and shapes of the
-original ``torch.nn`` model, so it loads there with ``strict=True``.
+on every rank. A parallelized model holds them as ``DTensor`` s (``Shard(dim)`` of the slice,
+or the whole tensor ``Replicate()`` where the split is not ``torch.chunk``'s, see
+:mod:`mpgroups.layers.dtensor_state`), a layer placed by hand as plain tensors of the slice;
+:func:`local_rows` reads either as the slice. The full state dict has the keys, order and
+shapes of the original ``torch.nn`` model, so it loads there with ``strict=True``.
 
 Under FSDP2 (``fully_shard(model, mesh=mesh["dp"])`` around a model parallelized over
 ``mesh["gp"]``) parameters and gradients are ``DTensor``s sharded over the data-parallel mesh:
@@ -79,8 +82,8 @@ def fsdp_process_group(model: nn.Module):
 
 
 def _is_whole(value, shards: ChannelShards, dim: int) -> bool:
-    """True when ``value`` is a ``DTensor`` that spans the whole split (torch's styles hold
-    their rows so). Every rank decides alike (a DTensor's shape is the global one)."""
+    """True when ``value`` is a ``DTensor`` that spans the whole split (a parallelized model's
+    and the styles' entries). Every rank decides alike (a DTensor's shape is the global one)."""
     return isinstance(value, DTensor) and value.shape[dim] == shards.total
 
 
