@@ -702,3 +702,28 @@ def test_dcp_checkpoint_holds_the_single_device_block_and_resumes_at_another_siz
             assert torch.equal(resumed["loaded"][key], value), (world_size, key)
         for key, value in saved["final"].items():
             assert_close(resumed["final"][key], value, 1e-12, f"P={world_size} {key}")
+
+
+def _compiled_block(ctx, split_in_proj: bool) -> None:
+    """``torch.compile(fullgraph=True)`` of the parallelized block: one graph, its forward
+    and every gradient those of the single-device block."""
+    world, mesh = ctx.world_size, _mesh(ctx)
+    torch.manual_seed(0)
+    ref = MambaStyleBlock(split_in_proj=split_in_proj)
+    block = _parallel_block(ref, mesh, world)
+    order = tp_row_order(ref.conv.in_channels, world)
+    u = torch.randn(2, 7, 6, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y = compiled(u)
+    y.sum().backward()
+    y_ref = ref(u)
+    y_ref.sum().backward()
+    assert_close(y, y_ref, TOL, "compiled forward")
+    grads = mpgroups.full_grad_dict(block)
+    _assert_dict_close(grads, {n: p.grad for n, p in ref.named_parameters()}, order, "compiled")
+
+
+@pytest.mark.parametrize("split_in_proj", [False, True], ids=["fused-local", "split-dtensor"])
+def test_fullgraph_compile_of_the_block(pool, split_in_proj):
+    pool.run(_compiled_block, 2, split_in_proj)
