@@ -122,7 +122,7 @@ def _two_nodes_on_loopback(nproc: int, *options: str, timeout: float = 240) -> s
 
 
 def test_multi_node_runs_a_2x2_mesh_with_gp_2():
-    """2 nodes x 2 processes on loopback (c10d rendezvous), group parallel inside a node, DDP
+    """2 nodes x 2 processes on loopback (c10d rendezvous), group parallel inside a node, FSDP2
     across the nodes: the demo's loss curve still equals the one-process run's."""
     combined = _two_nodes_on_loopback(2, "--gp", "2")
     assert "trained on 4 process(es), gloo, cpu, mesh dp=2 x gp=2" in combined
