@@ -479,3 +479,32 @@ def _gradient_penalty(ctx) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_gradient_penalty_through_dtensor_parameters(pool, world_size):
     pool.run(_gradient_penalty, world_size)
+
+
+def _dcp_save_on_mesh(ctx, path: str) -> dict:
+    """One AdamW step on the 2 x 2 mesh (FSDP2 over dp), then a DCP save."""
+    import torch.distributed.checkpoint as dcp
+    from test_mesh import _mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh()
+    _, model, size = _models("alexnet", mesh["gp"])
+    fully_shard(model, mesh=mesh["dp"])
+    optimizer = _optimizer(model, "adamw")
+    _train(model, optimizer, _batches(size, 1))
+    saved = _copy(mpgroups.full_state_dict(model))
+    dcp.save(_dcp_state(model, optimizer), checkpoint_id=path)
+    return saved
+
+
+def test_dcp_checkpoint_written_on_a_2x2_mesh_is_the_single_device_model(pool, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = str(tmp_path / "dcp")
+    saved = pool.run(_dcp_save_on_mesh, 4, path)[0]
+    dcp_to_torch_save(path, tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    plain, _, _ = _models("alexnet", None)
+    plain.load_state_dict(whole["model"], strict=True)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, saved[key]), key
