@@ -114,8 +114,7 @@ class AlexNet(nn.Module):
         self.world_size = 1 if pg is None else pg.size()
         if parallel:
             # The group as given: a DeviceMesh dim stays the mesh its DTensors live on.
-            given = process_group if process_group is not None else pg
-            parallelize(self, given, plan=self.parallel_plan(batch_norm, split_classifier))
+            parallelize(self, process_group, plan=self.parallel_plan(batch_norm, split_classifier))
 
     @staticmethod
     def parallel_plan(batch_norm: bool = False, split_classifier: bool = True) -> dict:

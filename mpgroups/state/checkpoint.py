@@ -167,16 +167,16 @@ def save_sharded_state_dict(
     else:
         replicas = resolve_process_group(data_parallel_group)
     # DTensors (FSDP2's over dp) are made whole first: a collective every rank joins.
-    state = local_rows(model.state_dict(), sharded_keys(model))
+    sharded = sharded_keys(model)
+    state = local_rows(model.state_dict(), sharded)
     writes = replicas is None or rank_and_world_size(replicas)[0] == 0
     if writes:
-        _write_shards(model, directory, state, process_group, rank, world_size)
+        _write_shards(sharded, directory, state, process_group, rank, world_size)
     barrier(replicas)
     return directory
 
 
-def _write_shards(model, directory: Path, state: dict, process_group, rank, world_size) -> None:
-    sharded = sharded_keys(model)
+def _write_shards(sharded, directory: Path, state: dict, process_group, rank, world_size) -> None:
     rows, tensors = {}, {}
     for key, value in state.items():
         shards, dim = sharded.get(key, (None, 0))

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from mpgroups.comm.checks import check_same_call
 from mpgroups.comm.collectives import gather_rows
 from mpgroups.layers.channel_modules import tensor_shards
-from mpgroups.layers.dtensor_state import own_rows
+from mpgroups.layers.dtensor_state import local_tensor, own_rows
 from mpgroups.sharding.layout import ChannelShards
 
 __all__ = [
@@ -202,8 +202,4 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
 def local_parameter_bytes(model: nn.Module) -> int:
     """Bytes of the parameters this rank holds (its shards plus the replicated ones; of a
     ``DTensor`` parameter, its local part)."""
-    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
-
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
