@@ -1,6 +1,7 @@
 """``torch.compile`` of planned models at P = 2: with checks off the whole model is one graph
-(``fullgraph=True``) and equals eager, forward and backward; with checks on it compiles, each
-check runs outside the graph, and a mismatch still raises on every rank."""
+(``fullgraph=True``) and equals eager, forward and backward; with checks on it is one graph
+too, broken once by the root's check (outside the graph), and a mismatch still raises on
+every rank."""
 
 from __future__ import annotations
 
@@ -80,12 +81,29 @@ def test_fullgraph_compile_with_checks_off_equals_eager(pool, kind, backend):
     pool.run(_compiled_equals_eager, 2, kind, backend, timeout=240)
 
 
-def _compiled_with_checks(ctx) -> str:
-    model, x = _model("alexnet", ctx.process_group)
-    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
-    with mpgroups.CommCounter() as comm:
-        got = _step(compiled, x)
-    assert comm.count("input_check", kind="check") > 0  # the checks ran
+def _compiled_with_checks(ctx, kind: str) -> str:
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    model, x = _model(kind, ctx.process_group)
+    compiled = torch.compile(copy.deepcopy(model), backend=counting_backend)
+    counters.clear()
+    for step in range(3):
+        with mpgroups.CommCounter() as comm:
+            got = _step(compiled, x)
+        # The root's check every step, outside the graph; the layers' in their first call.
+        assert comm.count("input_check", kind="check") == 1, (step, comm.count("input_check"))
+    # One graph for the model, broken once where the root's check leaves it; no recompiles.
+    assert len(graphs) == 1, [g.graph for g in graphs]
+    assert len(counters["graph_break"]) == 1, dict(counters["graph_break"])
+    assert "InputGuard._exchange" in next(iter(counters["graph_break"]))
+    assert not counters["recompiles"], dict(counters["recompiles"])
     want = _step(model, x)
     assert_close(got[0], want[0], 1e-5, "output with checks")
     bad = x[:1] if ctx.rank == 1 else x  # one rank's batch differs
@@ -94,7 +112,8 @@ def _compiled_with_checks(ctx) -> str:
     return str(caught.value)
 
 
-def test_compile_with_checks_on_runs_them_and_a_mismatch_raises_on_every_rank(pool):
-    messages = pool.run(_compiled_with_checks, 2, timeout=240)
+@pytest.mark.parametrize("kind", ["alexnet", "auto"])
+def test_compile_with_checks_on_is_one_graph_and_a_mismatch_raises_on_every_rank(pool, kind):
+    messages = pool.run(_compiled_with_checks, 2, kind, timeout=240)
     assert messages[0] == messages[1]
     assert "rank 1 sent [1, 3, 32, 32]" in messages[0]

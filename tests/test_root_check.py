@@ -5,6 +5,7 @@ and ranks out of step never pair one rank's batch with another's."""
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import tv_models
@@ -85,60 +86,65 @@ def _one_rank_fails_inside_a_step(ctx) -> list[str]:
     model = mpgroups.parallelize(model, ctx.process_group)
     # Rank 0 skipped the exchanges left in its failed step: it calls once more, so that the
     # others' last exchange has a partner.
-    outcomes = _loop(model, reference, _batches(7 if ctx.rank == 0 else 6))
+    os.environ["MPGROUPS_CHECKS"] = "detail"
+    try:
+        outcomes = _loop(model, reference, _batches(7 if ctx.rank == 0 else 6))
+    finally:
+        del os.environ["MPGROUPS_CHECKS"]
     return [o.split(":")[0] if o.startswith("mismatch") else o for o in outcomes]
 
 
 def test_a_rank_that_fails_alone_never_pairs_with_another_step(pool):
-    """Rank 0 fails in its own code at step 2; rank 1 waits in the grouped conv's check, which
-    then meets rank 0's next root check: both raise. From then on the ranks' steps differ and
-    every step raises on both, instead of pairing rank 1's batch k with rank 0's k + 1."""
+    """With ``MPGROUPS_CHECKS=detail`` (every layer checks every call): rank 0 fails in its
+    own code at step 2; rank 1 waits in the grouped conv's check, which then meets rank 0's
+    next root check: both raise. From then on the ranks' steps differ and every step raises
+    on both, instead of pairing rank 1's batch k with rank 0's k + 1. (By default rank 1 waits
+    in the conv's gather and rank 0 at its next root check, on another group: both wait until
+    the group's timeout, docs/design.md §6.)"""
     outcomes = pool.run(_one_rank_fails_inside_a_step, 2)
     assert outcomes[0] == ["ok", "a failure of rank 0 alone"] + ["mismatch"] * 5
     assert outcomes[1] == ["ok"] + ["mismatch"] * 5
 
 
-def _one_exchange_more_per_forward(ctx) -> tuple[int, int]:
+def _exchanges_per_forward(ctx) -> tuple[list[int], int]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=4))
     model = mpgroups.parallelize(model, ctx.process_group)
-    x = torch.randn(2, 3, 9, 9)
-    with mpgroups.CommCounter() as comm:
-        model(x)
-    checked = comm.count("input_check", kind="check")
+    checked = []
+    for x in (torch.randn(2, 3, 9, 9), torch.randn(2, 3, 9, 9), torch.randn(1, 3, 9, 9)):
+        for grad in (False, True, True):
+            with mpgroups.CommCounter() as comm, torch.set_grad_enabled(grad):
+                model(x)
+            checked.append(comm.count("input_check", kind="check"))
     with mpgroups.CommCounter() as comm:
         mpgroups.unparallelize(model)
     return checked, comm.count("input_check", kind="check")
 
 
-def test_the_root_check_is_one_exchange_per_forward(pool):
-    """The grouped conv's own check and the root's: two per forward (unparallelize takes the
+def test_the_root_checks_every_forward_and_a_layer_each_new_input_signature(pool):
+    """The root's check every forward; the grouped conv's on its first call with an input
+    signature (shape, grad mode) only: 2 exchanges then, 1 after (unparallelize takes the
     root's hook away with the layers)."""
-    assert pool.run(_one_exchange_more_per_forward, 2)[0][0] == 2
+    checked, after = pool.run(_exchanges_per_forward, 2)[0]
+    assert checked == [2, 2, 1, 1, 1, 1, 2, 2, 1], checked
 
 
 def _records_on_the_host(ctx) -> None:
-    """A group whose collectives run on a device (NCCL) gets a gloo twin of the same ranks for
-    the checks' records, made once and named from the group. A gloo group is its own: here
-    the twin is made by pretending the pool's group runs on a device."""
+    """Every group gets a gloo twin of the same ranks for the checks' records, made once and
+    named from it (for NCCL so that a check never waits for the GPU; for gloo too, so that a
+    record never travels where the data does)."""
     import torch.distributed as dist
 
     from mpgroups.comm import process_groups
     from mpgroups.comm.checks import InputGuard
 
     pg = ctx.process_group
-    assert process_groups.host_group(pg) is pg
-    assert process_groups.comm_device(pg).type == "cpu"
-    real = process_groups.comm_device
-    process_groups.comm_device = lambda group: torch.device("cuda" if group is pg else "cpu")
-    try:
-        twin = process_groups.host_group(pg)
-        assert twin is not pg and process_groups.host_group(pg) is twin
-        assert dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(pg)
-        guard = InputGuard("twin check", ("twin",), pg)
-        assert guard.record_group is twin
-    finally:
-        process_groups.comm_device = real
+    twin = process_groups.host_group(pg)
+    assert twin is not pg and process_groups.host_group(pg) is twin
+    assert dist.get_backend(twin) == "gloo"
+    assert dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(pg)
+    guard = InputGuard("twin check", ("twin",), pg)
+    assert guard.record_group is twin
     every = [8] * ctx.world_size
     notes = [""] * ctx.world_size
     records = guard(torch.randn(2, 8), problem=None, expected_channels=every, channels_note=notes)

@@ -11,11 +11,20 @@ Every checked call site (the layers, :class:`~mpgroups.GatherChannels`, ``gather
 ``scatter_channels``, ``to_conv``/``full_weight``, ``full_state_dict``) goes through one
 :class:`InputGuard`.
 
-``MPGROUPS_CHECKS=0`` (or ``checks=False`` on a layer) skips the exchange for speed. Local
-checks still raise on the rank that fails them, but a mismatch *between* ranks is no longer
-caught: depending on the sizes involved it hangs until the process group's timeout, aborts
-one rank inside the backend (gloo: "Received data size doesn't match expected size"), or,
-when the element counts happen to agree, returns wrong numbers on every rank.
+A layer inside a parallelized model (one with a :class:`RootCheck`) exchanges only on its
+first call with a new input signature (shape, dtype, device type, grad mode): once the ranks
+agree on the model's input, which the root checks every forward, every layer's input follows
+from it, so every rank decides alike and a model's steady-state forward makes one exchange.
+A standalone call site exchanges on every call.
+
+``MPGROUPS_CHECKS`` sets how much is checked: ``1`` (default) as above; ``detail`` makes every
+call site exchange on every call, also inside a parallelized model (the debug setting: it
+catches ranks that took different branches inside the model, which the root cannot see);
+``0`` (or ``checks=False`` on a layer) skips the exchanges for speed. Local checks still raise
+on the rank that fails them, but with ``0`` a mismatch *between* ranks is no longer caught:
+depending on the sizes involved it hangs until the process group's timeout, aborts one rank
+inside the backend (gloo: "Received data size doesn't match expected size"), or, when the
+element counts happen to agree, returns wrong numbers on every rank.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ __all__ = [
     "check_same_call",
     "check_across_ranks",
     "checks_enabled",
+    "checks_mode",
     "layer_input_problem",
     "tensor_problem",
     "fingerprint",
@@ -60,11 +70,20 @@ class InputMismatchError(ValueError):
     """Inputs that cannot go through a collective together; raised on every rank."""
 
 
-def checks_enabled(flag: bool | None = None) -> bool:
-    """``flag`` when given, else the ``MPGROUPS_CHECKS`` environment variable (default on)."""
+def checks_mode(flag: bool | None = None) -> str:
+    """``"off"``, ``"on"`` or ``"detail"``: ``flag`` when given (``True`` is ``"on"``), else
+    the ``MPGROUPS_CHECKS`` environment variable (``0``/``1``/``detail``; default ``1``)."""
     if flag is not None:
-        return flag
-    return os.environ.get("MPGROUPS_CHECKS", "1").strip().lower() not in ("0", "false", "off")
+        return "on" if flag else "off"
+    value = os.environ.get("MPGROUPS_CHECKS", "1").strip().lower()
+    if value in ("0", "false", "off"):
+        return "off"
+    return "detail" if value == "detail" else "on"
+
+
+def checks_enabled(flag: bool | None = None) -> bool:
+    """Whether call sites exchange records at all (:func:`checks_mode` is not ``"off"``)."""
+    return checks_mode(flag) != "off"
 
 
 def fingerprint(*parts) -> int:
@@ -122,6 +141,11 @@ def layer_input_problem(
     return None
 
 
+def _records_grad(x: Tensor) -> bool:
+    """Whether this call records a backward through ``x``."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def _code(value, table) -> int:
     return table.index(value) if value in table else -1
 
@@ -132,7 +156,7 @@ def _encode(x, site_id: int, call: int, problem_code: int) -> Tensor:
     if isinstance(x, Tensor):
         rec[_DTYPE] = _code(x.dtype, WIRE_DTYPES)
         rec[_DEVICE] = _code(x.device.type, _DEVICE_TYPES)
-        rec[_GRAD] = int(torch.is_grad_enabled() and x.requires_grad)
+        rec[_GRAD] = int(_records_grad(x))
         rec[_NDIM] = x.dim()
         for i, size in enumerate(x.shape[:_RECORD_DIMS]):
             rec[_SHAPE + i] = size
@@ -290,10 +314,12 @@ def _check_across_ranks(
 class InputGuard:
     """The check of one call site, run before its collectives.
 
-    With more than one rank and checks on, every call exchanges records (see the module
+    With more than one rank and checks on, a call exchanges records (see the module
     docstring) and any problem on any rank raises :class:`InputMismatchError` on all of
-    them. Otherwise a local problem raises on its own rank (``TypeError`` for a non-tensor,
-    ``ValueError`` else) and nothing is exchanged.
+    them: every call of a standalone site; under a model's root check (``clock``), the first
+    call with each new input signature, or a call whose local check failed. Otherwise a local
+    problem raises on its own rank (``TypeError`` for a non-tensor, ``ValueError`` else) and
+    nothing is exchanged.
 
     Args:
         site: how messages name the call site, e.g. ``"GroupParallelConv2d(8, 8, groups=4)"``.
@@ -325,9 +351,12 @@ class InputGuard:
         # records then carry the model's step, and its calls count within that step.
         self.clock: RootCheck | None = None
         self._step = 0
+        # Input signatures every rank agreed on here, under the clock (insertion-ordered).
+        self._agreed: dict[tuple, None] = {}
 
     def __deepcopy__(self, memo) -> InputGuard:
         twin = copy.copy(self)  # shares the process group
+        twin._agreed = dict(self._agreed)
         memo[id(self)] = twin
         return twin
 
@@ -347,6 +376,12 @@ class InputGuard:
     ) -> list[list[int]] | None:
         """Check ``x``; return every rank's record when they were exchanged, else ``None``."""
         if self.exchanges(communicates):
+            if self.clock is not None and problem is None and checks_mode(self.checks) == "on":
+                # Under torch.compile the root's check (outside the graph) is the model's
+                # only one: a layer's would break the graph at every layer.
+                if torch.compiler.is_compiling():
+                    return None
+                return self._exchange_once(x, expected_channels, channels_note, weight)
             return self._exchange(x, problem, expected_channels, channels_note, weight)
         if problem is not None:
             error = TypeError if problem[0] == NO_TENSOR else ValueError
@@ -354,11 +389,26 @@ class InputGuard:
             raise error(f"{self.site} on {where}: {problem[1]}")
         return None
 
+    def _exchange_once(self, x: Tensor, expected_channels, channels_note, weight):
+        """The exchange of a site under a root check: only for an input signature the ranks
+        have not agreed on here before (every rank decides alike, since the root agreed on
+        the model's input and every layer's input follows from it)."""
+        call = self._next_call()
+        signature = (tuple(x.shape), x.dtype, x.device.type, _records_grad(x))
+        if signature in self._agreed:
+            return None
+        records = self._exchange(x, None, expected_channels, channels_note, weight, call)
+        if len(self._agreed) >= _SIGNATURES_KEPT:
+            del self._agreed[next(iter(self._agreed))]
+        self._agreed[signature] = None
+        return records
+
     # Outside any compiled graph: the call count changes every call (a graph would be
     # recompiled for each value), and the exchange reads the real input.
     @torch.compiler.disable
-    def _exchange(self, x, problem, expected_channels, channels_note, weight):
-        call = self._next_call()
+    def _exchange(self, x, problem, expected_channels, channels_note, weight, call=None):
+        if call is None:
+            call = self._next_call()
         return check_across_ranks(
             x,
             process_group=self.record_group,
@@ -400,6 +450,7 @@ def check_same_call(site: str, config: tuple, process_group) -> None:
 
 
 _CALLS_PER_STEP = 1 << 20  # calls of one site within one step of its model, at most
+_SIGNATURES_KEPT = 64  # input signatures a site under a root check remembers, the newest
 _WHOLE = _RECORD_DIMS  # a channel dim no record has: every dim is compared
 
 
@@ -420,12 +471,16 @@ class RootCheck:
     it (an EMA copy runs in step on every rank as the model does).
     """
 
-    def __init__(self, site: str, process_group) -> None:
-        # An input check like a layer's, of every dim (no channel count), counting the steps.
+    def __init__(self, site: str, process_group, layers: Sequence[InputGuard] = ()) -> None:
+        # An input check like a layer's, of every dim (no channel count), counting the steps;
+        # its fingerprint covers the layers' too, so ranks whose models differ never agree.
+        layer_ids = tuple(guard.site_id for guard in layers)
         self.guard = InputGuard(
-            f"{site} (the parallelized model's input)", ("root", site), process_group,
-            channel_dim=_WHOLE,
+            f"{site} (the parallelized model's input)", ("root", site, layer_ids),
+            process_group, channel_dim=_WHOLE,
         )  # fmt: skip
+        for guard in layers:
+            guard.clock = self
 
     @property
     def step(self) -> int:

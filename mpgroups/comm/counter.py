@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 __all__ = ["CommCounter", "CommRecord"]
 
 # Process-wide, not a context variable: on CUDA the autograd engine runs backward (and so the
@@ -48,6 +50,10 @@ class CommCounter:
             y.backward(grad)
         comm.count("all_gather")  # collectives of that op
         comm.bytes()  # data bytes, metadata excluded
+
+    Collectives inside a ``torch.compile``'d graph are not recorded: a count taken while
+    tracing would be the trace's, once, not each run's (and timing them would break the
+    graph). The input checks run outside the graph and are recorded.
     """
 
     def __init__(self) -> None:
@@ -92,7 +98,7 @@ class CommCounter:
 
 def record(op: str, group_size: int, nbytes: int, kind: str = "data", seconds: float = 0.0) -> None:
     """Add one collective to every open :class:`CommCounter`."""
-    if _active:
+    if _active and not torch.compiler.is_compiling():
         rec = CommRecord(op, group_size, nbytes, kind, seconds)
         with _lock:
             for counter in _active:
@@ -102,7 +108,7 @@ def record(op: str, group_size: int, nbytes: int, kind: str = "data", seconds: f
 @contextmanager
 def counted(op: str, group_size: int, nbytes: int, kind: str = "data") -> Iterator[None]:
     """Record the collective run inside the block, with its wall time."""
-    if not _active:
+    if not _active or torch.compiler.is_compiling():
         yield
         return
     start = time.perf_counter()

@@ -13,8 +13,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mpgroups.comm.collectives import comm_device
-
 __all__ = [
     "group_mesh",
     "group_rank",
@@ -192,18 +190,22 @@ def _named_subgroup(
 
 
 def host_group(process_group):
-    """The group the input checks exchange their records over: ``process_group`` itself when
-    its small buffers live on the host (:func:`~mpgroups.comm.collectives.comm_device`: gloo),
-    else a gloo group of the same ranks, made once per
-    group and named from it, so that every rank agrees on it whatever groups it made before.
-    A record is then host integers end to end: the check never waits for a device.
+    """The group the input checks exchange their records over: a gloo group of the same
+    ranks as ``process_group``, made once per group and named from it, so that every rank
+    agrees on it whatever groups it made before.
+
+    A record is host integers end to end, so a check never waits for a device (NCCL). The
+    twin is made for a gloo group too: records never travel on the group the data moves on,
+    so a rank at a check can never pair with a rank inside a data collective (one that went
+    on past a step the first rank failed alone): the two wait instead, until the group's
+    timeout, and a GPU run and a CPU run have the same groups.
 
     Every rank of ``process_group`` calls this in the same order (it is called where the
     guards are made: layer construction, ``parallelize``, the collective helpers).
     """
     if process_group is None or process_group.size() == 1:
         return process_group
-    if comm_device(process_group).type == "cpu":
+    if dist.get_backend(process_group) == "fake":  # torch's FakeProcessGroup moves no data
         return process_group
     if process_group not in _host_cache:
         ranks = dist.get_process_group_ranks(process_group)

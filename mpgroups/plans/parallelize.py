@@ -347,13 +347,10 @@ def parallelize(
                 handle = module.register_forward_pre_hook(_needs_whole(tracker, name))
             tracker.handles.append(handle)
     if size > 1:
-        root = RootCheck(type(model).__name__, pg)
+        guards = [getattr(module, "input_guard", None) for module in model.modules()]
+        root = RootCheck(type(model).__name__, pg, [g for g in guards if isinstance(g, InputGuard)])
         handle = model.register_forward_pre_hook(root, prepend=True, with_kwargs=True)
         tracker.handles.append(handle)
-        for module in model.modules():
-            guard = getattr(module, "input_guard", None)
-            if isinstance(guard, InputGuard):
-                guard.clock = root
         distribute_model_state(model, pg, process_group)
     model._mpgroups_tracker = tracker
     model._mpgroups_styled = styled
