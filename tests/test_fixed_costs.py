@@ -70,9 +70,10 @@ def test_data_collectives_are_the_plans(counts):
 
 def test_the_first_step_checks_every_layer_once(counts):
     # 32 checked layers (the 16 column- and 16 row-parallel convs; the grouped convs between
-    # them communicate nothing) and the root, each exchanging one record read back twice.
+    # them communicate nothing), each exchanging one record read back twice, and the root,
+    # whose records are read once (they never leave the host).
     assert counts["first"]["forward checks"] == 33, counts
-    assert counts["first"]["host reads"] == 66, counts
+    assert counts["first"]["host reads"] == 65, counts
 
 
 def test_later_steps_meet_the_goals(counts):
@@ -81,4 +82,4 @@ def test_later_steps_meet_the_goals(counts):
     assert later["forward data"] + later["forward checks"] <= 17, counts
     step = sum(later[k] for k in ("forward data", "forward checks", "backward data"))
     assert step + later["backward checks"] <= 33, counts
-    assert later["host reads"] <= 2, counts
+    assert later["host reads"] == 1, counts  # the root's records, on the host

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -38,7 +39,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mpgroups.comm.collectives import WIRE_DTYPES, all_gather_records, all_ranks_agree
+from mpgroups.comm.collectives import (
+    WIRE_DTYPES,
+    all_gather_records,
+    all_ranks_agree,
+    settle_first,
+    settle_pending,
+    start_all_gather_records,
+)
 from mpgroups.comm.counter import record
 from mpgroups.comm.process_groups import host_group, rank_and_world_size
 from mpgroups.sharding.layout import NOT_PICKLABLE
@@ -151,16 +159,16 @@ def _code(value, table) -> int:
 
 
 def _encode(x, site_id: int, call: int, problem_code: int) -> Tensor:
-    rec = torch.full((RECORD_SIZE,), -1, dtype=torch.int64)
+    rec = [-1] * RECORD_SIZE
     rec[_FINGERPRINT], rec[_CALL], rec[_PROBLEM] = site_id, call, problem_code
     if isinstance(x, Tensor):
         rec[_DTYPE] = _code(x.dtype, WIRE_DTYPES)
         rec[_DEVICE] = _code(x.device.type, _DEVICE_TYPES)
         rec[_GRAD] = int(_records_grad(x))
         rec[_NDIM] = x.dim()
-        for i, size in enumerate(x.shape[:_RECORD_DIMS]):
-            rec[_SHAPE + i] = size
-    return rec
+        shape = x.shape[:_RECORD_DIMS]
+        rec[_SHAPE : _SHAPE + len(shape)] = shape
+    return torch.tensor(rec, dtype=torch.int64)
 
 
 def _describe(rec: list[int]) -> str:
@@ -238,6 +246,23 @@ def _check_across_ranks(
     code = 0 if problem is None else problem[0]
     like = x if isinstance(x, Tensor) else None
     records = all_gather_records(_encode(x, layer_id, call, code), process_group, like).tolist()
+    return judge_records(
+        records, layer=layer, channel_dim=channel_dim, expected_channels=expected_channels,
+        channels_note=channels_note, weight=weight,
+    )  # fmt: skip
+
+
+def judge_records(
+    records: list[list[int]],
+    *,
+    layer: str,
+    channel_dim: int,
+    expected_channels,
+    channels_note,
+    weight: Tensor | None = None,
+) -> list[list[int]]:
+    """Return every rank's exchanged record, or raise :class:`InputMismatchError` with the
+    same message on every rank (arguments as :func:`_check_across_ranks`'s)."""
     sent_channels = channel_counts(records, channel_dim)
     if callable(expected_channels):
         expected_channels = expected_channels(sent_channels)
@@ -422,6 +447,31 @@ class InputGuard:
             weight=weight,
         )
 
+    def start(self, x, *, expected_channels, channels_note) -> Callable[[], None]:
+        """Start this call's exchange (``x`` with no local problem) and return at once; the
+        function returned waits for the records and raises :class:`InputMismatchError` on
+        every rank if they disagree. Eager only."""
+        started = time.perf_counter()
+        call = self._next_call()
+        like = x if isinstance(x, Tensor) else None
+        # Records are host integers: this exchange never waits for a device.
+        values = _encode(like, self.site_id, call, 0)
+        wait = start_all_gather_records(values, self.record_group)
+        launch = time.perf_counter() - started
+
+        def settle() -> None:
+            begun = time.perf_counter()
+            try:
+                judge_records(
+                    wait().tolist(), layer=self.site, channel_dim=self.channel_dim,
+                    expected_channels=expected_channels, channels_note=channels_note,
+                )  # fmt: skip
+            finally:
+                seconds = launch + time.perf_counter() - begun
+                record("input_check", self.world_size, 0, kind="check", seconds=seconds)
+
+        return settle
+
     def _next_call(self) -> int:
         """This call's number: the model's step and the call within it under a root check,
         else how many times the site was called."""
@@ -458,17 +508,26 @@ class RootCheck:
     """The check a parallelized model makes once per forward, at its root (a forward
     pre-hook ``parallelize`` registers).
 
-    Before the model runs, the ranks exchange a record of its input (the first tensor among
+    As the model starts, the ranks exchange a record of its input (the first tensor among
     the arguments: every dim, dtype, device type, whether a backward is recorded) and of its
-    step (how many forwards the model has begun): any difference raises
-    :class:`InputMismatchError` on every rank, before any rank can raise alone inside the
-    model (a float64 batch reaching a replicated conv on one rank only). The model's layers
+    step (how many forwards the model has begun): any difference raises on every rank before
+    any data moves, so a rank that fails alone early in the model (a float64 batch reaching
+    a replicated conv on one rank only) never leaves the others waiting. The model's layers
     carry the step in their own records (``InputGuard.clock``), so ranks out of step never
-    pair one batch with another: a rank that failed alone inside a step (its own error, after
-    this check) meets the others' next root check at a layer's check, both raise, and every
-    later step raises on every rank, since their steps differ from then on: the job must
-    restart (``torchrun --max-restarts`` resumes from its last checkpoint). Deep copies share
-    it (an EMA copy runs in step on every rank as the model does).
+    pair one batch with another: with ``MPGROUPS_CHECKS=detail``, a rank that failed alone
+    inside a step (its own error, after this check) meets the others' next root check at a
+    layer's check, both raise, and every later step raises on every rank, since their steps
+    differ from then on: the job must restart (``torchrun --max-restarts`` resumes from its
+    last checkpoint). Deep copies share it (an EMA copy runs in step on every rank as the
+    model does).
+
+    The exchange runs while the model does: the hook starts it and returns, and it settles
+    before this process's next collective or record exchange (the model's data never moves
+    before the ranks agree), or at the end of the forward (:meth:`finish`, an always-called
+    forward hook), whichever comes first. A rank that fails alone before that point (torch's
+    own error in a replicated stem conv) raises its own error with the mismatch added as a
+    note; the other ranks raise :class:`InputMismatchError`. Under ``torch.compile`` and with
+    ``MPGROUPS_CHECKS=detail`` the exchange completes in the hook.
     """
 
     def __init__(self, site: str, process_group, layers: Sequence[InputGuard] = ()) -> None:
@@ -481,6 +540,7 @@ class RootCheck:
         )  # fmt: skip
         for guard in layers:
             guard.clock = self
+        self._in_flight: Callable[[], None] | None = None
 
     @property
     def step(self) -> int:
@@ -498,8 +558,36 @@ class RootCheck:
 
     def __call__(self, module, args, kwargs=None) -> None:
         guard = self.guard
-        if guard.exchanges():
-            values = [*args, *(kwargs or {}).values()]
-            x = next((v for v in values if isinstance(v, Tensor)), None)
-            nothing = [-1] * guard.world_size  # no channel count: every dim must agree
-            guard(x, problem=None, expected_channels=nothing, channels_note=[""] * len(nothing))
+        if not guard.exchanges():
+            return
+        values = [*args, *(kwargs or {}).values()]
+        x = next((v for v in values if isinstance(v, Tensor)), None)
+        nothing = [-1] * guard.world_size  # no channel count: every dim must agree
+        notes = [""] * guard.world_size
+        if torch.compiler.is_compiling() or checks_mode() == "detail":
+            guard(x, problem=None, expected_channels=nothing, channels_note=notes)
+            return
+        self._settle()  # one left by a forward that ended early (not expected)
+        self._in_flight = guard.start(x, expected_channels=nothing, channels_note=notes)
+        settle_first(self._settle)
+
+    def _settle(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight()
+
+    def finish(self, module, args, output) -> None:
+        """Settle the exchange at the end of the forward, if no collective did before. On a
+        forward that raised (``output`` is ``None`` with an exception being handled), a
+        mismatch becomes a note on that exception: torch re-raises it whatever its
+        always-called hooks raise."""
+        if self._in_flight is None:
+            return
+        raised = sys.exc_info()[1] if output is None else None
+        try:
+            settle_pending()
+            self._settle()
+        except InputMismatchError as mismatch:
+            if raised is None:
+                raise
+            raised.add_note(f"mpgroups: {mismatch}")

@@ -24,6 +24,8 @@ activation gives a channels_last result), as ``nn.Conv2d`` does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -55,9 +57,12 @@ __all__ = [
     "gather_to",
     "scatter_channels_from",
     "scatter_from",
+    "settle_first",
+    "settle_pending",
     "slice_channels",
     "slice_group_channels",
     "reduce_scatter_channels",
+    "start_all_gather_records",
     "sum_over_ranks",
 ]
 
@@ -168,7 +173,7 @@ def _all_gather(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
         )
     send = _padded(x, max(widths), dim)
     recv = send.new_empty((shards.world_size, *send.shape))
-    with counted("all_gather", shards.world_size, recv.numel() * recv.element_size()):
+    with _issued("all_gather", shards.world_size, recv.numel() * recv.element_size()):
         _all_gather_single(recv.view(-1), send.view(-1), group=shards.process_group)
     return _assemble(recv, shards, dim, x)
 
@@ -193,9 +198,23 @@ def _reduce_scatter(x: Tensor, shards: ChannelShards, dim: int) -> Tensor:
     width = max(shards.widths)
     send = torch.stack([_padded(x.narrow(dim, a, b - a), width, dim) for a, b in shards.slices])
     recv = send.new_empty(send.shape[1:])
-    with counted("reduce_scatter", shards.world_size, send.numel() * send.element_size()):
+    with _issued("reduce_scatter", shards.world_size, send.numel() * send.element_size()):
         _reduce_scatter_single(recv.view(-1), send.view(-1), group=shards.process_group)
     return _trimmed(recv, shards.widths[shards.rank], dim, _dense_order(x))
+
+
+# Input checks in flight (a model's root check), to settle before the next collective.
+_settle_first: list[Callable[[], None]] = []
+
+
+@contextmanager
+def _issued(op: str, group_size: int, nbytes: int, kind: str = "data") -> Iterator[None]:
+    """Around every collective of this module: a check still in flight settles first (it
+    raises before any data moves), then the collective is counted."""
+    if _settle_first and not torch.compiler.is_compiling():
+        settle_pending()
+    with counted(op, group_size, nbytes, kind):
+        yield
 
 
 def _all_reduce(x: Tensor, process_group) -> Tensor:
@@ -203,7 +222,7 @@ def _all_reduce(x: Tensor, process_group) -> Tensor:
     the wire: the buffer is reduced as one flat run of memory)."""
     order = _dense_order(x)
     total = _empty_like_order(x.shape, order, x).copy_(x)
-    with counted("all_reduce", process_group.size(), total.numel() * total.element_size()):
+    with _issued("all_reduce", process_group.size(), total.numel() * total.element_size()):
         dist.all_reduce(total.permute(order).view(-1), group=process_group)
     return total
 
@@ -240,7 +259,7 @@ def scatter_from(x: Tensor | None, shards: ChannelShards, src: int, meta: Tensor
     if shards.rank == src:
         chunks = [_padded(x.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
     nbytes = recv.numel() * recv.element_size() * shards.world_size
-    with counted("scatter", shards.world_size, nbytes):
+    with _issued("scatter", shards.world_size, nbytes):
         dist.scatter(recv, chunks, group=shards.process_group, group_src=src)
     return _trimmed(recv, shards.widths[shards.rank], 1, meta.order)
 
@@ -254,7 +273,7 @@ def gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
     if shards.rank == dst:
         recv = [torch.empty_like(send) for _ in range(shards.world_size)]
     nbytes = send.numel() * send.element_size() * shards.world_size
-    with counted("gather", shards.world_size, nbytes):
+    with _issued("gather", shards.world_size, nbytes):
         dist.gather(send, recv, group=shards.process_group, group_dst=dst)
     if shards.rank != dst:
         return x.new_empty(0)
@@ -479,6 +498,7 @@ def broadcast_meta(x: Tensor | None, src: int, process_group) -> TensorMeta:
         values = [x.dim(), WIRE_DTYPES.index(x.dtype), records_grad, channels_last, *x.shape]
         meta[: len(values)] = torch.tensor(values)
     record("broadcast", process_group.size(), meta.numel() * meta.element_size(), kind="meta")
+    settle_pending()
     dist.broadcast(meta, group=process_group, group_src=src)
     ndim, dtype_index, requires_grad, channels_last = meta[:4].tolist()
     order = tuple(range(ndim))
@@ -517,6 +537,7 @@ def barrier(process_group) -> None:
     """Wait until every rank of the group arrives (no-op without a group)."""
     if process_group is not None and process_group.size() > 1:
         record("barrier", process_group.size(), 0, kind="meta")
+        settle_pending()
         dist.barrier(group=process_group)
 
 
@@ -530,7 +551,7 @@ def broadcast_tensors_(tensors: list[Tensor], process_group, src: int = 0) -> No
     with torch.no_grad():
         for same in by_kind.values():
             flat = torch.cat([t.reshape(-1) for t in same])
-            with counted("broadcast", process_group.size(), flat.numel() * flat.element_size()):
+            with _issued("broadcast", process_group.size(), flat.numel() * flat.element_size()):
                 dist.broadcast(flat, group=process_group, group_src=src)
             offset = 0
             for t in same:
@@ -544,6 +565,7 @@ def _all_reduce_int(value: int, op, process_group) -> int:
         return value
     reduced = torch.tensor([value], dtype=torch.int64, device=comm_device(process_group))
     record("all_reduce", process_group.size(), reduced.element_size(), kind="meta")
+    settle_pending()
     dist.all_reduce(reduced, op=op, group=process_group)
     return int(reduced.item())
 
@@ -565,6 +587,7 @@ def broadcast_ints(values: list[int], process_group, src: int = 0) -> list[int]:
     device = comm_device(process_group)
     length = torch.tensor([len(values)], dtype=torch.int64, device=device)
     record("broadcast", process_group.size(), length.element_size(), kind="meta")
+    settle_pending()
     dist.broadcast(length, group=process_group, group_src=src)
     data = torch.zeros(int(length.item()), dtype=torch.int64, device=device)
     if dist.get_rank(process_group) == src:
@@ -574,14 +597,44 @@ def broadcast_ints(values: list[int], process_group, src: int = 0) -> list[int]:
     return data.tolist()
 
 
+def start_all_gather_records(values: Tensor, process_group) -> Callable[[], Tensor]:
+    """Start :func:`all_gather_records` of host ``values`` over a gloo ``process_group`` and
+    return at once; the function returned waits for it and returns the ``[P, K]`` records."""
+    if process_group is None or process_group.size() == 1:
+        return lambda: values.unsqueeze(0)
+    recv = values.new_empty((process_group.size(), values.numel()))
+    record("all_gather", process_group.size(), recv.numel() * recv.element_size(), kind="meta")
+    work = _all_gather_single(recv.view(-1), values, group=process_group, async_op=True)
+
+    def wait() -> Tensor:
+        work.wait()
+        return recv
+
+    return wait
+
+
+def settle_first(fn: Callable[[], None]) -> None:
+    """Have ``fn`` (an input check in flight) run before this process issues its next
+    collective through this module (its data must not move before the check has agreed), or
+    before the next record exchange."""
+    _settle_first.append(fn)
+
+
+def settle_pending() -> None:
+    """Run what :func:`settle_first` left (in order, each once)."""
+    while _settle_first:
+        _settle_first.pop(0)()
+
+
 def all_gather_records(values: Tensor, process_group, like: Tensor | None = None) -> Tensor:
     """``[P, K]``: every rank's int64 ``values`` of length ``K`` (one tiny all-gather), on
     the device :func:`comm_device` picks for ``like``."""
+    settle_pending()
     if process_group is None or process_group.size() == 1:
         return values.unsqueeze(0)
     send = values.to(comm_device(process_group, like))
     recv = send.new_empty((process_group.size(), send.numel()))
-    with counted(
+    with _issued(
         "all_gather", process_group.size(), recv.numel() * recv.element_size(), kind="meta"
     ):
         _all_gather_single(recv.view(-1), send, group=process_group)

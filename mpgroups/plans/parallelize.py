@@ -351,6 +351,8 @@ def parallelize(
         root = RootCheck(type(model).__name__, pg, [g for g in guards if isinstance(g, InputGuard)])
         handle = model.register_forward_pre_hook(root, prepend=True, with_kwargs=True)
         tracker.handles.append(handle)
+        handle = model.register_forward_hook(root.finish, prepend=True, always_call=True)
+        tracker.handles.append(handle)
         distribute_model_state(model, pg, process_group)
     model._mpgroups_tracker = tracker
     model._mpgroups_styled = styled
