@@ -24,6 +24,7 @@ activation gives a channels_last result), as ``nn.Conv2d`` does.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -63,6 +64,7 @@ __all__ = [
     "slice_group_channels",
     "reduce_scatter_channels",
     "start_all_gather_records",
+    "start_all_reduce",
     "sum_over_ranks",
 ]
 
@@ -225,6 +227,32 @@ def _all_reduce(x: Tensor, process_group) -> Tensor:
     with _issued("all_reduce", process_group.size(), total.numel() * total.element_size()):
         dist.all_reduce(total.permute(order).view(-1), group=process_group)
     return total
+
+
+def start_all_reduce(x: Tensor, process_group) -> Callable[[], Tensor]:
+    """Start the sum of every rank's ``x`` (as :func:`all_reduce_sum`'s forward, no autograd)
+    and return at once; the function returned waits for it and returns the sum. ``x`` is
+    summed in place when it is dense (a fresh gradient the caller owns), else copied first.
+    The collective is counted when it is waited for, with the time spent launching and
+    waiting: what the caller did not hide."""
+    settle_pending()
+    started = time.perf_counter()
+    order = _dense_order(x)
+    total = x if x.permute(order).is_contiguous() else _empty_like_order(x.shape, order, x)
+    if total is not x:
+        total.copy_(x)
+    work = dist.all_reduce(total.permute(order).view(-1), group=process_group, async_op=True)
+    launch = time.perf_counter() - started
+
+    def wait() -> Tensor:
+        begun = time.perf_counter()
+        work.wait()
+        seconds = launch + time.perf_counter() - begun
+        nbytes = total.numel() * total.element_size()
+        record("all_reduce", process_group.size(), nbytes, seconds=seconds)
+        return total
+
+    return wait
 
 
 def comm_device(process_group: dist.ProcessGroup, like: Tensor | None = None) -> torch.device:

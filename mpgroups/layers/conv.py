@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from mpgroups.comm.checks import layer_input_problem
 from mpgroups.layers.base import ConvConversion, LayerOptions, conv_arguments
 from mpgroups.layers.layer_comm import add_bias_once, layer_output, local_input
+from mpgroups.layers.overlap import ConvOp, column_parallel, overlaps_input_grad
 from mpgroups.sharding.layout import (
     LAYOUTS,
 )
@@ -174,6 +175,15 @@ class _GroupParallelConvNd(ConvConversion, nn.Module):
         return self._forward_batched(input)
 
     def _forward_batched(self, x: Tensor) -> Tensor:
+        if (
+            self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and overlaps_input_grad(x, self.shards, self.input_layout)
+        ):
+            op = ConvOp(self._dims, self.stride, self.padding, self.dilation, self.local_groups)
+            pg = self.shards.inputs.process_group
+            y = column_parallel(x, self.weight, self.bias, op, pg)
+            return layer_output(y, self.shards, self.output_layout, 1)
         x = local_input(x, self.shards, self._team_shards, self.input_layout, 1)
         if self.shards.split == "rowwise":
             y = add_bias_once(self._conv_forward(x, None), self.bias, self.shards.outputs, 1)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from mpgroups.comm.checks import layer_input_problem
 from mpgroups.layers.base import LayerOptions, ShardedLayer
 from mpgroups.layers.layer_comm import add_bias_once, layer_output, local_input
+from mpgroups.layers.overlap import LinearOp, column_parallel, overlaps_input_grad
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -139,6 +140,10 @@ class ParallelLinear(ShardedLayer, nn.Module):
             communicates=self._communicates,
         )
         dim = x.dim() - 1
+        if overlaps_input_grad(x, self.shards, self.input_layout):
+            pg = self.shards.inputs.process_group
+            y = column_parallel(x, self.weight, self.bias, LinearOp(), pg)
+            return layer_output(y, self.shards, self.output_layout, dim)
         x = local_input(x, self.shards, self._team_shards, self.input_layout, dim)
         if self.shards.split == "rowwise":
             y = add_bias_once(F.linear(x, self.weight), self.bias, self.shards.outputs, dim)
