@@ -57,8 +57,6 @@ from comm_model import (  # noqa: E402
     ring_steps,
 )
 
-from mpgroups.comm.checks import RECORD_SIZE  # noqa: E402
-
 
 def fit_link(points: list[tuple[int, float]], op: str, group_size: int) -> Link:
     """Fit t = steps·α + bytes·factor / busbw to one collective's measured times.
@@ -151,7 +149,9 @@ def comm_seconds(result: dict, case: str, world: int, link: Pricing | dict[str, 
         for c in collectives_at(result, case, world)
     )
     record_link = _link_for(link, "all_gather", world)
-    record = _seconds("all_gather", world, world * RECORD_SIZE * 8, record_link)
+    # The record's length when the run was made (runs before it was stored: 12 integers).
+    record_size = result.get("record_size", 12)
+    record = _seconds("all_gather", world, world * record_size * 8, record_link)
     return comm + _meta_ops(result, case, world) * record
 
 

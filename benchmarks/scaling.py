@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     result = {
         **run_header(argv, args.cores),
+        "record_size": RECORD_SIZE,
         "format": FORMAT,
         "quick": args.quick,
         "reps": args.reps,

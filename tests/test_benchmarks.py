@@ -228,6 +228,7 @@ def test_projection_speedup_and_efficiency():
     stored = [Collective("all_reduce", 8, 10**6, "forward").__dict__]
     result = {
         "quick": False,
+        "record_size": mpgroups.comm.checks.RECORD_SIZE,
         "runs": {
             "1": {
                 "cases": {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 
+import pytest
 import torch
 import tv_models
 from parity import assert_close
@@ -167,3 +168,69 @@ def _records_on_the_host(ctx) -> None:
 def test_check_records_travel_on_a_host_group(pool):
     for world_size in (2, 4):
         pool.run(_records_on_the_host, world_size)
+
+
+class _TwoInputs(nn.Module):
+    """A model whose root checks ``mask`` in full and its body's input ``y`` by digest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 8, 1, groups=4)
+        )
+
+    def forward(self, mask, y):
+        return self.body(y) * mask
+
+
+def _after_agreeing_once(ctx, case: str) -> str:
+    """Both ranks first run every input alike (their layers learn the signatures), then one
+    rank differs in what the root checks beyond the first tensor, or calls a layer outside
+    the model's forward: every rank raises, where skipping the layers' checks would have
+    given wrong numbers (equal element counts) or a hang."""
+    torch.manual_seed(0)
+    model = mpgroups.parallelize(_TwoInputs(), ctx.process_group)
+    mask = torch.ones(1)
+    wide, tall = torch.randn(2, 8, 6, 12), torch.randn(4, 8, 6, 6)  # equal element counts
+    for y in (wide, tall):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                model(mask, y)
+                model.body(y)
+    mine = wide if ctx.rank == 0 else tall
+    try:
+        if case == "second input":
+            model(mask, mine)
+        elif case == "layer called alone":
+            model.body(mine)
+        elif case == "grad mode":
+            with torch.set_grad_enabled(ctx.rank == 1):
+                model(mask, wide)
+        elif case == "weights on one rank":
+            if ctx.rank == 0:
+                model.body[1].double()
+            model(mask, wide)
+        elif case == "compiled block":
+            model.body = torch.compile(model.body, backend="aot_eager")
+            model(mask, wide)  # traced with the root's exchange in flight, and agreeing
+            with torch.no_grad():
+                model(mask, wide)
+            model(mask, mine)
+    except InputMismatchError as err:
+        return str(err).split(":\n")[1]
+    raise AssertionError(f"{case}: no error on rank {ctx.rank}")
+
+
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("second input", "passed other tensors besides the first"),
+        ("layer called alone", "rank 1 sent [4, 8, 6, 6] float32 on cpu"),
+        ("grad mode", "rank 1 runs with grad enabled"),
+        ("weights on one rank", "hold weights of other dtypes or devices"),
+        ("compiled block", "passed other tensors besides the first"),
+    ],
+)
+def test_what_the_root_checks_beyond_its_first_input_raises_on_every_rank(pool, case, says):
+    messages = pool.run(_after_agreeing_once, 2, case, timeout=120)
+    assert messages[0] == messages[1] and says in messages[0], messages

@@ -11,11 +11,12 @@ Every checked call site (the layers, :class:`~mpgroups.GatherChannels`, ``gather
 ``scatter_channels``, ``to_conv``/``full_weight``, ``full_state_dict``) goes through one
 :class:`InputGuard`.
 
-A layer inside a parallelized model (one with a :class:`RootCheck`) exchanges only on its
-first call with a new input signature (shape, dtype, device type, grad mode): once the ranks
-agree on the model's input, which the root checks every forward, every layer's input follows
-from it, so every rank decides alike and a model's steady-state forward makes one exchange.
-A standalone call site exchanges on every call.
+A layer inside a parallelized model (one with a :class:`RootCheck`), during a forward whose
+root checked, exchanges only on its first call with a new input signature (shape, dtype,
+device type, grad mode): once the ranks agree on the model's inputs, modes and weights, which
+the root checks every forward, every layer's input follows from them, so every rank decides
+alike and a model's steady-state forward makes one exchange. A standalone call site, or a
+layer called outside its model's forward, exchanges on every call.
 
 ``MPGROUPS_CHECKS`` sets how much is checked: ``1`` (default) as above; ``detail`` makes every
 call site exchange on every call, also inside a parallelized model (the debug setting: it
@@ -33,11 +34,13 @@ import copy
 import os
 import sys
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from mpgroups.comm.collectives import (
     WIRE_DTYPES,
@@ -68,9 +71,14 @@ __all__ = [
 
 _DEVICE_TYPES = ("cpu", "cuda", "meta")
 _RECORD_DIMS = 5
-# layout of a record: fingerprint, call, local problem, dtype, device, grad, ndim,
-# shape[_RECORD_DIMS]; grad: whether this call records a backward through the input.
-_FINGERPRINT, _CALL, _PROBLEM, _DTYPE, _DEVICE, _GRAD, _NDIM, _SHAPE = range(8)
+# layout of a record: fingerprint, call, local problem, dtype, device, grad, mode, others,
+# state, ndim, shape[_RECORD_DIMS]; grad: whether this call records a backward through the
+# input; mode: grad mode, autocast and inference mode as bits; others, state (a model's root
+# only, else -1): digests of the model's other tensor inputs and of its parallel layers'
+# weight dtypes and devices.
+_FINGERPRINT, _CALL, _PROBLEM, _DTYPE, _DEVICE, _GRAD, _MODE, _OTHERS, _STATE, _NDIM, _SHAPE = (
+    range(11)
+)
 RECORD_SIZE = _SHAPE + _RECORD_DIMS
 
 
@@ -79,14 +87,15 @@ class InputMismatchError(ValueError):
 
 
 def checks_mode(flag: bool | None = None) -> str:
-    """``"off"``, ``"on"`` or ``"detail"``: ``flag`` when given (``True`` is ``"on"``), else
-    the ``MPGROUPS_CHECKS`` environment variable (``0``/``1``/``detail``; default ``1``)."""
+    """``"off"``, ``"on"`` or ``"detail"``: the ``MPGROUPS_CHECKS`` environment variable
+    (``0``/``1``/``detail``; default ``1``), unless ``flag`` is given: ``False`` is
+    ``"off"``, ``True`` is ``"on"`` (``"detail"`` when the variable says so)."""
+    value = os.environ.get("MPGROUPS_CHECKS", "1").strip().lower()
+    if value == "detail" and flag is not False:
+        return "detail"
     if flag is not None:
         return "on" if flag else "off"
-    value = os.environ.get("MPGROUPS_CHECKS", "1").strip().lower()
-    if value in ("0", "false", "off"):
-        return "off"
-    return "detail" if value == "detail" else "on"
+    return "off" if value in ("0", "false", "off") else "on"
 
 
 def checks_enabled(flag: bool | None = None) -> bool:
@@ -158,9 +167,28 @@ def _code(value, table) -> int:
     return table.index(value) if value in table else -1
 
 
-def _encode(x, site_id: int, call: int, problem_code: int) -> Tensor:
+def _mode_bits(device_type: str) -> int:
+    """Grad mode, autocast (on ``device_type``) and inference mode, as bits 0, 1, 2."""
+    return (
+        int(torch.is_grad_enabled())
+        | int(torch.is_autocast_enabled(device_type)) << 1
+        | int(torch.is_inference_mode_enabled()) << 2
+    )
+
+
+def _describe_mode(bits: int) -> str:
+    names = (("grad enabled", "grad disabled"), ("autocast", "no autocast"))
+    words = [names[i][0] if bits >> i & 1 else names[i][1] for i in range(2)]
+    return ", ".join(words + ["inference mode"] * (bits >> 2 & 1))
+
+
+def _encode(
+    x, site_id: int, call: int, problem_code: int, others: int = -1, state: int = -1
+) -> Tensor:
     rec = [-1] * RECORD_SIZE
     rec[_FINGERPRINT], rec[_CALL], rec[_PROBLEM] = site_id, call, problem_code
+    rec[_OTHERS], rec[_STATE] = others, state
+    rec[_MODE] = _mode_bits(x.device.type if isinstance(x, Tensor) else "cpu")
     if isinstance(x, Tensor):
         rec[_DTYPE] = _code(x.dtype, WIRE_DTYPES)
         rec[_DEVICE] = _code(x.device.type, _DEVICE_TYPES)
@@ -301,6 +329,21 @@ def judge_records(
                 f"rank {r} sent {sent_channels[r]} input channels ({sent}), {layer} expects "
                 f"{expected_channels[r]} ({channels_note[r]})"
             )
+        if rec[_MODE] != reference[_MODE]:
+            lines.append(
+                f"rank {r} runs with {_describe_mode(rec[_MODE])}, rank {holders[0]} with "
+                f"{_describe_mode(reference[_MODE])}"
+            )
+        if rec[_OTHERS] != reference[_OTHERS]:
+            lines.append(
+                f"rank {r} passed other tensors besides the first (shapes, dtypes, devices or "
+                f"requires_grad) than rank {holders[0]}"
+            )
+        if rec[_STATE] != reference[_STATE]:
+            lines.append(
+                f"rank {r}'s parallel layers hold weights of other dtypes or devices than rank "
+                f"{holders[0]}'s (a .to(), .double() or .half() on some ranks only)"
+            )
         for what, index in (("dtype", _DTYPE), ("device type", _DEVICE), ("dims", _NDIM)):
             if rec[index] != reference[index]:
                 lines.append(
@@ -401,7 +444,13 @@ class InputGuard:
     ) -> list[list[int]] | None:
         """Check ``x``; return every rank's record when they were exchanged, else ``None``."""
         if self.exchanges(communicates):
-            if self.clock is not None and problem is None and checks_mode(self.checks) == "on":
+            clock = self.clock
+            if (
+                clock is not None
+                and clock.checked
+                and problem is None
+                and checks_mode(self.checks) == "on"
+            ):
                 # Under torch.compile the root's check (outside the graph) is the model's
                 # only one: a layer's would break the graph at every layer.
                 if torch.compiler.is_compiling():
@@ -447,15 +496,17 @@ class InputGuard:
             weight=weight,
         )
 
-    def start(self, x, *, expected_channels, channels_note) -> Callable[[], None]:
-        """Start this call's exchange (``x`` with no local problem) and return at once; the
-        function returned waits for the records and raises :class:`InputMismatchError` on
-        every rank if they disagree. Eager only."""
+    def start(
+        self, x, *, expected_channels, channels_note, others: int = -1, state: int = -1
+    ) -> Callable[[], None]:
+        """Start this call's exchange (``x`` with no local problem; ``others``, ``state``: a
+        root's digests) and return at once; the function returned waits for the records and
+        raises :class:`InputMismatchError` on every rank if they disagree. Eager only."""
         started = time.perf_counter()
         call = self._next_call()
         like = x if isinstance(x, Tensor) else None
         # Records are host integers: this exchange never waits for a device.
-        values = _encode(like, self.site_id, call, 0)
+        values = _encode(like, self.site_id, call, 0, others, state)
         wait = start_all_gather_records(values, self.record_group)
         launch = time.perf_counter() - started
 
@@ -504,6 +555,14 @@ _SIGNATURES_KEPT = 64  # input signatures a site under a root check remembers, t
 _WHOLE = _RECORD_DIMS  # a channel dim no record has: every dim is compared
 
 
+@torch.compiler.disable
+def _check_now(root: RootCheck, module, args, kwargs) -> None:
+    """``root``'s exchange for a forward of ``module``, completed at once, outside any
+    compiled graph."""
+    x, record = root._record(module, args, kwargs)
+    root.guard.start(x, **record)()
+
+
 class RootCheck:
     """The check a parallelized model makes once per forward, at its root (a forward
     pre-hook ``parallelize`` registers).
@@ -540,7 +599,13 @@ class RootCheck:
         )  # fmt: skip
         for guard in layers:
             guard.clock = self
+        # Whether the running forward's input was checked here: only then may its layers
+        # skip their own checks (not in a submodule called alone, not with checks off here).
+        self.checked = False
         self._in_flight: Callable[[], None] | None = None
+        self._handled_before: BaseException | None = None
+        # Per root module (a deep copy is another): its parallel layers, for the state digest.
+        self._layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def step(self) -> int:
@@ -558,18 +623,37 @@ class RootCheck:
 
     def __call__(self, module, args, kwargs=None) -> None:
         guard = self.guard
-        if not guard.exchanges():
+        self.checked = guard.exchanges()
+        if not self.checked:
             return
-        values = [*args, *(kwargs or {}).values()]
-        x = next((v for v in values if isinstance(v, Tensor)), None)
-        nothing = [-1] * guard.world_size  # no channel count: every dim must agree
-        notes = [""] * guard.world_size
         if torch.compiler.is_compiling() or checks_mode() == "detail":
-            guard(x, problem=None, expected_channels=nothing, channels_note=notes)
+            _check_now(self, module, args, kwargs)
             return
         self._settle()  # one left by a forward that ended early (not expected)
-        self._in_flight = guard.start(x, expected_channels=nothing, channels_note=notes)
+        self._handled_before = sys.exc_info()[1]
+        x, record = self._record(module, args, kwargs)
+        self._in_flight = guard.start(x, **record)
         settle_first(self._settle)
+
+    def _record(self, module, args, kwargs) -> tuple:
+        """``(x, what guard.start takes besides)`` for a forward of ``module``."""
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        return tensors[0] if tensors else None, dict(
+            expected_channels=[-1] * self.guard.world_size,  # no channel count: every dim
+            channels_note=[""] * self.guard.world_size,
+            others=fingerprint(*((tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
+                                 for t in tensors[1:])),
+            state=self._state(module),
+        )  # fmt: skip
+
+    def _state(self, root: nn.Module) -> int:
+        """A digest of the dtypes and devices of ``root``'s parallel layers' weights."""
+        layers = self._layers.get(root)
+        if layers is None:
+            layers = [m for m in root.modules() if getattr(m, "input_guard", None) is not None
+                      and m.input_guard.clock is self and hasattr(m, "weight")]  # fmt: skip
+            self._layers[root] = layers
+        return fingerprint(*((m.weight.dtype, m.weight.device.type) for m in layers))
 
     def _settle(self) -> None:
         in_flight, self._in_flight = self._in_flight, None
@@ -578,12 +662,15 @@ class RootCheck:
 
     def finish(self, module, args, output) -> None:
         """Settle the exchange at the end of the forward, if no collective did before. On a
-        forward that raised (``output`` is ``None`` with an exception being handled), a
-        mismatch becomes a note on that exception: torch re-raises it whatever its
-        always-called hooks raise."""
+        forward that raised (an exception being handled other than the one, if any, handled
+        where the forward began), a mismatch becomes a note on that exception: torch
+        re-raises it whatever its always-called hooks raise."""
+        self.checked = False
         if self._in_flight is None:
             return
-        raised = sys.exc_info()[1] if output is None else None
+        handled = sys.exc_info()[1]
+        raised = handled if handled is not self._handled_before else None
+        self._handled_before = None
         try:
             settle_pending()
             self._settle()

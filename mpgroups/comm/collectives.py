@@ -213,10 +213,18 @@ _settle_first: list[Callable[[], None]] = []
 def _issued(op: str, group_size: int, nbytes: int, kind: str = "data") -> Iterator[None]:
     """Around every collective of this module: a check still in flight settles first (it
     raises before any data moves), then the collective is counted."""
-    if _settle_first and not torch.compiler.is_compiling():
-        settle_pending()
+    if _settle_first:
+        # In a graph compiled apart from its model's root (a compiled block of an eager
+        # model), this leaves the graph to settle; torch.compile guards on the list, so a
+        # graph traced with none in flight stays whole.
+        _settle_outside_graph() if torch.compiler.is_compiling() else settle_pending()
     with counted(op, group_size, nbytes, kind):
         yield
+
+
+@torch.compiler.disable
+def _settle_outside_graph() -> None:
+    settle_pending()
 
 
 def _all_reduce(x: Tensor, process_group) -> Tensor:

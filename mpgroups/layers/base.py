@@ -53,9 +53,10 @@ class LayerOptions(TypedDict, total=False):
             torch's ``ColwiseParallel``/``RowwiseParallel`` split a Linear's weight.
         shard_groups: lay a ``groups=1`` layer's sharded sides out as those of a conv with
             this many groups, to pair with a grouped neighbour.
-        checks: exchange a small record of every input before the data moves, so a mismatch
-            raises on every rank instead of hanging (default: ``MPGROUPS_CHECKS``, on unless
-            ``0``).
+        checks: exchange a small record of the input before the data moves, so a mismatch
+            raises on every rank instead of hanging: every call, or, inside a parallelized
+            model whose root checked the forward, each new input signature's first call
+            (default: ``MPGROUPS_CHECKS``, on unless ``0``; ``detail``: every call).
     """
 
     process_group: object

@@ -265,7 +265,9 @@ class ShardedDropout(nn.Module):
         ones = torch.empty_permuted(shape, dense_order(x), dtype=x.dtype, device=x.device)
         ones.fill_(1)
         mask = _DROPOUT_FUNCTIONS[self.kind](ones, self.p, True)
-        keep = mask.narrow(1, start * scale, (stop - start) * scale)
+        # A copy of this rank's part: the product saves its mask for backward, and a view
+        # would keep the whole tensor's mask alive.
+        keep = torch.empty_like(x).copy_(mask.narrow(1, start * scale, (stop - start) * scale))
         return x.mul_(keep) if self.inplace else x * keep
 
     def to_dropout(self) -> nn.Module:
