@@ -210,6 +210,12 @@ def _after_agreeing_once(ctx, case: str) -> str:
             if ctx.rank == 0:
                 model.body[1].double()
             model(mask, wide)
+        elif case == "frozen on one rank":
+            model.body[0].requires_grad_(ctx.rank == 1)
+            model(mask, wide)
+        elif case == "eval on one rank":
+            model.train(ctx.rank == 1)
+            model(mask, wide)
         elif case == "compiled block":
             model.body = torch.compile(model.body, backend="aot_eager")
             model(mask, wide)  # traced with the root's exchange in flight, and agreeing
@@ -227,10 +233,70 @@ def _after_agreeing_once(ctx, case: str) -> str:
         ("second input", "passed other tensors besides the first"),
         ("layer called alone", "rank 1 sent [4, 8, 6, 6] float32 on cpu"),
         ("grad mode", "rank 1 runs with grad enabled"),
-        ("weights on one rank", "hold weights of other dtypes or devices"),
+        ("weights on one rank", "holds parameters of other dtypes, devices or requires_grad"),
+        ("frozen on one rank", "holds parameters of other dtypes, devices or requires_grad"),
+        ("eval on one rank", "or is in another train/eval mode"),
         ("compiled block", "passed other tensors besides the first"),
     ],
 )
 def test_what_the_root_checks_beyond_its_first_input_raises_on_every_rank(pool, case, says):
     messages = pool.run(_after_agreeing_once, 2, case, timeout=120)
     assert messages[0] == messages[1] and says in messages[0], messages
+
+
+class _Batch:
+    """A batch object torch's pytree does not look into."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+
+class _TakesABatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+
+    def forward(self, batch: _Batch):
+        return self.conv(batch.x)
+
+
+def _batch_objects(ctx) -> int:
+    """A model that takes no tensor the root can see runs, its layers checking every call (the
+    root cannot vouch for their inputs)."""
+    torch.manual_seed(0)
+    model = mpgroups.parallelize(_TakesABatch(), ctx.process_group)
+    with mpgroups.CommCounter() as comm:
+        for _ in range(3):
+            model(_Batch(torch.randn(2, 8, 5, 5)))
+    return comm.count("input_check", kind="check")
+
+
+def test_a_model_taking_a_batch_object_runs(pool):
+    assert pool.run(_batch_objects, 2) == [6, 6]  # the root's and the conv's, each forward
+
+
+def _branches_among_identical_layers(ctx) -> str:
+    """Four identical grouped convs; rank 0 runs the 1st, 3rd and 4th, rank 1 the 1st, 2nd
+    and 4th: with every layer checking every call, the layers' places tell them apart."""
+    torch.manual_seed(0)
+    model = mpgroups.parallelize(
+        nn.Sequential(*(nn.Conv2d(8, 8, 3, padding=1, groups=4) for _ in range(4))),
+        ctx.process_group,
+    )
+    x = torch.randn(2, 8, 5, 5)
+    skipped = 2 if ctx.rank == 0 else 1
+    os.environ["MPGROUPS_CHECKS"] = "detail"
+    try:
+        for i, layer in enumerate(model):
+            if i != skipped:
+                x = layer(x)
+    except InputMismatchError as err:
+        return str(err).split(": ", 1)[1]
+    finally:
+        del os.environ["MPGROUPS_CHECKS"]
+    raise AssertionError("ranks on different branches went on")
+
+
+def test_detail_tells_identical_layers_on_different_branches_apart(pool):
+    messages = pool.run(_branches_among_identical_layers, 2)
+    assert messages[0] == messages[1] and "calling different call sites" in messages[0]

@@ -20,7 +20,8 @@ layer called outside its model's forward, exchanges on every call.
 
 ``MPGROUPS_CHECKS`` sets how much is checked: ``1`` (default) as above; ``detail`` makes every
 call site exchange on every call, also inside a parallelized model (the debug setting: it
-catches ranks that took different branches inside the model, which the root cannot see);
+catches ranks that took different branches inside the model, or whose shapes follow from
+different data, which the root cannot see);
 ``0`` (or ``checks=False`` on a layer) skips the exchanges for speed. Local checks still raise
 on the rank that fails them, but with ``0`` a mismatch *between* ranks is no longer caught:
 depending on the sizes involved it hangs until the process group's timeout, aborts one rank
@@ -288,9 +289,11 @@ def judge_records(
     expected_channels,
     channels_note,
     weight: Tensor | None = None,
+    tensor_optional: bool = False,
 ) -> list[list[int]]:
     """Return every rank's exchanged record, or raise :class:`InputMismatchError` with the
-    same message on every rank (arguments as :func:`_check_across_ranks`'s)."""
+    same message on every rank (arguments as :func:`_check_across_ranks`'s;
+    ``tensor_optional``: ranks that all sent no tensor agree)."""
     sent_channels = channel_counts(records, channel_dim)
     if callable(expected_channels):
         expected_channels = expected_channels(sent_channels)
@@ -318,7 +321,7 @@ def judge_records(
     for r in holders:
         rec = records[r]
         sent = _describe(rec)
-        if rec[_NDIM] < 0:
+        if rec[_NDIM] < 0 and (not tensor_optional or reference[_NDIM] >= 0):
             lines.append(f"rank {r} sent {sent}")
             continue
         if rec[_PROBLEM] > 0 and rec[_PROBLEM] != BAD_CHANNELS:
@@ -341,8 +344,9 @@ def judge_records(
             )
         if rec[_STATE] != reference[_STATE]:
             lines.append(
-                f"rank {r}'s parallel layers hold weights of other dtypes or devices than rank "
-                f"{holders[0]}'s (a .to(), .double() or .half() on some ranks only)"
+                f"rank {r}'s model holds parameters of other dtypes, devices or requires_grad, "
+                f"or is in another train/eval mode, than rank {holders[0]}'s (a .double(), a "
+                f"freeze or an .eval() on some ranks only)"
             )
         for what, index in (("dtype", _DTYPE), ("device type", _DEVICE), ("dims", _NDIM)):
             if rec[index] != reference[index]:
@@ -497,7 +501,14 @@ class InputGuard:
         )
 
     def start(
-        self, x, *, expected_channels, channels_note, others: int = -1, state: int = -1
+        self,
+        x,
+        *,
+        expected_channels,
+        channels_note,
+        others: int = -1,
+        state: int = -1,
+        tensor_optional: bool = False,
     ) -> Callable[[], None]:
         """Start this call's exchange (``x`` with no local problem; ``others``, ``state``: a
         root's digests) and return at once; the function returned waits for the records and
@@ -516,6 +527,7 @@ class InputGuard:
                 judge_records(
                     wait().tolist(), layer=self.site, channel_dim=self.channel_dim,
                     expected_channels=expected_channels, channels_note=channels_note,
+                    tensor_optional=tensor_optional,
                 )  # fmt: skip
             finally:
                 seconds = launch + time.perf_counter() - begun
@@ -550,6 +562,7 @@ def check_same_call(site: str, config: tuple, process_group) -> None:
     guard(None, problem=None, expected_channels=nothing, channels_note=nothing)
 
 
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(WIRE_DTYPES, start=1)}
 _CALLS_PER_STEP = 1 << 20  # calls of one site within one step of its model, at most
 _SIGNATURES_KEPT = 64  # input signatures a site under a root check remembers, the newest
 _WHOLE = _RECORD_DIMS  # a channel dim no record has: every dim is compared
@@ -604,8 +617,8 @@ class RootCheck:
         self.checked = False
         self._in_flight: Callable[[], None] | None = None
         self._handled_before: BaseException | None = None
-        # Per root module (a deep copy is another): its parallel layers, for the state digest.
-        self._layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Per root module (a deep copy is another): its parameters, for the state digest.
+        self._params: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def step(self) -> int:
@@ -623,9 +636,12 @@ class RootCheck:
 
     def __call__(self, module, args, kwargs=None) -> None:
         guard = self.guard
-        self.checked = guard.exchanges()
-        if not self.checked:
+        self.checked = False
+        if not guard.exchanges():
             return
+        # The layers' inputs follow from the model's only when it sees one: a batch object
+        # torch's pytree cannot look into leaves every layer checking each call.
+        self.checked = any(isinstance(t, Tensor) for t in tree_leaves((args, kwargs)))
         if torch.compiler.is_compiling() or checks_mode() == "detail":
             _check_now(self, module, args, kwargs)
             return
@@ -644,16 +660,20 @@ class RootCheck:
             others=fingerprint(*((tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
                                  for t in tensors[1:])),
             state=self._state(module),
+            tensor_optional=True,  # a model may take no tensor (a batch object)
         )  # fmt: skip
 
     def _state(self, root: nn.Module) -> int:
-        """A digest of the dtypes and devices of ``root``'s parallel layers' weights."""
-        layers = self._layers.get(root)
-        if layers is None:
-            layers = [m for m in root.modules() if getattr(m, "input_guard", None) is not None
-                      and m.input_guard.clock is self and hasattr(m, "weight")]  # fmt: skip
-            self._layers[root] = layers
-        return fingerprint(*((m.weight.dtype, m.weight.device.type) for m in layers))
+        """A digest of ``root``'s parameters' dtypes, ``requires_grad`` and device kinds, and
+        of its train/eval mode: what makes a rank's layers see other inputs than the others'
+        from the same batch (a ``.double()`` or a freeze on one rank only)."""
+        params = self._params.get(root)
+        if params is None:
+            params = self._params[root] = list(root.parameters())
+        codes = bytes(
+            _DTYPE_CODES.get(p.dtype, 0) * 4 + p.requires_grad * 2 + p.is_cuda for p in params
+        )
+        return zlib.crc32(codes + bytes([root.training])) & 0x7FFFFFFF
 
     def _settle(self) -> None:
         in_flight, self._in_flight = self._in_flight, None

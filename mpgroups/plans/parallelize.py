@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mpgroups.comm.checks import InputGuard, RootCheck, check_same_call
+from mpgroups.comm.checks import InputGuard, RootCheck, check_same_call, fingerprint
 from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.process_groups import resolve_process_group
 from mpgroups.layers.channel_modules import (
@@ -347,8 +347,15 @@ def parallelize(
                 handle = module.register_forward_pre_hook(_needs_whole(tracker, name))
             tracker.handles.append(handle)
     if size > 1:
-        guards = [getattr(module, "input_guard", None) for module in model.modules()]
-        root = RootCheck(type(model).__name__, pg, [g for g in guards if isinstance(g, InputGuard)])
+        guards = []
+        for name, module in model.named_modules():
+            guard = getattr(module, "input_guard", None)
+            if isinstance(guard, InputGuard):
+                # Named by its place too: identical layers on different paths differ, so
+                # ranks that took different branches never pair one's with another's.
+                guard.site_id = fingerprint(guard.site_id, name)
+                guards.append(guard)
+        root = RootCheck(type(model).__name__, pg, guards)
         handle = model.register_forward_pre_hook(root, prepend=True, with_kwargs=True)
         tracker.handles.append(handle)
         handle = model.register_forward_hook(root.finish, prepend=True, always_call=True)
