@@ -63,7 +63,6 @@ __all__ = [
     "channel_counts",
     "check_same_call",
     "check_across_ranks",
-    "checks_enabled",
     "checks_mode",
     "layer_input_problem",
     "tensor_problem",
@@ -97,11 +96,6 @@ def checks_mode(flag: bool | None = None) -> str:
     if flag is not None:
         return "on" if flag else "off"
     return "off" if value in ("0", "false", "off") else "on"
-
-
-def checks_enabled(flag: bool | None = None) -> bool:
-    """Whether call sites exchange records at all (:func:`checks_mode` is not ``"off"``)."""
-    return checks_mode(flag) != "off"
 
 
 def fingerprint(*parts) -> int:
@@ -432,9 +426,13 @@ class InputGuard:
         memo[id(self)] = twin
         return twin
 
+    def _mode(self, communicates: bool = True) -> str:
+        """This call's :func:`checks_mode`; ``"off"`` where no collective follows."""
+        return checks_mode(self.checks) if communicates and self.world_size > 1 else "off"
+
     def exchanges(self, communicates: bool = True) -> bool:
         """Whether a call exchanges records (it does when a collective follows)."""
-        return communicates and self.world_size > 1 and checks_enabled(self.checks)
+        return self._mode(communicates) != "off"
 
     def __call__(
         self,
@@ -447,14 +445,10 @@ class InputGuard:
         communicates: bool = True,
     ) -> list[list[int]] | None:
         """Check ``x``; return every rank's record when they were exchanged, else ``None``."""
-        if self.exchanges(communicates):
+        mode = self._mode(communicates)
+        if mode != "off":
             clock = self.clock
-            if (
-                clock is not None
-                and clock.checked
-                and problem is None
-                and checks_mode(self.checks) == "on"
-            ):
+            if clock is not None and clock.checked and problem is None and mode == "on":
                 # Under torch.compile the root's check (outside the graph) is the model's
                 # only one: a layer's would break the graph at every layer.
                 if torch.compiler.is_compiling():
@@ -569,10 +563,10 @@ _WHOLE = _RECORD_DIMS  # a channel dim no record has: every dim is compared
 
 
 @torch.compiler.disable
-def _check_now(root: RootCheck, module, args, kwargs) -> None:
+def _check_now(root: RootCheck, module, tensors: list[Tensor]) -> None:
     """``root``'s exchange for a forward of ``module``, completed at once, outside any
     compiled graph."""
-    x, record = root._record(module, args, kwargs)
+    x, record = root._record(module, tensors)
     root.guard.start(x, **record)()
 
 
@@ -639,21 +633,22 @@ class RootCheck:
         self.checked = False
         if not guard.exchanges():
             return
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         # The layers' inputs follow from the model's only when it sees one: a batch object
         # torch's pytree cannot look into leaves every layer checking each call.
-        self.checked = any(isinstance(t, Tensor) for t in tree_leaves((args, kwargs)))
+        self.checked = bool(tensors)
         if torch.compiler.is_compiling() or checks_mode() == "detail":
-            _check_now(self, module, args, kwargs)
+            _check_now(self, module, tensors)
             return
         self._settle()  # one left by a forward that ended early (not expected)
         self._handled_before = sys.exc_info()[1]
-        x, record = self._record(module, args, kwargs)
+        x, record = self._record(module, tensors)
         self._in_flight = guard.start(x, **record)
         settle_first(self._settle)
 
-    def _record(self, module, args, kwargs) -> tuple:
-        """``(x, what guard.start takes besides)`` for a forward of ``module``."""
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+    def _record(self, module, tensors: list[Tensor]) -> tuple:
+        """``(x, what guard.start takes besides)`` for a forward of ``module`` whose
+        arguments hold ``tensors``."""
         return tensors[0] if tensors else None, dict(
             expected_channels=[-1] * self.guard.world_size,  # no channel count: every dim
             channels_note=[""] * self.guard.world_size,

@@ -665,7 +665,6 @@ def settle_pending() -> None:
 def all_gather_records(values: Tensor, process_group, like: Tensor | None = None) -> Tensor:
     """``[P, K]``: every rank's int64 ``values`` of length ``K`` (one tiny all-gather), on
     the device :func:`comm_device` picks for ``like``."""
-    settle_pending()
     if process_group is None or process_group.size() == 1:
         return values.unsqueeze(0)
     send = values.to(comm_device(process_group, like))

@@ -26,7 +26,7 @@ __all__ = [
 # A team subgroup is created once per (parent group, team) and shared by every layer that
 # needs it: creating one per layer would open new connections for each conv of a model.
 _team_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# The gloo twin of a group whose small buffers live on a device, for the input checks' records.
+# The gloo twin of every group, for the input checks' records (never where the data moves).
 _host_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # The 1-D DeviceMesh over a group, per device type, that a model's DTensor state lives on.
 _mesh_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
