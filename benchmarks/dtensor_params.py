@@ -23,7 +23,6 @@ Writes ``OUT/dtensor_params.json`` and ``OUT/dtensor_params.md`` (``--out``; by 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, make_input, step_and_forward  # noqa: E402
 from cases import labels as batch_labels  # noqa: E402
-from harness import HERE, max_over_ranks, ms, prepare_out, publish, run_header, run_ranks, summary  # noqa: E402
+from harness import HERE, max_over_ranks, ms, prepare_out, publish, run_interleaved, summary  # noqa: E402
 from harness import barrier as world_barrier  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
 
@@ -140,19 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reps, args.warmup = 2, 1
     prepare_out(args.out, ["dtensor_params.json", "dtensor_params.md"])
-    loadavg_before = os.getloadavg()
-    times = run_ranks(_rank, WORLD, args, timeout=args.timeout, what="dtensor_params")
-    result = {
-        **run_header(argv, os.cpu_count()),
-        "world": WORLD,
-        "quick": args.quick,
-        "reps": args.reps,
-        "warmup": args.warmup,
-        "loadavg_before": loadavg_before,
-        "loadavg_after": os.getloadavg(),
-        "times": times,
-        "summary": {},
-    }
+    times, head = run_interleaved(_rank, WORLD, args, argv, "dtensor_params")
+    result = {**head, "times": times, "summary": {}}
     for name, variants in times.items():
         row = {variant: summary(values) for variant, values in variants.items()}
         row["ratio"] = row["dtensor"]["median"] / row["plain"]["median"]

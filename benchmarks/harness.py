@@ -46,6 +46,7 @@ __all__ = [
     "prepare_out",
     "publish",
     "run_header",
+    "run_interleaved",
     "run_ranks",
     "summary",
     "without_collectives",
@@ -206,6 +207,25 @@ def run_header(argv: list[str] | None, cores: int) -> dict:
         },
         "commit": _commit(),
     }
+
+
+def run_interleaved(fn, world: int, args, argv: list[str] | None, what: str) -> tuple:
+    """``run_ranks(fn, world, args)`` for a benchmark that times its variants interleaved
+    (``args``: ``--reps``, ``--warmup``, ``--quick``, ``--timeout``); returns what rank 0
+    returned and the head of the run's JSON: :func:`run_header`, the world size, the
+    repetitions and the load averages before and after."""
+    loadavg_before = os.getloadavg()
+    value = run_ranks(fn, world, args, timeout=args.timeout, what=what)
+    head = {
+        **run_header(argv, os.cpu_count()),
+        "world": world,
+        "quick": args.quick,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": os.getloadavg(),
+    }
+    return value, head
 
 
 def prepare_out(out: Path, names: list[str]) -> None:

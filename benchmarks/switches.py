@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, make_input, step_and_forward  # noqa: E402
 from cases import labels as batch_labels  # noqa: E402
-from harness import HERE, max_over_ranks, ms, prepare_out, publish, run_header, run_ranks, summary  # noqa: E402
+from harness import HERE, max_over_ranks, ms, prepare_out, publish, run_interleaved, summary  # noqa: E402
 from harness import barrier as world_barrier  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
 
@@ -135,21 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reps, args.warmup = 2, 1
     prepare_out(args.out, ["switches.json", "switches.md"])
-    loadavg_before = os.getloadavg()
-    measured = run_ranks(_rank, WORLD, args, timeout=args.timeout, what="switches")
+    measured, head = run_interleaved(_rank, WORLD, args, argv, "switches")
     result = {
-        **run_header(argv, os.cpu_count()),
-        "world": WORLD,
-        "switch": args.switch,
-        "values": args.values,
-        "quick": args.quick,
-        "reps": args.reps,
-        "warmup": args.warmup,
-        "loadavg_before": loadavg_before,
-        "loadavg_after": os.getloadavg(),
-        "measured": measured,
+        **head, "switch": args.switch, "values": args.values, "measured": measured,
         "summary": {},
-    }
+    }  # fmt: skip
     for name, case in measured.items():
         row = {value: summary(values) for value, values in case["times"].items()}
         row["in_checks"] = {v: summary(t)["median"] for v, t in case["in_checks"].items()}
