@@ -535,3 +535,20 @@ def test_activation_memory_per_rank_is_below_one_device(tmp_path):
         largest = {p: max(r["activations"] for r in ranks) for p, ranks in row["ranks"].items()}
         assert largest["4"] < largest["2"] < single, (name, largest, single)
     assert "| per rank / one device |" in (tmp_path / "activation_memory.md").read_text()
+
+
+def test_whole_model_benchmark_compares_both_objectives(tmp_path):
+    """torchvision's ResNeXt-50 (tiny batch) beside one process under both ``auto_plan``
+    objectives: each parallel model checked against the plain one (the benchmark raises
+    otherwise), the memory objective holding half the parameters and activations."""
+    import whole_model
+
+    assert whole_model.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "whole_model.json").read_text())
+    assert set(data["summary"]) == {"one process", "collectives", "memory"}
+    facts = data["facts"]
+    assert facts["memory"]["params_share"] <= 0.501 < facts["collectives"]["params_share"]
+    assert facts["memory"]["activations_share"] < facts["collectives"]["activations_share"] < 1
+    assert facts["collectives"]["ops"] == {"all_reduce": 32}
+    assert facts["memory"]["ops"] == {"reduce_scatter": 36, "all_gather": 36, "all_reduce": 1}
+    assert '| `objective="memory"` |' in (tmp_path / "whole_model.md").read_text()

@@ -33,7 +33,7 @@ NORM_TOL = 1e-5  # relative: assert_close scales by the norm
 # are so ill-conditioned that one device in float32 leaves its own float64 run by 0.09 % in
 # the gradient norm after one AdamW step and 19 % after three (measured), so float32 rounding
 # in another order could not be told from an error there.
-DTYPES = {"auto": torch.float64}
+DTYPES = {"auto": torch.float64, "auto-memory": torch.float64}
 
 
 def _models(kind: str, process_group) -> tuple[nn.Module, nn.Module, int]:
@@ -50,7 +50,9 @@ def _models(kind: str, process_group) -> tuple[nn.Module, nn.Module, int]:
     if kind == "drop-in":
         plain, plan, size = TinyResNeXt(), None, 16
     else:
-        plain, plan, size = tv_models.small_resnext().to(dtype), "auto", 32
+        plain, size = tv_models.small_resnext().to(dtype), 32
+        objective = "memory" if kind == "auto-memory" else "collectives"
+        plan = mpgroups.auto_plan(plain, process_group, objective=objective)
     return plain, mpgroups.parallelize(copy.deepcopy(plain), process_group, plan=plan), size
 
 
@@ -110,9 +112,13 @@ def _clipped_training(ctx, kind: str, optimizer: str) -> None:
         assert_close(grads[key], param.grad, TOL, f"clamped grad {key}")
 
 
-@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adamw"])
-@pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("kind", KINDS)
+# Every kind at P = 2 and 4 with both optimizers; the memory objective's plan (a sharded
+# trunk: reduce-scatters and all-gathers) once with each.
+CLIPPED = [(k, p, o) for k in KINDS for p in (2, 4) for o in ("sgd-momentum", "adamw")]
+CLIPPED += [("auto-memory", 2, "adamw"), ("auto-memory", 4, "sgd-momentum")]
+
+
+@pytest.mark.parametrize("kind, world_size, optimizer", CLIPPED)
 def test_clip_grad_norm_trains_as_one_device(pool, kind, world_size, optimizer):
     """10 steps with clip_grad_norm_ active: every rank's norm is the single-device norm,
     and losses and the final state equal single-device training."""
@@ -169,7 +175,7 @@ def _grad_scaler(ctx, kind: str) -> None:
             assert moved
 
 
-@pytest.mark.parametrize("kind", ["auto", "alexnet-fp16", "styles"])
+@pytest.mark.parametrize("kind", ["auto", "auto-memory", "alexnet-fp16", "styles"])
 def test_grad_scaler_skips_the_step_on_every_rank(pool, kind):
     """fp16: the AlexNet's forward under CPU autocast to float16, as GradScaler is used."""
     pool.run(_grad_scaler, 2, kind)

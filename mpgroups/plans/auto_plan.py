@@ -19,6 +19,19 @@ activations can stay sharded by channel (docs/design.md §3b):
 For torchvision's ResNeXt, RegNet and MobileNetV2 this gives column → grouped/depthwise → row
 in every block. The result is an ordinary plan dict (module name → style) to print, edit and
 pass to :func:`mpgroups.parallelize`.
+
+Two objectives (docs/design.md §3b):
+
+* ``"collectives"`` (the default): the fewest collectives. A row-parallel layer all-reduces,
+  so what lies between chains (a ResNet's residual stream, its downsample convs, the stem,
+  the classifier) is replicated: computed and held whole on every rank.
+* ``"memory"``: every layer it can split. A row-parallel layer reduce-scatters, so its output
+  stays sharded (Megatron-LM's sequence parallelism, along channels): the norms, residual
+  adds and activations between chains run on shards; a dense layer reading a sharded
+  activation is row-parallel again (sharded → sharded); a dense layer reading a replicated
+  one is column-parallel. About 1/P of the parameters per rank; twice the collectives of a
+  block (a reduce-scatter where an all-reduce was, plus one for each dense layer that read a
+  replicated activation), of the same bytes in all.
 """
 
 from __future__ import annotations
@@ -38,7 +51,9 @@ from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer, Plan
 from mpgroups.sharding.layout import ChannelShards, layer_shards, layout_shards
 from mpgroups.sharding.placement import PlacementError
 
-__all__ = ["auto_plan"]
+__all__ = ["OBJECTIVES", "auto_plan"]
+
+OBJECTIVES = ("collectives", "memory")
 
 # Elementwise modules: the only ones allowed on features sharded along the last dim.
 _ELEMENTWISE = tuple(
@@ -74,9 +89,10 @@ class _Layout:
 class _Graph:
     """The traced graph, and what has been decided about it so far."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, world_size: int) -> None:
+    def __init__(self, model: nn.Module, graph: fx.Graph, world_size: int, memory: bool) -> None:
         self.model = model
         self.world_size = world_size
+        self.memory = memory  # the "memory" objective: row-parallel outputs stay sharded
         self.nodes = list(graph.nodes)
         calls: dict[str, int] = {}
         for node in self.nodes:
@@ -202,6 +218,46 @@ def _row_fits(g: _Graph, module: nn.Module, layout: _Layout) -> bool:
     return shards.inputs.slices == tuple((a * k, b * k) for a, b in layout.shards.slices)
 
 
+def _row_output(g: _Graph, module: nn.Module, layout: _Layout) -> tuple[_Layout, int] | None:
+    """The sharded output of a row-parallel ``module`` reading ``layout`` (a reduce-scatter)
+    and the ``shard_groups`` that lays it out: ``layout``'s groups, else 1 where the input
+    splits alike under both (a dense layer after a depthwise conv of more channels than it
+    outputs). ``None`` when no output split fits."""
+    cin, cout = _in_out(module)
+    k = cin // layout.channels
+    expected = tuple((a * k, b * k) for a, b in layout.shards.slices)
+    for groups in dict.fromkeys((layout.groups, 1)):
+        try:
+            shards = layer_shards(
+                cin, cout, 1, g.world_size, 0, split="rowwise", shard_groups=groups,
+                input_layout="sharded", output_layout="sharded",
+            )  # fmt: skip
+        except (PlacementError, ValueError):
+            continue
+        if shards.inputs.slices == expected and 0 not in shards.outputs.widths:
+            return _Layout(cout, groups, shards.outputs, type(module) is nn.Linear), groups
+    return None
+
+
+def _same(a: _Layout, b: _Layout) -> bool:
+    return (
+        a.channels == b.channels
+        and a.shards.slices == b.shards.slices
+        and (a.features == b.features)
+    )
+
+
+def _make_self_column(g: _Graph, node: fx.Node, module: nn.Module) -> bool:
+    """Under the memory objective, make the dense ``node`` (replicated input) column-parallel
+    with its output sharded. False when its output channels cannot be split."""
+    _, cout = _in_out(module)
+    layout = g.layout(cout, 1, features=type(module) is nn.Linear)
+    if layout is None or 0 in layout.shards.widths:
+        return False
+    g.columns[node] = layout
+    return True
+
+
 def _make_column(g: _Graph, node: fx.Node, layout: _Layout, sharded: dict) -> bool:
     """Make the ``groups=1`` layer whose output reaches ``node`` through per-channel nodes
     alone (each used once) column-parallel, producing ``layout``. False when there is none."""
@@ -255,11 +311,21 @@ def _propagate(g: _Graph) -> tuple[bool, dict, dict]:
         inputs = [a for a in node.all_input_nodes if a in sharded]
         module = g.module(node)
         if node in g.columns:
+            wanted = g.columns[node]
+            if inputs and g.memory and node.args[0] in sharded:
+                # The memory objective shards what this layer reads: row-parallel, its
+                # reduce-scatter giving the layout the column would have made.
+                layout = sharded[node.args[0]]
+                out = _row_output(g, module, layout) if _row_fits(g, module, layout) else None
+                if out is not None and _same(out[0], wanted):
+                    roles[node] = ("row", layout, wanted, out[1])
+                    keep(node, wanted)
+                    continue
             if inputs:
                 g.make_whole(inputs)
                 return True, sharded, roles
-            roles[node] = ("column", g.columns[node])
-            keep(node, g.columns[node])
+            roles[node] = ("column", wanted)
+            keep(node, wanted)
         elif _grouped(module):
             cin, cout = _in_out(module)
             own_in, own_out = g.layout(cin, module.groups), g.layout(cout, module.groups)
@@ -280,7 +346,12 @@ def _propagate(g: _Graph) -> tuple[bool, dict, dict]:
         elif _dense(module):
             source = node.args[0]
             if source in sharded and _row_fits(g, module, sharded[source]):
-                roles[node] = ("row", sharded[source])
+                out = _row_output(g, module, sharded[source]) if g.memory else None
+                if out is None:
+                    roles[node] = ("row", sharded[source], None, sharded[source].groups)
+                else:
+                    roles[node] = ("row", sharded[source], *out)
+                    keep(node, out[0])
                 continue
             if inputs:
                 g.make_whole(inputs)
@@ -290,6 +361,8 @@ def _propagate(g: _Graph) -> tuple[bool, dict, dict]:
             wanted = g.layout(cin, 1, features=None if type(module) is nn.Linear else False)
             if wanted is not None and _make_column(g, source, wanted, sharded):
                 return True, sharded, roles  # Megatron's pair: this one becomes row-parallel
+            if g.memory and not inputs and _make_self_column(g, node, module):
+                return True, sharded, roles
         elif inputs and _keeps_layout(g, node, sharded[inputs[0]]):
             if node.op == "call_module" and node.target in g.called_once:
                 roles[node] = ("local", sharded[inputs[0]])
@@ -327,8 +400,12 @@ def _styles(g: _Graph, roles: dict) -> dict[str, object]:
         if kind == "column":
             plan[node.target] = ParallelLayer(output_layout=out, shard_groups=groups)
         elif kind == "row":
+            sharded_out = role[2] is not None and node not in g.gathered
             plan[node.target] = ParallelLayer(
-                split="rowwise", input_layout="sharded", shard_groups=groups
+                split="rowwise",
+                input_layout="sharded",
+                output_layout="sharded" if sharded_out else "replicated",
+                shard_groups=None if role[3] == 1 else role[3],
             )
         else:
             plan[node.target] = ChannelLocal(
@@ -337,7 +414,13 @@ def _styles(g: _Graph, roles: dict) -> dict[str, object]:
     return plan
 
 
-def auto_plan(model: nn.Module, process_group=None, *, world_size: int | None = None) -> Plan:
+def auto_plan(
+    model: nn.Module,
+    process_group=None,
+    *,
+    world_size: int | None = None,
+    objective: str = "collectives",
+) -> Plan:
     """A plan for :func:`mpgroups.parallelize` derived from ``model``'s graph.
 
     Args:
@@ -346,12 +429,18 @@ def auto_plan(model: nn.Module, process_group=None, *, world_size: int | None = 
             ``None`` for the default group, else one rank): the plan is made for its size.
         world_size: make the plan for this many ranks instead (to print or edit a plan on
             a machine without the job's process group).
+        objective: ``"collectives"`` (the default: the fewest collectives; what lies between
+            chains stays replicated) or ``"memory"`` (every layer it can split; activations
+            between chains stay sharded, at about twice the collectives; see the module
+            docstring).
 
     Returns:
         A :class:`~mpgroups.plans.styles.Plan` (a ``dict`` ``{module name: style}`` in graph
         order, see the module docstring) for ``world_size`` ranks. A model that ``torch.fx``
         cannot trace gets an empty plan, the drop-in, with a warning saying why.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if world_size is None:
         _, world_size = rank_and_world_size(resolve_process_group(process_group))
     try:
@@ -364,7 +453,7 @@ def auto_plan(model: nn.Module, process_group=None, *, world_size: int | None = 
             stacklevel=2,
         )
         return Plan(world_size=world_size)
-    g = _Graph(model, graph, world_size)
+    g = _Graph(model, graph, world_size, objective == "memory")
     for _ in range(8 * len(g.nodes) + 8):  # each rerun adds a decision; there are few
         changed, _, roles = _propagate(g)
         if not changed:

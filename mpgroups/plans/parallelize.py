@@ -303,7 +303,15 @@ def parallelize(
             layer = _parallel_layer(name, module, style, pg)
             move_hooks(module, layer)
             if style.input_layout == "sharded":
-                if producer is not None and not same_layout(producer[1], layer.shards.inputs):
+                # The module before it may not be its source (a shortcut registered before
+                # the branch, as RegNet's proj): a total that differs is left to the check
+                # each call makes on the tensor itself.
+                inputs = layer.shards.inputs
+                if (
+                    producer is not None
+                    and producer[1].total == inputs.total
+                    and not same_layout(producer[1], inputs)
+                ):
                     raise PlanError(
                         f"'{name}' takes a sharded input with channel shards "
                         f"{list(layer.shards.inputs.slices)}, but '{producer[0]}' before it "
