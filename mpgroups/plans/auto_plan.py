@@ -20,7 +20,7 @@ For torchvision's ResNeXt, RegNet and MobileNetV2 this gives column → grouped/
 in every block. The result is an ordinary plan dict (module name → style) to print, edit and
 pass to :func:`mpgroups.parallelize`.
 
-Two objectives (docs/design.md §3b):
+Two objectives (docs/design.md §5):
 
 * ``"collectives"`` (the default): the fewest collectives. A row-parallel layer all-reduces,
   so what lies between chains (a ResNet's residual stream, its downsample convs, the stem,
@@ -29,9 +29,9 @@ Two objectives (docs/design.md §3b):
   stays sharded (Megatron-LM's sequence parallelism, along channels): the norms, residual
   adds and activations between chains run on shards; a dense layer reading a sharded
   activation is row-parallel again (sharded → sharded); a dense layer reading a replicated
-  one is column-parallel. About 1/P of the parameters per rank; twice the collectives of a
-  block (a reduce-scatter where an all-reduce was, plus one for each dense layer that read a
-  replicated activation), of the same bytes in all.
+  one is column-parallel. About 1/P of the parameters per rank; a collective per dense layer
+  forward and one backward (a reduce-scatter or an all-gather: half of what an all-reduce of
+  the same tensor carries) where the default makes one per block each way.
 """
 
 from __future__ import annotations
