@@ -332,3 +332,22 @@ def _memory_objective_habits(ctx) -> None:
 def test_memory_objective_under_user_habits(pool):
     """channels_last and non-contiguous batches, no_grad, inference_mode, a deep copy."""
     pool.run(_memory_objective_habits, 2)
+
+
+def _linear_over_the_last_dim(ctx) -> None:
+    torch.manual_seed(0)
+    reference = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+    ).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for objective in ("collectives", "memory"):
+        plan = mpgroups.auto_plan(reference, ctx.process_group, objective=objective)
+        assert getattr(plan.get("3"), "input_layout", "replicated") == "replicated", plan
+        model = mpgroups.parallelize(copy.deepcopy(reference), ctx.process_group, plan=plan)
+        assert_close(model(x), reference(x), 1e-12, f"{objective}: Linear over the last dim")
+
+
+def test_a_linear_over_a_conv_output_reads_it_whole(pool):
+    """A Linear applied to a conv's output acts on its last spatial dim, not on its channels:
+    it reads the conv's output whole (a Linear reads channels only once they are flattened)."""
+    pool.run(_linear_over_the_last_dim, 2)

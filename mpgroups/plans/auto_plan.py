@@ -9,7 +9,8 @@ activations can stay sharded by channel (docs/design.md §3b):
   in a squeeze-excitation) becomes column-parallel (``split="colwise"``), laid out as that
   consumer's channels (``shard_groups``);
 * a ``groups=1`` conv or Linear that reads a sharded activation becomes row-parallel
-  (``split="rowwise"``), closing the chain with one all-reduce; so does the second of two
+  (``split="rowwise"``), closing the chain with one all-reduce (a Linear reads channels only
+  once they are flattened, or another Linear's features); so does the second of two
   ``groups=1`` layers joined by per-channel modules alone (Megatron-LM's pairing);
 * per-channel modules (BatchNorm, GroupNorm with whole norm groups per shard, activations,
   pooling, dropout, ``nn.Flatten``) and elementwise functions run on the shards;
@@ -29,16 +30,18 @@ Two objectives (docs/design.md §5):
   stays sharded (Megatron-LM's sequence parallelism, along channels): the norms, residual
   adds and activations between chains run on shards; a dense layer reading a sharded
   activation is row-parallel again (sharded → sharded); a dense layer reading a replicated
-  one is column-parallel. About 1/P of the parameters per rank; a collective per dense layer
-  forward and one backward (a reduce-scatter or an all-gather: half of what an all-reduce of
-  the same tensor carries) where the default makes one per block each way.
+  one is column-parallel (gathering its output where what follows needs it whole: its
+  parameters split, its activations not). About 1/P of the parameters per rank; a collective
+  per dense layer forward and one backward (a reduce-scatter or an all-gather, each half of
+  what an all-reduce of the same tensor carries) where the default makes one per block each
+  way. A ResNeXt block comes out row → grouped → row.
 """
 
 from __future__ import annotations
 
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +87,7 @@ class _Layout:
     groups: int
     shards: ChannelShards
     features: bool | None = False
+    flat: bool = False  # channels flattened into the last dim with what follows them
 
 
 class _Graph:
@@ -205,6 +209,8 @@ def _row_fits(g: _Graph, module: nn.Module, layout: _Layout) -> bool:
     linear = isinstance(module, nn.Linear)
     if (layout.features and not linear) or cin % layout.channels:
         return False
+    if linear and not layout.features and not layout.flat:
+        return False  # a Linear over a conv's last spatial dim, not its channels
     if not linear and cin != layout.channels:
         return False
     try:
@@ -366,7 +372,11 @@ def _propagate(g: _Graph) -> tuple[bool, dict, dict]:
         elif inputs and _keeps_layout(g, node, sharded[inputs[0]]):
             if node.op == "call_module" and node.target in g.called_once:
                 roles[node] = ("local", sharded[inputs[0]])
-            keep(node, sharded[inputs[0]])
+            layout = sharded[inputs[0]]
+            flattens = isinstance(module, nn.Flatten) and module.start_dim == 1
+            if (flattens and module.end_dim == -1) or _flattens_channels(node):
+                layout = replace(layout, flat=True)
+            keep(node, layout)
         elif inputs and _binary(node) and node not in g.whole:
             layout = sharded[inputs[0]]
             others = [a for a in node.all_input_nodes if a not in sharded]

@@ -304,12 +304,12 @@ def parallelize(
             move_hooks(module, layer)
             if style.input_layout == "sharded":
                 # The module before it may not be its source (a shortcut registered before
-                # the branch, as RegNet's proj): a total that differs is left to the check
-                # each call makes on the tensor itself.
+                # the branch, as RegNet's proj): a total that is not a multiple of the one
+                # before (flattened channels are) is left to the check each call makes.
                 inputs = layer.shards.inputs
                 if (
                     producer is not None
-                    and producer[1].total == inputs.total
+                    and inputs.total % max(producer[1].total, 1) == 0
                     and not same_layout(producer[1], inputs)
                 ):
                     raise PlanError(
