@@ -474,7 +474,8 @@ def _gradient_penalty(ctx) -> None:
     x, y = _batches(size, 1)[0]
     for net in (plain, model):
         params = list(net.parameters())
-        first = torch.autograd.grad(F.cross_entropy(net(x), y), params, create_graph=True)
+        loss = F.cross_entropy(net(_input(net, x)), y)
+        first = torch.autograd.grad(loss, params, create_graph=True)
         penalty = sum(g.square().sum() for g in first)
         if isinstance(penalty, DTensor):  # the norm of DTensor gradients: made whole
             penalty = penalty.full_tensor()
