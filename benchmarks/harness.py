@@ -87,7 +87,13 @@ def run_ranks(fn, world: int, *args, threads: int = 1, timeout: float, what: str
     Raises:
         RuntimeError: with the failing rank's traceback.
     """
-    ctx = mp.get_context("spawn")
+    # Forked from a server that imported torch once: no import per rank; like spawn, nothing
+    # of this process's state reaches them.
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "mpgroups"])
+    else:  # Windows
+        ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [
