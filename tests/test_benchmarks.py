@@ -408,12 +408,9 @@ def test_loopback_model_does_the_ranks_work(pool, world_size, suite):
 def test_dtensor_params_benchmark_compares_the_same_model(tmp_path):
     """The with/without DTensor parameters comparison runs on every case, and its two
     variants compute the same output (the benchmark raises otherwise)."""
-    command = [
-        sys.executable, str(ROOT / "benchmarks" / "dtensor_params.py"), "--quick",
-        "--out", str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
+    import dtensor_params
+
+    assert dtensor_params.main(["--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "dtensor_params.json").read_text())
     assert set(data["summary"]) == {
         "alexnet_step",
