@@ -441,7 +441,7 @@ def auto_plan(
             a machine without the job's process group).
         objective: ``"collectives"`` (the default: the fewest collectives; what lies between
             chains stays replicated) or ``"memory"`` (every layer it can split; activations
-            between chains stay sharded, at about twice the collectives; see the module
+            between chains stay sharded, at twice the collectives or more; see the module
             docstring).
 
     Returns:
