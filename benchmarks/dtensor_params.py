@@ -35,7 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, make_input, step_and_forward  # noqa: E402
 from cases import labels as batch_labels  # noqa: E402
-from harness import HERE, max_over_ranks, ms, prepare_out, publish, run_interleaved, summary  # noqa: E402
+from harness import (  # noqa: E402
+    HERE,
+    max_over_ranks,
+    ms_spread,
+    prepare_out,
+    publish,
+    run_interleaved,
+    summary,  # noqa: E402
+)
 from harness import barrier as world_barrier  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
 
@@ -123,10 +131,7 @@ def table_lines(result: dict) -> list[str]:
     ]
     for name, row in result["summary"].items():
         d, p = row["dtensor"], row["plain"]
-        lines.append(
-            f"| {name} | {ms(d['median'])} ({ms(d['p25'])}–{ms(d['p75'])}) | "
-            f"{ms(p['median'])} ({ms(p['p25'])}–{ms(p['p75'])}) | {row['ratio']:.3f} |"
-        )
+        lines.append(f"| {name} | {ms_spread(d)} | {ms_spread(p)} | {row['ratio']:.3f} |")
     return lines
 
 

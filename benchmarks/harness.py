@@ -41,6 +41,7 @@ __all__ = [
     "max_over_ranks",
     "mib",
     "ms",
+    "ms_spread",
     "optimizer_state_bytes",
     "parser",
     "prepare_out",
@@ -262,6 +263,11 @@ def publish(out: Path, name: str, result: dict, lines: list[str]) -> str:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
+
+
+def ms_spread(times: dict) -> str:
+    """A :func:`summary` in milliseconds, as the tables print it: ``median (p25–p75)``."""
+    return f"{ms(times['median'])} ({ms(times['p25'])}–{ms(times['p75'])})"
 
 
 def mib(nbytes: float) -> str:

@@ -91,6 +91,7 @@ from harness import (  # noqa: E402
     max_over_ranks,
     mib,
     ms,
+    ms_spread,
     optimizer_state_bytes,
     prepare_out,
     run_header,
@@ -497,7 +498,7 @@ def render(result: dict) -> str:
         label = _label(name, layout, result)
         lines.append(
             f"| {label} | {layout[0]} × {layout[1]} | {v['batch_per_rank']} | "
-            f"{ms(t['median'])} ({ms(t['p25'])}–{ms(t['p75'])}) | "
+            f"{ms_spread(t)} | "
             f"{single / t['median']:.2f}× | {ddp / t['median']:.2f}× | {ms(local)} | "
             f"{gp_mib} | {ddp_mib} | {mib(v['param_and_momentum_bytes'])} |"
         )

@@ -67,8 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import CASES, QUICK, build_parallel, build_single, make_input  # noqa: E402
 from cases import labels as batch_labels  # noqa: E402
+from harness import ms, ms_spread, prepare_out, run_header, run_ranks, summary  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
-from harness import prepare_out, run_header, run_ranks, summary  # noqa: E402
 from loopback import loopback_group  # noqa: E402
 
 import mpgroups  # noqa: E402
@@ -236,9 +236,6 @@ def write_markdown(result: dict, path: Path) -> str:
     def med(name, part, what="work"):
         return s[name][part][what]["median"]
 
-    def ms(v):
-        return f"{v * 1e3:.1f}"
-
     commit = result.get("commit")
     lines = [f"Command: `{result['command']}`  "]
     if commit:
@@ -271,11 +268,7 @@ def write_markdown(result: dict, path: Path) -> str:
     ]
     for name, (description, _, _) in VARIANTS.items():
         row = s[name]
-        cells = [
-            f"{ms(row[p]['work']['median'])} ({ms(row[p]['work']['p25'])}–"
-            f"{ms(row[p]['work']['p75'])})"
-            for p, _ in COLUMNS
-        ]
+        cells = [ms_spread(row[p]["work"]) for p, _ in COLUMNS]
         lines.append(
             f"| {name[0]}) {description} | "
             + " | ".join(cells)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import HERE, mib, ms, prepare_out  # noqa: E402
+from harness import HERE, mib, ms, ms_spread, prepare_out  # noqa: E402
 
 DEFAULT_OUT = HERE / "out"  # ignored by git
 MAIN = "group_parallel"
@@ -186,7 +186,7 @@ def _row(result: dict, name: str, world: str, variant: str) -> str:
         world,
         threads,
         ms(t[variant]["forward"]["median"]),
-        f"{ms(gp['median'])} ({ms(gp['p25'])}–{ms(gp['p75'])})",
+        ms_spread(gp),
         ms(single),
         f"{single / gp['median']:.2f}×",
         f"{total / gp['median']:.2f}×",

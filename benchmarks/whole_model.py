@@ -42,7 +42,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from activation_memory import saved_bytes  # noqa: E402
-from harness import HERE, max_over_ranks, mib, ms, prepare_out, publish, run_interleaved, summary  # noqa: E402
+from harness import (  # noqa: E402
+    HERE,
+    max_over_ranks,
+    mib,
+    ms_spread,
+    prepare_out,
+    publish,
+    run_interleaved,
+    summary,  # noqa: E402
+)
 from harness import barrier as world_barrier  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
 
@@ -153,14 +162,13 @@ def table_lines(result: dict) -> list[str]:
         "| variant | step ms (p25–p75) | vs one process | in data collectives | data "
         "collectives per step | MiB moved per rank | params per rank | activations per rank |",
         "|---|---|---|---|---|---|---|---|",
-        f"| {ONE} | {ms(one)} ({ms(rows[ONE]['p25'])}–{ms(rows[ONE]['p75'])}) | 1.00× | – | – "
-        f"| – | 1.000 | 1.000 |",
+        f"| {ONE} | {ms_spread(rows[ONE])} | 1.00× | – | – | – | 1.000 | 1.000 |",
     ]
     for objective in OBJECTIVES:
         row, facts = rows[objective], result["facts"][objective]
         lines.append(
-            f'| `objective="{objective}"` | {ms(row["median"])} ({ms(row["p25"])}–'
-            f"{ms(row['p75'])}) | {one / row['median']:.2f}× | {row['in_data']:.1%} | "
+            f'| `objective="{objective}"` | {ms_spread(row)} | {one / row["median"]:.2f}× | '
+            f"{row['in_data']:.1%} | "
             f"{facts['collectives']} | {mib(facts['mib'] * 2**20)} | {facts['params_share']:.3f} | "
             f"{facts['activations_share']:.3f} |"
         )
