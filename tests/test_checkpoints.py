@@ -132,28 +132,36 @@ def _rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:
 
 def test_killed_rank_resumes_to_the_same_final_state(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MPGROUPS_PG_TIMEOUT="60")
-    clean = subprocess.run(
-        _train_command(tmp_path, "clean"), capture_output=True, text=True, timeout=300, env=env
-    )
-    assert clean.returncode == 0, clean.stdout + clean.stderr
-
+    # The uninterrupted run alongside (the killed job waits in its restart a good part of its
+    # time): two standalone jobs, each on a port of its own.
+    with open(tmp_path / "clean.log", "w") as clean_log:
+        clean = subprocess.Popen(
+            _train_command(tmp_path, "clean"), stdout=clean_log, stderr=subprocess.STDOUT, env=env
+        )
     job = subprocess.Popen(
         _train_command(tmp_path, "killed"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
-    launcher = psutil.Process(job.pid)
-    checkpoints = tmp_path / "killed" / "ckpt"
-    deadline = time.monotonic() + 120
-    victim = None
-    while time.monotonic() < deadline and job.poll() is None:
-        # step 10's directory appears only after every rank has finished writing step 5
-        if (checkpoints / "step-00000010").exists():
-            victim = _rank_process(launcher, "1")
-            if victim is not None:
-                victim.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    output = job.communicate(timeout=300)[0]
+    try:
+        launcher = psutil.Process(job.pid)
+        checkpoints = tmp_path / "killed" / "ckpt"
+        deadline = time.monotonic() + 120
+        victim = None
+        while time.monotonic() < deadline and job.poll() is None:
+            # step 10's directory appears only after every rank has finished writing step 5
+            if (checkpoints / "step-00000010").exists():
+                victim = _rank_process(launcher, "1")
+                if victim is not None:
+                    victim.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+        output = job.communicate(timeout=300)[0]
+        clean.wait(timeout=300)
+    finally:
+        for launched in (clean, job):
+            if launched.poll() is None:
+                launched.terminate()  # torchrun stops its workers on SIGTERM
+    assert clean.returncode == 0, (tmp_path / "clean.log").read_text()
     assert victim is not None, "the run ended before a rank could be killed:\n" + output
     assert job.returncode == 0, output
     resumed = [line for line in output.splitlines() if line.startswith("resumed from step")]

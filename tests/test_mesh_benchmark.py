@@ -4,8 +4,6 @@ the three variants, the baseline and the projection rows (no timing is asserted)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mesh
@@ -16,16 +14,10 @@ VARIANTS = {"ddp", "gp", "mesh"}
 
 
 @pytest.mark.timeout(420)
-def test_mesh_benchmark_quick_writes_variants_and_projection(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "mesh.py"),
-        "--quick",
-        "--out",
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=360, cwd=ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_mesh_benchmark_quick_writes_variants_and_projection(tmp_path, capsys):
+    """Its main() in this process (the rank processes it starts are its own)."""
+    assert mesh.main(["--quick", "--out", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
     stored = (tmp_path / "mesh.json").read_bytes()
     data = json.loads(stored)
     assert data["quick"] and data["format"] == 1
@@ -86,7 +78,7 @@ def test_mesh_benchmark_quick_writes_variants_and_projection(tmp_path):
     )  # fmt: skip
     for label in labels:
         assert f"| {label} |" in table, label
-    assert table in result.stdout
+    assert table in stdout
 
     # A stored run renders to the same table, without being written over.
     again = tmp_path / "again"

@@ -52,7 +52,7 @@ def _models(kind: str, process_group) -> tuple[nn.Module, nn.Module, int]:
     if kind == "drop-in":
         plain, plan, size = TinyResNeXt().to(dtype), None, 16
     else:
-        plain, size = tv_models.small_resnext().to(dtype), 32
+        plain, size = tv_models.small_resnext().to(dtype), 16
         objective = "memory" if kind == "auto-memory" else "collectives"
         plan = mpgroups.auto_plan(plain, process_group, objective=objective)
     return plain, mpgroups.parallelize(copy.deepcopy(plain), process_group, plan=plan), size

@@ -47,6 +47,7 @@ from mpgroups.comm.collectives import (
     WIRE_DTYPES,
     all_gather_records,
     all_ranks_agree,
+    outside_graphs,
     settle_first,
     settle_pending,
     start_all_gather_records,
@@ -477,7 +478,7 @@ class InputGuard:
 
     # Outside any compiled graph: the call count changes every call (a graph would be
     # recompiled for each value), and the exchange reads the real input.
-    @torch.compiler.disable
+    @outside_graphs
     def _exchange(self, x, problem, expected_channels, channels_note, weight, call=None):
         if call is None:
             call = self._next_call()
@@ -562,7 +563,7 @@ _SIGNATURES_KEPT = 64  # input signatures a site under a root check remembers, t
 _WHOLE = _RECORD_DIMS  # a channel dim no record has: every dim is compared
 
 
-@torch.compiler.disable
+@outside_graphs
 def _check_now(root: RootCheck, module, tensors: list[Tensor]) -> None:
     """``root``'s exchange for a forward of ``module``, completed at once, outside any
     compiled graph."""

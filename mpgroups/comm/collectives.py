@@ -37,6 +37,10 @@ from mpgroups.comm.counter import counted, record
 from mpgroups.sharding.layout import ChannelShards
 from mpgroups.sharding.placement import Slice
 
+# torch.compiler.disable, importing torch._dynamo on the first call rather than at import (it
+# takes about a third of `import mpgroups` and a process that never compiles never needs it).
+outside_graphs = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
 __all__ = [
     "META_DIMS",
     "WIRE_DTYPES",
@@ -50,6 +54,7 @@ __all__ = [
     "broadcast_ints",
     "broadcast_meta",
     "broadcast_tensors_",
+    "outside_graphs",
     "comm_device",
     "copy_to_ranks",
     "dense_order",
@@ -222,7 +227,7 @@ def _issued(op: str, group_size: int, nbytes: int, kind: str = "data") -> Iterat
         yield
 
 
-@torch.compiler.disable
+@outside_graphs
 def _settle_outside_graph() -> None:
     settle_pending()
 
