@@ -166,12 +166,27 @@ def test_mesh_training_equals_one_device_on_the_global_batch(pool, kind, wrapper
 
 
 def _ddp_refuses(ctx) -> str:
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
     mesh = _mesh()
-    model, _ = _build("alexnet", mesh["gp"])
+    model, size = _build("alexnet", mesh["gp"])
+    reference, _ = _build("alexnet", None, parallel=False)
     with pytest.raises(TypeError, match="fully_shard") as info:
         DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+    # Given the mesh's dp dim, DDP first turns a model's DTensor parameters into plain ones
+    # (torch's tensor-parallel hook-up); it must refuse before that, leaving the model whole.
+    for given in (model, model.features):
+        with pytest.raises(TypeError, match="fully_shard"):
+            DistributedDataParallel(given, device_mesh=mesh["dp"])
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    x, y = _data(size)
+    for loss in (F.cross_entropy(m.eval()(x[0]), y[0]) for m in (model, reference)):
+        loss.backward()
+    norms = [
+        torch.nn.utils.get_total_norm([p.grad for p in m.parameters()]) for m in (model, reference)
+    ]
+    torch.testing.assert_close(norms[0].full_tensor(), norms[1], rtol=1e-5, atol=0)
     # unparallelize gives back a plain model, which DDP takes.
     DistributedDataParallel(mpgroups.unparallelize(model), process_group=ctx.process_group)
     return str(info.value)

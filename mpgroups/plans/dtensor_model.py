@@ -9,6 +9,8 @@ with :func:`undistribute_model_state`.
 
 from __future__ import annotations
 
+import functools
+
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -36,12 +38,42 @@ DDP_REFUSED = (
 
 
 class _RefuseDDP:
-    """Stands where DDP looks for the names of parameters to ignore: the first thing its
-    constructor reads from the module. Reading it raises :data:`DDP_REFUSED`, before DDP
-    fails deeper down with torch's "mixed torch.Tensor and DTensor"."""
+    """Stands, in every module of a parallelized model, where DDP looks for the names of
+    parameters to ignore: the first thing its constructor reads from the module it wraps.
+    Reading it raises :data:`DDP_REFUSED`, before DDP fails deeper down with torch's "mixed
+    torch.Tensor and DTensor"."""
 
     def __iter__(self):
         raise TypeError(DDP_REFUSED)
+
+
+def _refused_first(transform):
+    """``transform`` (torch's DDP + tensor-parallel hook-up, which DDP given a sub-mesh runs
+    before anything else) refusing a parallelized model first: run, it would have turned the
+    model's DTensor parameters into plain ones, leaving a caught refusal a model whose
+    ``clip_grad_norm_`` and checkpoints see each rank's shards only."""
+
+    @functools.wraps(transform)
+    def refused_first(module: nn.Module):
+        if isinstance(module.__dict__.get("_ddp_params_and_buffers_to_ignore"), _RefuseDDP):
+            raise TypeError(DDP_REFUSED)
+        return transform(module)
+
+    refused_first._mpgroups = True
+    return refused_first
+
+
+def _install_ddp_refusal() -> None:
+    try:
+        from torch.distributed.tensor.parallel import ddp as tensor_parallel_ddp
+    except ImportError:  # no such hook-up in this torch: DDP reads the marker first
+        return
+    transform = getattr(tensor_parallel_ddp, "_pre_dp_module_transform", None)
+    if transform is not None and not getattr(transform, "_mpgroups", False):
+        tensor_parallel_ddp._pre_dp_module_transform = _refused_first(transform)
+
+
+_install_ddp_refusal()
 
 
 def distribute_model_state(model: nn.Module, process_group, given_mesh=None) -> None:
@@ -86,7 +118,8 @@ def distribute_model_state(model: nn.Module, process_group, given_mesh=None) -> 
             whole_rows[name] = (shards, dim)
         if placements:
             distribute_state(module, mesh, placements, made, whole_rows)
-    model._ddp_params_and_buffers_to_ignore = _RefuseDDP()
+    for module in model.modules():  # DDP may be handed any of them
+        module._ddp_params_and_buffers_to_ignore = _RefuseDDP()
 
 
 def distribute_parameters(model: nn.Module, process_group=None) -> nn.Module:
@@ -143,5 +176,5 @@ def undistribute_model_state(model: nn.Module) -> None:
                         local = nn.Parameter(local, requires_grad=value.requires_grad)
                     entries[name] = local
         module.__dict__.pop("_mpgroups_whole_rows", None)
-    if isinstance(model.__dict__.get("_ddp_params_and_buffers_to_ignore"), _RefuseDDP):
-        del model._ddp_params_and_buffers_to_ignore
+        if isinstance(module.__dict__.get("_ddp_params_and_buffers_to_ignore"), _RefuseDDP):
+            del module._ddp_params_and_buffers_to_ignore
