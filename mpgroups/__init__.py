@@ -7,10 +7,12 @@ with no process group the layers are plain single-device convolutions.
 from mpgroups import models
 from mpgroups.comm.checks import InputMismatchError
 from mpgroups.comm.counter import CommCounter
+from mpgroups.comm.spatial_transfer import gather_spatial, scatter_spatial, spatial_shard
 from mpgroups.comm.transfer import gather_channels, scatter_channels
 from mpgroups.layers.channel_modules import GatherChannels
 from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
 from mpgroups.layers.linear import ParallelLinear
+from mpgroups.layers.spatial_conv import SpatialConv1d, SpatialConv2d, SpatialConv3d
 from mpgroups.plans.auto_plan import auto_plan
 from mpgroups.plans.dtensor_model import distribute_parameters
 from mpgroups.plans.global_batch import match_global_batch
@@ -50,12 +52,16 @@ __all__ = [
     "Plan",
     "PlacementError",
     "PlanError",
+    "SpatialConv1d",
+    "SpatialConv2d",
+    "SpatialConv3d",
     "atomic_save",
     "auto_plan",
     "distribute_parameters",
     "full_grad_dict",
     "full_state_dict",
     "gather_channels",
+    "gather_spatial",
     "load_full_state_dict",
     "load_sharded_state_dict",
     "local_parameter_bytes",
@@ -66,6 +72,8 @@ __all__ = [
     "safe_load",
     "save_sharded_state_dict",
     "scatter_channels",
+    "scatter_spatial",
+    "spatial_shard",
     "unparallelize",
 ]
 

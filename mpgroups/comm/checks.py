@@ -57,6 +57,7 @@ from mpgroups.comm.process_groups import host_group, rank_and_world_size
 from mpgroups.sharding.layout import NOT_PICKLABLE
 
 __all__ = [
+    "BAD_SHAPE",
     "RECORD_SIZE",
     "InputGuard",
     "InputMismatchError",
@@ -105,13 +106,14 @@ def fingerprint(*parts) -> int:
 
 
 # What a rank's local check found, as sent to the other ranks.
-NO_TENSOR, BAD_DIMS, BAD_CHANNELS, BAD_DTYPE, BAD_DEVICE = 1, 2, 3, 4, 5
+NO_TENSOR, BAD_DIMS, BAD_CHANNELS, BAD_DTYPE, BAD_DEVICE, BAD_SHAPE = 1, 2, 3, 4, 5, 6
 _PROBLEMS = {
     NO_TENSOR: "not a tensor",
     BAD_DIMS: "the wrong number of dimensions for {site}",
     BAD_CHANNELS: "the wrong number of channels",
     BAD_DTYPE: "a dtype that does not match the weight's {weight_dtype}",
     BAD_DEVICE: "a device that does not match the weight's ({weight_device})",
+    BAD_SHAPE: "a shape {site} cannot take",
 }
 
 Problem = tuple[int, str]
@@ -246,6 +248,7 @@ def _check_across_ranks(
     expected_channels: Sequence[int | None] | Callable[[list[int]], Sequence[int | None]],
     channels_note: Sequence[str] | Callable[[list[int]], Sequence[str]],
     weight: Tensor | None = None,
+    counted: str = "input channels",
 ) -> list[list[int]]:
     """Exchange input records and raise :class:`InputMismatchError` on every rank if needed.
 
@@ -262,6 +265,7 @@ def _check_across_ranks(
             what it is ("its shard 16..32 of 64 channels"), ``None`` for a rank that sends no
             tensor; or functions of the list of every rank's channel count that return them.
         weight: the layer's weight, to name its dtype and device in messages.
+        counted: what ``channel_dim`` counts, in messages (``"rows"`` for a spatial block).
 
     Returns:
         Every rank's record (rows of ``RECORD_SIZE`` integers), when nothing is wrong.
@@ -272,6 +276,7 @@ def _check_across_ranks(
     records = all_gather_records(_encode(x, layer_id, call, code), process_group, like).tolist()
     return judge_records(
         records, layer=layer, channel_dim=channel_dim, expected_channels=expected_channels,
+        counted=counted,
         channels_note=channels_note, weight=weight,
     )  # fmt: skip
 
@@ -285,6 +290,7 @@ def judge_records(
     channels_note,
     weight: Tensor | None = None,
     tensor_optional: bool = False,
+    counted: str = "input channels",
 ) -> list[list[int]]:
     """Return every rank's exchanged record, or raise :class:`InputMismatchError` with the
     same message on every rank (arguments as :func:`_check_across_ranks`'s;
@@ -324,7 +330,7 @@ def judge_records(
             lines.append(f"rank {r} sent {sent}: {what.format(**details)}")
         if sent_channels[r] >= 0 and sent_channels[r] != expected_channels[r]:
             lines.append(
-                f"rank {r} sent {sent_channels[r]} input channels ({sent}), {layer} expects "
+                f"rank {r} sent {sent_channels[r]} {counted} ({sent}), {layer} expects "
                 f"{expected_channels[r]} ({channels_note[r]})"
             )
         if rec[_MODE] != reference[_MODE]:
@@ -392,7 +398,7 @@ class InputGuard:
         site: how messages name the call site, e.g. ``"GroupParallelConv2d(8, 8, groups=4)"``.
         config: what identifies the site on every rank (its :func:`fingerprint`).
         process_group: where the site's collectives run (``None``: a single rank).
-        channel_dim: as in :func:`check_across_ranks`.
+        channel_dim, counted: as in :func:`check_across_ranks`.
         checks: ``True``/``False``, or ``None`` for ``MPGROUPS_CHECKS``.
     """
 
@@ -404,6 +410,7 @@ class InputGuard:
         *,
         channel_dim: int = 1,
         checks: bool | None = None,
+        counted: str = "input channels",
     ) -> None:
         self.site = site
         self.site_id = fingerprint(*config)
@@ -412,6 +419,7 @@ class InputGuard:
         self.record_group = host_group(process_group)
         self.rank, self.world_size = rank_and_world_size(process_group)
         self.channel_dim = channel_dim
+        self.counted = counted
         self.checks = checks
         self.calls = 0
         # The root check of the model the site belongs to (set by parallelize): the site's
@@ -490,6 +498,7 @@ class InputGuard:
             call=call,
             problem=problem,
             channel_dim=self.channel_dim,
+            counted=self.counted,
             expected_channels=expected_channels,
             channels_note=channels_note,
             weight=weight,
@@ -521,6 +530,7 @@ class InputGuard:
             try:
                 judge_records(
                     wait().tolist(), layer=self.site, channel_dim=self.channel_dim,
+                    counted=self.counted,
                     expected_channels=expected_channels, channels_note=channels_note,
                     tensor_optional=tensor_optional,
                 )  # fmt: skip

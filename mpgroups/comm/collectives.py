@@ -60,6 +60,7 @@ __all__ = [
     "dense_order",
     "gather_channels_to",
     "gather_rows",
+    "issued",
     "gather_to",
     "scatter_channels_from",
     "scatter_from",
@@ -227,6 +228,9 @@ def _issued(op: str, group_size: int, nbytes: int, kind: str = "data") -> Iterat
         yield
 
 
+issued = _issued  # public: the other communication modules' collectives are counted alike
+
+
 @outside_graphs
 def _settle_outside_graph() -> None:
     settle_pending()
@@ -291,25 +295,29 @@ class TensorMeta(NamedTuple):
     order: tuple[int, ...]  # its memory layout (see _dense_order)
 
 
-def scatter_from(x: Tensor | None, shards: ChannelShards, src: int, meta: TensorMeta, device):
-    """Scatter ``x`` (whole, on group rank ``src``) along dim 1; every rank gets its shard,
+def scatter_from(
+    x: Tensor | None, shards: ChannelShards, src: int, meta: TensorMeta, device, dim: int = 1
+):
+    """Scatter ``x`` (whole, on group rank ``src``) along ``dim``; every rank gets its shard,
     laid out as ``x`` is (contiguous on the wire)."""
     width = max(shards.widths)
-    recv = torch.empty((meta.shape[0], width, *meta.shape[2:]), dtype=meta.dtype, device=device)
+    shape = list(meta.shape)
+    shape[dim] = width
+    recv = torch.empty(shape, dtype=meta.dtype, device=device)
     chunks = None
     if shards.rank == src:
-        chunks = [_padded(x.narrow(1, a, b - a), width, 1) for a, b in shards.slices]
+        chunks = [_padded(x.narrow(dim, a, b - a), width, dim) for a, b in shards.slices]
     nbytes = recv.numel() * recv.element_size() * shards.world_size
     with _issued("scatter", shards.world_size, nbytes):
         dist.scatter(recv, chunks, group=shards.process_group, group_src=src)
-    return _trimmed(recv, shards.widths[shards.rank], 1, meta.order)
+    return _trimmed(recv, shards.widths[shards.rank], dim, meta.order)
 
 
-def gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
-    """Gather shards along dim 1 onto group rank ``dst``, laid out as ``x`` is; the other
+def gather_to(x: Tensor, shards: ChannelShards, dst: int, dim: int = 1) -> Tensor:
+    """Gather shards along ``dim`` onto group rank ``dst``, laid out as ``x`` is; the other
     ranks get an empty tensor."""
     width = max(shards.widths)
-    send = _padded(x, width, 1)
+    send = _padded(x, width, dim)
     recv = None
     if shards.rank == dst:
         recv = [torch.empty_like(send) for _ in range(shards.world_size)]
@@ -318,7 +326,7 @@ def gather_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
         dist.gather(send, recv, group=shards.process_group, group_dst=dst)
     if shards.rank != dst:
         return x.new_empty(0)
-    return _assemble(recv, shards, 1, x)
+    return _assemble(recv, shards, dim, x)
 
 
 # --- Autograd functions: each backward applies the dual Function, so it is differentiable.
@@ -413,29 +421,31 @@ class _ScatterFrom(torch.autograd.Function):
     """Forward: scatter from ``src``; backward: gather onto ``src``."""
 
     @staticmethod
-    def forward(ctx, x, shards, src, meta, device):
-        ctx.shards, ctx.src = shards, src
-        return scatter_from(x, shards, src, meta, device)
+    def forward(ctx, x, shards, src, meta, device, dim):
+        ctx.shards, ctx.src, ctx.dim = shards, src, dim
+        return scatter_from(x, shards, src, meta, device, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _GatherTo.apply(grad, ctx.shards, ctx.src), None, None, None, None
+        return _GatherTo.apply(grad, ctx.shards, ctx.src, ctx.dim), None, None, None, None, None
 
 
 class _GatherTo(torch.autograd.Function):
     """Forward: gather onto ``dst``; backward: scatter from ``dst``."""
 
     @staticmethod
-    def forward(ctx, x, shards, dst):
-        ctx.shards, ctx.dst = shards, dst
+    def forward(ctx, x, shards, dst, dim):
+        ctx.shards, ctx.dst, ctx.dim = shards, dst, dim
         ctx.shard_shape, ctx.order = x.shape, _dense_order(x)
-        return gather_to(x, shards, dst)
+        return gather_to(x, shards, dst, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        shape = (ctx.shard_shape[0], ctx.shards.total, *ctx.shard_shape[2:])
+        shape = list(ctx.shard_shape)
+        shape[ctx.dim] = ctx.shards.total
         meta = TensorMeta(torch.Size(shape), grad.dtype, False, ctx.order)
-        return _ScatterFrom.apply(grad, ctx.shards, ctx.dst, meta, grad.device), None, None
+        scattered = _ScatterFrom.apply(grad, ctx.shards, ctx.dst, meta, grad.device, ctx.dim)
+        return scattered, None, None, None
 
 
 def all_gather_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:
@@ -516,17 +526,18 @@ def slice_group_channels(
 
 
 def scatter_channels_from(
-    x: Tensor, shards: ChannelShards, src: int, meta: TensorMeta, device
+    x: Tensor, shards: ChannelShards, src: int, meta: TensorMeta, device, dim: int = 1
 ) -> Tensor:
     """Forward: rank ``src`` sends each rank its shard of ``x`` ``[N, C, *spatial]`` along
-    dim 1; backward: gather onto ``src``. ``meta`` describes ``x`` (see ``broadcast_meta``)."""
-    return _ScatterFrom.apply(x, shards, src, meta, device)
+    ``dim`` (channels by default); backward: gather onto ``src``. ``meta`` describes ``x``
+    (see ``broadcast_meta``)."""
+    return _ScatterFrom.apply(x, shards, src, meta, device, dim)
 
 
-def gather_channels_to(x: Tensor, shards: ChannelShards, dst: int) -> Tensor:
-    """Forward: gather the shards along dim 1 onto group rank ``dst`` (the others get an empty
-    tensor); backward: scatter ``dst``'s gradient."""
-    return _GatherTo.apply(x, shards, dst)
+def gather_channels_to(x: Tensor, shards: ChannelShards, dst: int, dim: int = 1) -> Tensor:
+    """Forward: gather the shards along ``dim`` (channels by default) onto group rank
+    ``dst`` (the others get an empty tensor); backward: scatter ``dst``'s gradient."""
+    return _GatherTo.apply(x, shards, dst, dim)
 
 
 def broadcast_meta(x: Tensor | None, src: int, process_group) -> TensorMeta:

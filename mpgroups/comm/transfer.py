@@ -29,7 +29,7 @@ from mpgroups.comm.collectives import (
 from mpgroups.comm.process_groups import group_rank, host_group, resolve_process_group
 from mpgroups.sharding.layout import layout_shards
 
-__all__ = ["gather_channels", "scatter_channels"]
+__all__ = ["gather_channels", "receiving_end", "scatter_channels", "source_meta"]
 
 
 def _shape_problem(x) -> Problem | None:
@@ -69,15 +69,27 @@ def scatter_channels(
     src = group_rank(pg, src, group_src, "src")
     src = 0 if src is None else src
     rank = dist.get_rank(pg)
-    holds = rank == src
     guard = InputGuard(
         f"scatter_channels(groups={groups}, group_src={src})",
         ("scatter_channels", groups, src),
         pg,
     )
+    meta = source_meta(x, src, guard, _shape_problem(x) if rank == src else None)
+    shards = layout_shards(meta.shape[1], groups, pg.size(), rank, pg)
+    if rank != src:
+        x = receiving_end(meta, device, pg)
+    return scatter_channels_from(x, shards, src, meta, x.device)
+
+
+def source_meta(x: Tensor | None, src: int, guard: InputGuard, problem: Problem | None):
+    """A scatter's first steps: check the source's ``x`` across ranks (``problem``: its local
+    problem, on the source), then describe it to every rank (:class:`TensorMeta`), raising on
+    every rank if the source records a backward that a rank under ``no_grad`` would miss."""
+    pg = guard.process_group
+    holds = dist.get_rank(pg) == src
     guard(
         x if holds else None,
-        problem=_shape_problem(x) if holds else None,
+        problem=problem,
         expected_channels=lambda sent: [sent[r] if r == src else None for r in range(len(sent))],
         channels_note=lambda sent: [""] * len(sent),
     )
@@ -88,12 +100,15 @@ def scatter_channels(
         f"rank {src} records a backward through its input, and a rank that runs under "
         f"torch.no_grad() would not join the gather of its gradient",
     )
-    shards = layout_shards(meta.shape[1], groups, pg.size(), rank, pg)
-    if not holds:
-        # A leaf that requires grad on the other ranks keeps them in the backward gather.
-        where = torch.device(device) if device is not None else comm_device(pg)
-        x = torch.empty(0, dtype=meta.dtype, device=where, requires_grad=meta.requires_grad)
-    return scatter_channels_from(x, shards, src, meta, x.device)
+    return meta
+
+
+def receiving_end(meta, device, process_group) -> Tensor:
+    """What a rank other than the source passes to the scatter: an empty tensor on
+    ``device`` (default: the group's), a leaf that requires grad where the source's input
+    records a backward, so this rank joins the backward's gather."""
+    where = torch.device(device) if device is not None else comm_device(process_group)
+    return torch.empty(0, dtype=meta.dtype, device=where, requires_grad=meta.requires_grad)
 
 
 def gather_channels(

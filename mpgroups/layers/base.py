@@ -34,7 +34,7 @@ from mpgroups.sharding.layout import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ConvConversion", "LayerOptions", "ShardedLayer", "conv_arguments"]
+__all__ = ["ConvConversion", "LayerOptions", "ShardedLayer", "SharesProcessGroup", "conv_arguments"]
 
 
 class LayerOptions(TypedDict, total=False):
@@ -67,7 +67,35 @@ class LayerOptions(TypedDict, total=False):
     checks: bool | None
 
 
-class ShardedLayer:
+class SharesProcessGroup:
+    """Copies of a layer (``copy.copy``, ``copy.deepcopy``: an EMA's copy) are made as
+    ``nn.Module`` makes its own, except that they share the layer's process group, which
+    cannot be copied; pickling a layer that has one raises, since no group can travel to
+    another process."""
+
+    process_group: object
+
+    def __copy__(self):
+        twin = type(self).__new__(type(self))
+        twin.__setstate__(self.__getstate__())
+        return twin
+
+    def __deepcopy__(self, memo):
+        group = self.process_group
+        if group is not None:
+            memo[id(group)] = group
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return twin
+
+    def __reduce_ex__(self, protocol):
+        if self.process_group is not None:
+            raise TypeError(NOT_PICKLABLE)
+        return super().__reduce_ex__(protocol)
+
+
+class ShardedLayer(SharesProcessGroup):
     """What the parallel layers share (they provide ``_nn_type``, ``_arguments``, ``shards``,
     ``state_guard``, ``weight`` and ``bias``): their part of a whole ``torch.nn`` layer's
     parameters (initialised, taken, gathered back), and copies that share the process group.
@@ -167,23 +195,6 @@ class ShardedLayer:
                     target.to_local().copy_(whole)  # held whole (uneven split): all rows
                 else:
                     own_rows(target, shards, dim).copy_(whole.narrow(dim, start, stop - start))
-
-    # Copies as nn.Module's own (which go through __reduce_ex__), sharing the process groups.
-    def __copy__(self):
-        twin = type(self).__new__(type(self))
-        twin.__setstate__(self.__getstate__())
-        return twin
-
-    def __deepcopy__(self, memo):
-        twin = type(self).__new__(type(self))
-        memo[id(self)] = twin
-        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return twin
-
-    def __reduce_ex__(self, protocol):
-        if self.process_group is not None:
-            raise TypeError(NOT_PICKLABLE)
-        return super().__reduce_ex__(protocol)
 
     def _take_shards_of(self, module: nn.Module) -> None:
         """Copy this rank's part of ``module``'s parameters (the whole ``torch.nn`` layer)."""

@@ -1,0 +1,132 @@
+"""The halo exchange: each rank receives the rows of its neighbours' blocks that its window
+reads (:mod:`mpgroups.sharding.spatial`), point to point.
+
+Forward and backward are a pair of autograd Functions, each the other's dual, so the
+exchange is differentiable to any order: forward sends rows and assembles the window;
+backward sends each received row's gradient back to the rank that owns the row, which adds
+it to its own (a row read twice, by reflect or circular padding on a small block, adds
+twice). Nothing is sent when the group has one rank or no window reads another rank's rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mpgroups.comm.collectives import issued
+from mpgroups.sharding.spatial import ZERO_ROW, HaloPlan
+
+__all__ = ["halo_exchange"]
+
+
+def _swap(
+    process_group, outgoing: list[tuple[int, Tensor]], incoming: list[tuple[int, Tensor]]
+) -> None:
+    """Send each ``(peer, tensor)`` of ``outgoing`` and fill each of ``incoming`` (group ranks),
+    all at once; returns when every transfer is done."""
+    ops = [
+        dist.P2POp(dist.isend, tensor, dist.get_global_rank(process_group, peer), process_group)
+        for peer, tensor in outgoing
+    ]
+    ops += [
+        dist.P2POp(dist.irecv, tensor, dist.get_global_rank(process_group, peer), process_group)
+        for peer, tensor in incoming
+    ]
+    if not ops:
+        return
+    nbytes = sum(t.numel() * t.element_size() for _, t in outgoing)
+    with issued("halo_exchange", process_group.size(), nbytes):
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _rows(x: Tensor, rows: tuple[int, ...], dim: int) -> Tensor:
+    """``x``'s ``rows`` along ``dim`` as one contiguous tensor (what goes on the wire)."""
+    first = rows[0]
+    if rows == tuple(range(first, first + len(rows))):
+        return x.narrow(dim, first, len(rows)).contiguous()
+    return x.index_select(dim, torch.tensor(rows, device=x.device)).contiguous()
+
+
+def _with_rows(x: Tensor, rows: int, dim: int) -> list[int]:
+    shape = list(x.shape)
+    shape[dim] = rows
+    return shape
+
+
+def _exchange(x: Tensor, plan: HaloPlan, process_group, dim: int) -> Tensor:
+    outgoing = [(peer, _rows(x, rows, dim)) for peer, rows in plan.sends]
+    incoming = {peer: x.new_empty(_with_rows(x, count, dim)) for peer, count in plan.receives}
+    _swap(process_group, outgoing, list(incoming.items()))
+    pieces = []
+    for source, start, length in plan.runs:
+        if source == ZERO_ROW:
+            pieces.append(x.new_zeros(_with_rows(x, length, dim)))
+        else:
+            held = x if source == plan.rank else incoming[source]
+            pieces.append(held.narrow(dim, start, length))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def _return_grads(grad: Tensor, plan: HaloPlan, process_group, dim: int, rows: int) -> Tensor:
+    """The dual of :func:`_exchange`: the gradient of this rank's own ``rows`` rows."""
+    own = grad.new_zeros(_with_rows(grad, rows, dim))
+    back = {peer: grad.new_zeros(_with_rows(grad, count, dim)) for peer, count in plan.receives}
+    position = 0
+    for source, start, length in plan.runs:
+        piece = grad.narrow(dim, position, length)
+        position += length
+        if source != ZERO_ROW:
+            target = own if source == plan.rank else back[source]
+            target.narrow(dim, start, length).add_(piece)
+    incoming = [
+        (peer, grad.new_empty(_with_rows(grad, len(sent), dim))) for peer, sent in plan.sends
+    ]
+    _swap(process_group, [(peer, t.contiguous()) for peer, t in back.items()], incoming)
+    for (_, sent), (_, received) in zip(plan.sends, incoming, strict=True):
+        own.index_add_(dim, torch.tensor(sent, device=own.device), received)
+    return own
+
+
+class _HaloExchange(torch.autograd.Function):
+    """Forward: this rank's window from its block and its neighbours' rows; backward: the
+    window's gradient, each row's part sent back to its owner and added there."""
+
+    @staticmethod
+    def forward(ctx, x, plan, process_group, dim):
+        ctx.plan, ctx.process_group, ctx.dim, ctx.rows = plan, process_group, dim, x.shape[dim]
+        return _exchange(x, plan, process_group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dual = _HaloReturn.apply(grad, ctx.plan, ctx.process_group, ctx.dim, ctx.rows)
+        return dual, None, None, None
+
+
+class _HaloReturn(torch.autograd.Function):
+    """Forward: a window's gradient returned to the rows' owners; backward: the exchange."""
+
+    @staticmethod
+    def forward(ctx, grad, plan, process_group, dim, rows):
+        ctx.plan, ctx.process_group, ctx.dim = plan, process_group, dim
+        return _return_grads(grad, plan, process_group, dim, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (
+            _HaloExchange.apply(grad, ctx.plan, ctx.process_group, ctx.dim),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def halo_exchange(x: Tensor, plan: HaloPlan, process_group, dim: int = 2) -> Tensor:
+    """This rank's window along ``dim``: ``[N, C, plan.window_rows, *rest]`` from its block
+    ``x`` ``[N, C, rows, *rest]`` (a collective: every rank of ``process_group`` calls it with
+    its own part of the same plan)."""
+    if process_group is None or process_group.size() == 1:
+        return _exchange(x, plan, None, dim)
+    return _HaloExchange.apply(x, plan, process_group, dim)

@@ -1,0 +1,170 @@
+"""Spatially split convolutions: ``nn.Conv1d/2d/3d`` whose input and output rows along the
+first spatial dim (dim 2) are split over the ranks, each computing its own block of rows.
+
+Shapes on rank ``r`` of ``P`` (``l_r``: ``torch.tensor_split``'s block of ``L`` rows)::
+
+    weight, bias   as nn.ConvNd's, whole on every rank (replicated; grads summed over ranks)
+    input          [N, C_in, l_r, *rest]        rows of tensor_split(x, P, dim=2)[r]
+    output         [N, C_out, l'_r, *rest_out]  rows of tensor_split(conv(x), P, dim=2)[r]
+
+Each forward exchanges the halo: the rows of the neighbours' blocks this rank's output rows
+read (:mod:`mpgroups.sharding.spatial`), every stride, dilation, padding (``"same"`` and
+``"valid"`` too) and padding mode, point to point. The layer's output is the next layer's
+input layout, so a chain of convs stays split. With no process group, or one rank, the layer
+is ``nn.ConvNd``, bit for bit, with the same ``state_dict`` keys.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpgroups.comm.checks import BAD_SHAPE, InputGuard, Problem, channel_counts, tensor_problem
+from mpgroups.comm.collectives import copy_to_ranks, sum_over_ranks
+from mpgroups.comm.halo import halo_exchange
+from mpgroups.comm.process_groups import host_group, resolve_process_group
+from mpgroups.layers.base import SharesProcessGroup
+from mpgroups.sharding.spatial import ConvRows, HaloPlan, halo_plan, row_blocks
+
+__all__ = ["SpatialConv1d", "SpatialConv2d", "SpatialConv3d"]
+
+_PLANS_KEPT = 16  # input sizes a layer keeps the plan of
+
+
+class _SpatialConvNd(SharesProcessGroup):
+    """The spatial split over an ``nn.ConvNd`` subclass (mixed in before it)."""
+
+    _dims: int
+
+    def _set_group(self, process_group, checks: bool | None) -> None:
+        self.process_group = resolve_process_group(process_group)
+        self._checks = checks
+        self._plans: dict[int, HaloPlan] = {}
+        self.rows = ConvRows(
+            kernel=self.kernel_size[0],
+            stride=self.stride[0],
+            dilation=self.dilation[0],
+            pad_lo=self._reversed_padding_repeated_twice[-2],
+            pad_hi=self._reversed_padding_repeated_twice[-1],
+            padding_mode=self.padding_mode,
+        )
+        pg = self.process_group
+        if pg is not None and pg.size() > 1:
+            site = f"{type(self).__name__}({self.in_channels}, {self.out_channels})"
+            config = (type(self).__name__, self.in_channels, self.out_channels, self.rows)
+            self.input_guard = InputGuard(
+                site, config, pg, channel_dim=2, checks=checks, counted="rows"
+            )
+
+    @classmethod
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, process_group=None, *, checks=None):
+        """The spatial twin of ``conv`` (an ``nn.ConvNd`` of the same dims), sharing nothing:
+        parameters copied, so every rank must pass the same ``conv``."""
+        twin = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+            process_group=process_group,
+            checks=checks,
+        )
+        twin.weight = nn.Parameter(conv.weight.detach().clone(), conv.weight.requires_grad)
+        if conv.bias is not None:
+            twin.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
+        return twin
+
+    def _problem(self, x) -> Problem | None:
+        expects = f"[N, {self.in_channels}, rows, ...] ({self._dims + 2}-D)"
+        problem = tensor_problem(x, expects, self._dims + 2, self._dims + 2)
+        if problem is None and x.shape[1] != self.in_channels:
+            problem = (BAD_SHAPE, f"{x.shape[1]} channels, the layer takes {self.in_channels}")
+        return problem
+
+    def _total_rows(self, x: Tensor) -> int:
+        """Every rank's rows together (after checking that the blocks fit together)."""
+        pg, world = self.process_group, self.process_group.size()
+
+        def balanced(sent: list[int]) -> list[int]:
+            if min(sent) < 0:
+                return sent
+            return [b - a for a, b in row_blocks(sum(sent), world)]
+
+        records = self.input_guard(
+            x,
+            problem=self._problem(x),
+            expected_channels=balanced,
+            channels_note=lambda sent: [f"balanced blocks of {sum(sent)} rows"] * world,
+            weight=self.weight,
+        )
+        if records is not None:
+            return sum(channel_counts(records, 2))
+        return sum_over_ranks(x.shape[2], host_group(pg))
+
+    def _plan(self, total: int) -> HaloPlan:
+        plan = self._plans.get(total)
+        if plan is None:
+            pg = self.process_group
+            plan = halo_plan(self.rows, total, pg.size(), dist.get_rank(pg))
+            if len(self._plans) >= _PLANS_KEPT:
+                del self._plans[next(iter(self._plans))]
+            self._plans[total] = plan
+        return plan
+
+    def forward(self, x: Tensor) -> Tensor:
+        pg = self.process_group
+        if pg is None or pg.size() == 1:
+            return super().forward(x)
+        plan = self._plan(self._total_rows(x))
+        window = halo_exchange(x, plan, pg, dim=2)
+        rest = list(self._reversed_padding_repeated_twice[:-2])
+        padding = 0
+        if any(rest):
+            symmetric = all(rest[i] == rest[i + 1] for i in range(0, len(rest), 2))
+            if self.padding_mode == "zeros" and symmetric:
+                padding = (0, *rest[::-2])
+            else:
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                window = F.pad(window, [*rest, 0, 0], mode=mode)
+        weight = copy_to_ranks(self.weight, pg)
+        bias = None if self.bias is None else copy_to_ranks(self.bias, pg)
+        return self._conv(window, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        group = self.process_group
+        ranks = 1 if group is None else group.size()
+        return f"{super().extra_repr()}, rows split over {ranks} ranks"
+
+
+def _make(nn_type: type[nn.modules.conv._ConvNd], dims: int, functional):
+    class SpatialConv(_SpatialConvNd, nn_type):
+        __doc__ = (
+            f"``nn.{nn_type.__name__}`` with its rows along dim 2 split over ``process_group`` "
+            f"(the module docstring has the shapes); the same arguments, plus the keyword-only "
+            f"``process_group`` (``ProcessGroup``, 1-D ``DeviceMesh`` or ``None``: the default "
+            f"group if initialised) and ``checks`` (``None``: ``MPGROUPS_CHECKS``)."
+        )
+        _dims = dims
+
+        def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
+            nn_type.__init__(self, *args, **kwargs)
+            self._set_group(process_group, checks)
+
+        @staticmethod
+        def _conv(x, weight, bias, stride, padding, dilation, groups):
+            return functional(x, weight, bias, stride, padding, dilation, groups)
+
+    SpatialConv.__name__ = SpatialConv.__qualname__ = f"Spatial{nn_type.__name__}"
+    return SpatialConv
+
+
+SpatialConv1d = _make(nn.Conv1d, 1, F.conv1d)
+SpatialConv2d = _make(nn.Conv2d, 2, F.conv2d)
+SpatialConv3d = _make(nn.Conv3d, 3, F.conv3d)

@@ -1,0 +1,230 @@
+"""Which rows of a spatially split tensor each rank holds, and which it needs from its
+neighbours to compute its block of a convolution's output (no communication here).
+
+A tensor ``[N, C, L, *rest]`` split along its first spatial dim (dim 2) gives rank ``r`` the
+rows of ``torch.tensor_split(x, P, dim=2)[r]``: balanced, the first ``L % P`` ranks one row
+more. A convolution's output rows are split the same way, so a chain of layers keeps that
+layout from end to end. For its output rows ``[a, b)``, a conv with kernel ``k``, stride
+``s``, dilation ``d`` and padding ``p_lo`` before the first row reads the global input rows
+``a·s - p_lo`` to ``(b - 1)·s - p_lo + d·(k - 1)``: its *window*. Rows before 0 or past the
+end are the padding: zeros, or, for the other padding modes, the rows torch's ``F.pad``
+would copy there (reflected, repeated or wrapped). The rows of the window that another rank
+holds are its *halo*; :func:`halo_plan` says which rank sends which rows to whom. Every rank
+computes the same plan from the same sizes, so the sends and receives always pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpgroups.sharding.placement import Slice
+
+__all__ = [
+    "PADDING_MODES",
+    "ConvRows",
+    "HaloPlan",
+    "HaloTooWideError",
+    "halo_plan",
+    "row_blocks",
+    "smallest_size",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+ZERO_ROW = -1  # a window row that is zero padding
+
+
+class HaloTooWideError(ValueError):
+    """A rank's block is too small for its window: it would need rows from a rank that is
+    not its neighbour."""
+
+
+def row_blocks(size: int, world_size: int) -> tuple[Slice, ...]:
+    """``(start, stop)`` of every rank's rows, balanced as ``torch.tensor_split``."""
+    base, extra = divmod(size, world_size)
+    starts = [r * base + min(r, extra) for r in range(world_size + 1)]
+    return tuple(zip(starts[:-1], starts[1:], strict=True))
+
+
+@dataclass(frozen=True)
+class ConvRows:
+    """A convolution (or pooling) along one dim: what maps its input rows to output rows.
+
+    ``pad_lo``/``pad_hi``: padding before the first and after the last row (``"same"``
+    splits ``dilation·(kernel - 1)`` as torch does: the extra row, if any, after).
+    """
+
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    pad_lo: int = 0
+    pad_hi: int = 0
+    padding_mode: str = "zeros"
+
+    def __post_init__(self) -> None:
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}"
+            )
+        if min(self.kernel, self.stride, self.dilation) < 1 or min(self.pad_lo, self.pad_hi) < 0:
+            raise ValueError(f"a conv needs kernel, stride, dilation >= 1 and padding >= 0: {self}")
+
+    @property
+    def span(self) -> int:
+        """Input rows one output row reads: ``dilation·(kernel - 1) + 1``."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    def out_size(self, size: int) -> int:
+        """Output rows for ``size`` input rows (as ``nn.Conv``; may be 0 or less: too small)."""
+        return (size + self.pad_lo + self.pad_hi - self.span) // self.stride + 1
+
+    def window(self, out_rows: Slice) -> range:
+        """The global input rows (padding included: below 0 or past the end) that output
+        rows ``[a, b)`` read."""
+        a, b = out_rows
+        if b <= a:
+            return range(0)
+        return range(a * self.stride - self.pad_lo, (b - 1) * self.stride - self.pad_lo + self.span)
+
+    def source_row(self, row: int, size: int) -> int:
+        """The input row whose value a window row holds, or ``ZERO_ROW`` for zero padding
+        (as ``F.pad``: reflect without repeating the edge, replicate the edge, wrap around)."""
+        if 0 <= row < size:
+            return row
+        if self.padding_mode == "zeros":
+            return ZERO_ROW
+        if self.padding_mode == "replicate":
+            return min(max(row, 0), size - 1)
+        if self.padding_mode == "circular":
+            return row % size
+        period = 2 * (size - 1)  # reflect
+        row = abs(row) % period if period else 0
+        return period - row if row >= size else row
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """One rank's part of a halo exchange for one layer.
+
+    Attributes:
+        rank, world_size: this rank in the group.
+        in_rows: ``(start, stop)`` of the input rows every rank holds.
+        out_rows: ``(start, stop)`` of the output rows every rank computes.
+        runs: the window, in order, as runs ``(source, start, length)``: ``source`` is a
+            group rank (this rank: rows of its own block; another: rows of what it receives
+            from that rank) or ``ZERO_ROW`` (zeros); ``start`` indexes that source's rows.
+        sends: ``(peer, local rows)`` this rank sends, each to the rank that reads them.
+        receives: ``(peer, rows)`` how many rows this rank receives from each peer.
+    """
+
+    rank: int
+    world_size: int
+    in_rows: tuple[Slice, ...]
+    out_rows: tuple[Slice, ...]
+    runs: tuple[tuple[int, int, int], ...]
+    sends: tuple[tuple[int, tuple[int, ...]], ...]
+    receives: tuple[tuple[int, int], ...]
+
+    @property
+    def window_rows(self) -> int:
+        return sum(length for _, _, length in self.runs)
+
+
+def _needed(rows: ConvRows, in_rows, out_block: Slice, size: int) -> dict[int, list[int]]:
+    """Per owner rank: the global input rows ``out_block``'s window reads from it, sorted."""
+    owners: dict[int, set[int]] = {}
+    for row in rows.window(out_block):
+        source = rows.source_row(row, size)
+        if source != ZERO_ROW:
+            owner = next(r for r, (a, b) in enumerate(in_rows) if a <= source < b)
+            owners.setdefault(owner, set()).add(source)
+    return {owner: sorted(needed) for owner, needed in owners.items()}
+
+
+def _neighbours(rank: int, world_size: int, wraps: bool) -> set[int]:
+    near = {rank - 1, rank, rank + 1}
+    if wraps:
+        near |= {(rank - 1) % world_size, (rank + 1) % world_size}
+    return {r for r in near if 0 <= r < world_size}
+
+
+def _fits(rows: ConvRows, size: int, world_size: int) -> bool:
+    """Whether every rank gets an output row and reads only its neighbours' rows."""
+    out_size = rows.out_size(size)
+    if out_size < world_size or size < world_size:
+        return False
+    in_rows, out_rows = row_blocks(size, world_size), row_blocks(out_size, world_size)
+    wraps = rows.padding_mode == "circular"
+    return all(
+        set(_needed(rows, in_rows, out_rows[r], size)) <= _neighbours(r, world_size, wraps)
+        for r in range(world_size)
+    )
+
+
+def smallest_size(rows: ConvRows, size: int, world_size: int) -> int | None:
+    """The smallest input size of at least ``size`` for which :func:`halo_plan` works, or
+    ``None`` if none up to a generous bound does."""
+    bound = 4 * size + 4 * world_size * (rows.span + rows.stride + rows.pad_lo + rows.pad_hi)
+    return next((n for n in range(size, bound + 1) if _fits(rows, n, world_size)), None)
+
+
+def halo_plan(rows: ConvRows, size: int, world_size: int, rank: int) -> HaloPlan:
+    """Rank ``rank``'s part of the exchange that gives every rank the window of its output
+    block, for ``size`` input rows split as :func:`row_blocks` splits them.
+
+    Raises:
+        HaloTooWideError: a rank would get no output row, no input row (its block is empty),
+            or would need rows from a rank that is not its neighbour (wrapping around for
+            circular padding); the message names the smallest size that works.
+    """
+    if rows.padding_mode == "reflect" and size <= max(rows.pad_lo, rows.pad_hi):
+        raise ValueError(
+            f"reflect padding of {max(rows.pad_lo, rows.pad_hi)} rows needs more input rows "
+            f"than that; the input has {size}"
+        )
+    if not _fits(rows, size, world_size):
+        smallest = smallest_size(rows, size, world_size)
+        works = f"{smallest} rows or more" if smallest is not None else "a larger input"
+        raise HaloTooWideError(
+            f"{size} rows split over {world_size} ranks are too few for kernel {rows.kernel}, "
+            f"stride {rows.stride}, dilation {rows.dilation}, padding ({rows.pad_lo}, "
+            f"{rows.pad_hi}): each rank needs at least one output row and may read only its "
+            f"neighbours' rows (its halo); {works} works (or fewer ranks)"
+        )
+    in_rows = row_blocks(size, world_size)
+    out_rows = row_blocks(rows.out_size(size), world_size)
+    needs = [_needed(rows, in_rows, out_rows[r], size) for r in range(world_size)]
+    start = in_rows[rank][0]
+    received = {
+        owner: {row: i for i, row in enumerate(global_rows)}
+        for owner, global_rows in needs[rank].items()
+        if owner != rank
+    }
+    runs: list[list[int]] = []
+    for row in rows.window(out_rows[rank]):
+        source = rows.source_row(row, size)
+        if source == ZERO_ROW:
+            owner, index = ZERO_ROW, 0
+        else:
+            owner = next(r for r, (a, b) in enumerate(in_rows) if a <= source < b)
+            index = source - start if owner == rank else received[owner][source]
+        last = runs[-1] if runs else None
+        contiguous = owner == ZERO_ROW or index == last[1] + last[2] if last else False
+        if last is not None and last[0] == owner and contiguous:
+            last[2] += 1
+        else:
+            runs.append([owner, index, 1])
+    sends = tuple(
+        (reader, tuple(row - start for row in needs[reader][rank]))
+        for reader in range(world_size)
+        if reader != rank and rank in needs[reader]
+    )
+    receives = tuple((owner, len(global_rows)) for owner, global_rows in sorted(received.items()))
+    return HaloPlan(
+        rank=rank,
+        world_size=world_size,
+        in_rows=in_rows,
+        out_rows=out_rows,
+        runs=tuple(tuple(run) for run in runs),
+        sends=sends,
+        receives=receives,
+    )

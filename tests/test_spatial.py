@@ -1,0 +1,278 @@
+"""Spatial split along dim 2: the halo plans, the spatially split convs against ``nn.ConvNd``
+(float64, P = 2 and 4, uneven blocks, every stride, dilation, padding and padding mode),
+their double backward, the layout's entry and exit (``spatial_shard``, ``scatter_spatial``,
+``gather_spatial``) and bad input raising on every rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from mpgroups.comm.checks import InputMismatchError
+from mpgroups.comm.spatial_transfer import gather_spatial, scatter_spatial, spatial_shard
+from mpgroups.layers.spatial_conv import SpatialConv1d, SpatialConv2d, SpatialConv3d
+from mpgroups.sharding.spatial import ZERO_ROW, ConvRows, HaloTooWideError, halo_plan, row_blocks
+
+TOLERANCE = 1e-10
+SPATIAL = {1: SpatialConv1d, 2: SpatialConv2d, 3: SpatialConv3d}
+PLAIN = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+# The plans alone (one process) ------------------------------------------------------------
+
+
+def _assemble(plans, blocks):
+    """Every rank's window, its exchange played out in one process."""
+    received = {}
+    for plan in plans:
+        for reader, rows in plan.sends:
+            received[reader, plan.rank] = blocks[plan.rank][..., list(rows)]
+    windows = []
+    for plan in plans:
+        pieces = []
+        for source, start, length in plan.runs:
+            if source == ZERO_ROW:
+                pieces.append(blocks[0].new_zeros(*blocks[0].shape[:-1], length))
+            elif source == plan.rank:
+                pieces.append(blocks[source][..., start : start + length])
+            else:
+                pieces.append(received[plan.rank, source][..., start : start + length])
+        windows.append(torch.cat(pieces, -1))
+    return windows
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_every_rank_window_gives_its_block_of_the_conv(mode):
+    checked = 0
+    for kernel, stride, dilation, pad, extra, size, world in itertools.product(
+        [1, 2, 3, 5], [1, 2, 3], [1, 2], [0, 1, 2], [0, 1], [7, 10, 23], [2, 3, 4]
+    ):
+        pad_hi = pad + extra if mode == "zeros" else pad
+        rows = ConvRows(kernel, stride, dilation, pad, pad_hi, mode)
+        try:
+            plans = [halo_plan(rows, size, world, r) for r in range(world)]
+        except (HaloTooWideError, ValueError):
+            continue
+        x = torch.randn(1, 1, size, dtype=torch.float64)
+        weight = torch.randn(1, 1, kernel, dtype=torch.float64)
+        padded = F.pad(x, (pad, pad_hi), mode="constant" if mode == "zeros" else mode)
+        expected = F.conv1d(padded, weight, stride=stride, dilation=dilation)
+        blocks = [x[..., a:b] for a, b in row_blocks(size, world)]
+        outputs = [
+            F.conv1d(w, weight, stride=stride, dilation=dilation) for w in _assemble(plans, blocks)
+        ]
+        assert [o.shape[-1] for o in outputs] == [b - a for a, b in plans[0].out_rows]
+        torch.testing.assert_close(torch.cat(outputs, -1), expected, rtol=0, atol=1e-12)
+        checked += 1
+    assert checked > 500
+
+
+def test_a_block_smaller_than_its_halo_names_the_smallest_size_that_works():
+    rows = ConvRows(kernel=5, dilation=2, pad_lo=4, pad_hi=4)
+    with pytest.raises(HaloTooWideError, match="15 rows or more works"):
+        halo_plan(rows, 10, 4, 0)
+    halo_plan(rows, 15, 4, 0)  # and it does
+    with pytest.raises(HaloTooWideError, match="each rank needs at least one output row"):
+        halo_plan(ConvRows(kernel=3, stride=4), 9, 4, 0)
+
+
+def test_row_blocks_are_tensor_splits():
+    for size, world in itertools.product(range(12), range(1, 5)):
+        parts = torch.tensor_split(torch.arange(size), world)
+        assert [b - a for a, b in row_blocks(size, world)] == [len(p) for p in parts]
+
+
+# Against nn.ConvNd on P ranks -------------------------------------------------------------
+
+
+def _cases():
+    cases = [
+        dict(dims=2, kernel_size=3, padding=1),
+        dict(dims=2, kernel_size=3, padding=1, stride=2, padding_mode="reflect"),
+        dict(dims=2, kernel_size=4, padding="same", dilation=2, padding_mode="circular"),
+        dict(dims=2, kernel_size=3, padding="valid", stride=3, bias=False),
+        dict(dims=2, kernel_size=(5, 3), padding=(2, 1), stride=(2, 1), padding_mode="replicate"),
+        dict(dims=2, kernel_size=2, padding=0, stride=2, groups=2),
+        dict(dims=2, kernel_size=3, padding=(1, 2), dilation=(1, 2), channels_last=True),
+        dict(dims=1, kernel_size=5, padding=2, stride=3, padding_mode="reflect"),
+        dict(dims=1, kernel_size=3, padding="same", dilation=3),
+        dict(dims=3, kernel_size=3, padding=1, stride=(2, 1, 1)),
+        dict(dims=3, kernel_size=(3, 1, 3), padding="same", padding_mode="circular"),
+    ]
+    return cases
+
+
+def _case_id(case: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in case.items() if k != "dims").replace(" ", "") or "plain"
+
+
+def _spatial_sizes(dims: int, world: int) -> tuple[int, ...]:
+    rows = 6 * world + 3  # uneven at P = 2 and 4
+    return (rows, 7, 5)[:dims] if dims > 1 else (rows,)
+
+
+def _against_nn_conv(ctx, case: dict) -> None:
+    dims = case["dims"]
+    options = {k: v for k, v in case.items() if k not in ("dims", "channels_last")}
+    torch.manual_seed(0)
+    plain = PLAIN[dims](4, 6, **options, dtype=torch.float64)
+    layer = SPATIAL[dims].from_conv(plain, ctx.process_group)
+    x = torch.randn(2, 4, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
+    if case.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference_x = x.clone().requires_grad_()
+    expected = plain(reference_x)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+
+    x.requires_grad_()
+    block = spatial_shard(x, ctx.process_group)
+    out = layer(block)
+    own = torch.tensor_split(expected, ctx.world_size, dim=2)[ctx.rank]
+    torch.testing.assert_close(out, own.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+    out.backward(torch.tensor_split(grad, ctx.world_size, dim=2)[ctx.rank])
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=TOLERANCE, atol=TOLERANCE)
+    for name, parameter in plain.named_parameters():
+        got = dict(layer.named_parameters())[name].grad
+        torch.testing.assert_close(got, parameter.grad, rtol=TOLERANCE, atol=TOLERANCE)
+    assert list(layer.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("case", _cases(), ids=_case_id)
+def test_spatial_conv_equals_nn_conv(pool, case, world_size):
+    pool.run(_against_nn_conv, world_size, case)
+
+
+def _double_backward(ctx) -> None:
+    torch.manual_seed(1)
+    plain = nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect", dtype=torch.float64)
+    layer = SpatialConv2d.from_conv(plain, ctx.process_group)
+
+    def split(x, weight, bias):  # the whole output on every rank: every rank perturbs alike
+        block = spatial_shard(x, ctx.process_group)
+        out = functional_call(layer, {"weight": weight, "bias": bias}, (block,))
+        return gather_spatial(out, process_group=ctx.process_group)
+
+    x = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    weight = plain.weight.detach().clone().requires_grad_()
+    bias = plain.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(split, (x, weight, bias))
+    # and the same values as one device's conv
+    torch.testing.assert_close(split(x, weight, bias), plain(x), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_double_backward_through_the_halo_exchange(pool):
+    pool.run(_double_backward, 2)
+
+
+# Entering and leaving the layout --------------------------------------------------------
+
+
+def _transfers(ctx) -> None:
+    group, world, rank = ctx.process_group, ctx.world_size, ctx.rank
+    torch.manual_seed(2)
+    whole = torch.randn(2, 3, 4 * world + 1, 5, dtype=torch.float64)
+    own = torch.tensor_split(whole, world, dim=2)[rank]
+    weights = torch.randn_like(whole)
+    # shard, then gather on every rank: the whole tensor; gradients as of the whole tensor
+    x = whole.clone().requires_grad_()
+    block = spatial_shard(x, group)
+    assert torch.equal(block, own)
+    back = gather_spatial(block * 2, process_group=group)
+    assert torch.equal(back, whole * 2)
+    (back * weights).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * weights)
+    # scatter from rank 1 and gather onto rank 1 (only it holds the whole)
+    source = whole.clone().requires_grad_() if rank == 1 else None
+    scattered = scatter_spatial(source, src=1, process_group=group)
+    assert torch.equal(scattered, own)
+    gathered = gather_spatial(scattered, 1, process_group=group)
+    assert torch.equal(gathered, whole) if rank == 1 else gathered.numel() == 0
+    if rank == 1:
+        (gathered * weights).sum().backward()
+        torch.testing.assert_close(source.grad, weights)
+    else:
+        gathered.sum().backward()
+    # along dim 3
+    block3 = spatial_shard(whole, group, dim=3)
+    assert torch.equal(block3, torch.tensor_split(whole, world, dim=3)[rank])
+    assert torch.equal(gather_spatial(block3, process_group=group, dim=3), whole)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_shard_scatter_and_gather_spatial(pool, world_size):
+    pool.run(_transfers, world_size)
+
+
+# Bad input: one clear error on every rank ------------------------------------------------
+
+
+def _bad_blocks(ctx, problem: str) -> str:
+    kernel = 7 if problem == "small" else 3  # 7: a block of 2 or 3 rows reads 2 ranks away
+    layer = SpatialConv2d(3, 4, kernel, padding=kernel // 2, process_group=ctx.process_group)
+    rows = torch.tensor_split(torch.arange(10), ctx.world_size)[ctx.rank].numel()
+    channels = 3
+    if problem == "rows" and ctx.rank == 1:
+        rows += 1
+    if problem == "channels" and ctx.rank == 1:
+        channels = 5
+    x = torch.randn(2, channels, rows, 6)
+    expected = HaloTooWideError if problem == "small" else InputMismatchError
+    with pytest.raises(expected) as info:
+        layer(x)
+    # the layer goes on working after the error (11 rows: enough for kernel 7 at P = 4)
+    good_rows = torch.tensor_split(torch.arange(11), ctx.world_size)[ctx.rank].numel()
+    good = torch.randn(2, 3, good_rows, 6)
+    assert layer(good).shape[2] == good_rows
+    return str(info.value)
+
+
+@pytest.mark.parametrize("problem", ["rows", "channels", "small"])
+def test_blocks_that_do_not_fit_raise_on_every_rank(pool, problem):
+    messages = pool.run(_bad_blocks, 4, problem)
+    if problem == "rows":
+        assert "rank 1 sent 4 rows" in messages[0] and "balanced blocks of 11 rows" in messages[0]
+    elif problem == "channels":
+        assert "[2, 5, 3, 6]" in messages[0] and "cannot take" in messages[0]
+    else:
+        assert "10 rows split over 4 ranks" in messages[0] and "11 rows or more" in messages[0]
+    assert len(set(m.splitlines()[-1] for m in messages)) == 1
+
+
+def test_one_rank_is_nn_conv_bitwise():
+    torch.manual_seed(3)
+    plain = nn.Conv2d(3, 5, 3, stride=2, padding="valid", padding_mode="zeros")
+    layer = SpatialConv2d.from_conv(plain)
+    x = torch.randn(2, 3, 9, 8)
+    assert torch.equal(layer(x), plain(x))
+    assert list(layer.state_dict()) == ["weight", "bias"]
+
+
+def _habits(ctx) -> None:
+    import copy
+
+    group = ctx.process_group
+    torch.manual_seed(4)
+    plain = nn.Conv2d(3, 4, 3, stride=2, padding=1, dtype=torch.float64)
+    layer = SpatialConv2d.from_conv(plain, group)
+    whole = torch.randn(2, 3, 8, 11, dtype=torch.float64).transpose(2, 3)  # non-contiguous
+    expected = torch.tensor_split(plain(whole), ctx.world_size, dim=2)[ctx.rank]
+    block = spatial_shard(whole, group)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(block), expected, rtol=TOLERANCE, atol=TOLERANCE)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(block), expected, rtol=TOLERANCE, atol=TOLERANCE)
+    twin = copy.deepcopy(layer)  # an EMA copy
+    torch.testing.assert_close(twin(block), expected.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+    assert twin.weight is not layer.weight and twin.process_group is layer.process_group
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_spatial_conv_under_user_habits(pool, world_size):
+    pool.run(_habits, world_size)
