@@ -151,7 +151,7 @@ def test_spatial_conv_equals_nn_conv(pool, case, world_size):
 
 def _double_backward(ctx) -> None:
     torch.manual_seed(1)
-    plain = nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect", dtype=torch.float64)
+    plain = nn.Conv2d(1, 2, 3, stride=2, padding=1, padding_mode="reflect", dtype=torch.float64)
     layer = SpatialConv2d.from_conv(plain, ctx.process_group)
 
     def split(x, weight, bias):  # the whole output on every rank: every rank perturbs alike
@@ -159,7 +159,7 @@ def _double_backward(ctx) -> None:
         out = functional_call(layer, {"weight": weight, "bias": bias}, (block,))
         return gather_spatial(out, process_group=ctx.process_group)
 
-    x = torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 1, 7, 3, dtype=torch.float64, requires_grad=True)  # rows 4 + 3
     weight = plain.weight.detach().clone().requires_grad_()
     bias = plain.bias.detach().clone().requires_grad_()
     assert torch.autograd.gradgradcheck(split, (x, weight, bias))
