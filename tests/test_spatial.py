@@ -276,3 +276,56 @@ def _habits(ctx) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_spatial_conv_under_user_habits(pool, world_size):
     pool.run(_habits, world_size)
+
+
+# Pooling ------------------------------------------------------------------------------------
+
+
+def _pool_cases():
+    return [
+        (2, "max", dict(kernel_size=3, stride=2, padding=1)),
+        (2, "max", dict(kernel_size=2, stride=2, ceil_mode=True)),
+        (2, "max", dict(kernel_size=3, stride=1, padding=1, dilation=2)),
+        (2, "avg", dict(kernel_size=3, stride=2, padding=1)),
+        (2, "avg", dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+        (2, "avg", dict(kernel_size=(3, 2), stride=2, padding=1, ceil_mode=True)),
+        (2, "avg", dict(kernel_size=2, ceil_mode=True, count_include_pad=False)),
+        (2, "avg", dict(kernel_size=3, stride=2, padding=1, divisor_override=5)),
+        (1, "max", dict(kernel_size=3, stride=3, ceil_mode=True)),
+        (
+            1,
+            "avg",
+            dict(kernel_size=4, stride=2, padding=2, ceil_mode=True, count_include_pad=False),
+        ),
+        (3, "max", dict(kernel_size=2, stride=2)),
+        (3, "avg", dict(kernel_size=3, stride=(2, 1, 2), padding=1)),
+    ]
+
+
+def _pooling(ctx, dims: int, kind: str, options: dict) -> None:
+    from mpgroups.layers import spatial_pool
+
+    plain = getattr(nn, f"{kind.capitalize()}Pool{dims}d")(**options)
+    layer = getattr(spatial_pool, f"Spatial{type(plain).__name__}").from_module(
+        plain, ctx.process_group
+    )
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
+    reference_x = x.clone().requires_grad_()
+    expected = plain(reference_x)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    x.requires_grad_()
+    out = layer(spatial_shard(x, ctx.process_group))
+    own = torch.tensor_split(expected, ctx.world_size, dim=2)[ctx.rank]
+    torch.testing.assert_close(out, own.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+    out.backward(torch.tensor_split(grad, ctx.world_size, dim=2)[ctx.rank])
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    "dims, kind, options", _pool_cases(), ids=lambda v: str(v).replace(" ", "")
+)
+def test_spatial_pooling_equals_nn_pooling(pool, dims, kind, options, world_size):
+    pool.run(_pooling, world_size, dims, kind, options)

@@ -55,14 +55,14 @@ def _with_rows(x: Tensor, rows: int, dim: int) -> list[int]:
     return shape
 
 
-def _exchange(x: Tensor, plan: HaloPlan, process_group, dim: int) -> Tensor:
+def _exchange(x: Tensor, plan: HaloPlan, process_group, dim: int, fill: float = 0.0) -> Tensor:
     outgoing = [(peer, _rows(x, rows, dim)) for peer, rows in plan.sends]
     incoming = {peer: x.new_empty(_with_rows(x, count, dim)) for peer, count in plan.receives}
     _swap(process_group, outgoing, list(incoming.items()))
     pieces = []
     for source, start, length in plan.runs:
         if source == ZERO_ROW:
-            pieces.append(x.new_zeros(_with_rows(x, length, dim)))
+            pieces.append(x.new_full(_with_rows(x, length, dim), fill))
         else:
             held = x if source == plan.rank else incoming[source]
             pieces.append(held.narrow(dim, start, length))
@@ -94,14 +94,14 @@ class _HaloExchange(torch.autograd.Function):
     window's gradient, each row's part sent back to its owner and added there."""
 
     @staticmethod
-    def forward(ctx, x, plan, process_group, dim):
+    def forward(ctx, x, plan, process_group, dim, fill):
         ctx.plan, ctx.process_group, ctx.dim, ctx.rows = plan, process_group, dim, x.shape[dim]
-        return _exchange(x, plan, process_group, dim)
+        return _exchange(x, plan, process_group, dim, fill)
 
     @staticmethod
     def backward(ctx, grad):
         dual = _HaloReturn.apply(grad, ctx.plan, ctx.process_group, ctx.dim, ctx.rows)
-        return dual, None, None, None
+        return dual, None, None, None, None
 
 
 class _HaloReturn(torch.autograd.Function):
@@ -114,19 +114,17 @@ class _HaloReturn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return (
-            _HaloExchange.apply(grad, ctx.plan, ctx.process_group, ctx.dim),
-            None,
-            None,
-            None,
-            None,
-        )
+        exchanged = _HaloExchange.apply(grad, ctx.plan, ctx.process_group, ctx.dim, 0.0)
+        return exchanged, None, None, None, None
 
 
-def halo_exchange(x: Tensor, plan: HaloPlan, process_group, dim: int = 2) -> Tensor:
+def halo_exchange(
+    x: Tensor, plan: HaloPlan, process_group, dim: int = 2, fill: float = 0.0
+) -> Tensor:
     """This rank's window along ``dim``: ``[N, C, plan.window_rows, *rest]`` from its block
     ``x`` ``[N, C, rows, *rest]`` (a collective: every rank of ``process_group`` calls it with
-    its own part of the same plan)."""
+    its own part of the same plan). Padding rows hold ``fill`` (``-inf`` for a max pool);
+    they get no gradient."""
     if process_group is None or process_group.size() == 1:
-        return _exchange(x, plan, None, dim)
-    return _HaloExchange.apply(x, plan, process_group, dim)
+        return _exchange(x, plan, None, dim, fill)
+    return _HaloExchange.apply(x, plan, process_group, dim, fill)

@@ -16,32 +16,21 @@ is ``nn.ConvNd``, bit for bit, with the same ``state_dict`` keys.
 
 from __future__ import annotations
 
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.comm.checks import BAD_SHAPE, InputGuard, Problem, channel_counts, tensor_problem
-from mpgroups.comm.collectives import copy_to_ranks, sum_over_ranks
-from mpgroups.comm.halo import halo_exchange
-from mpgroups.comm.process_groups import host_group, resolve_process_group
-from mpgroups.layers.base import SharesProcessGroup
-from mpgroups.sharding.spatial import ConvRows, HaloPlan, halo_plan, row_blocks
+from mpgroups.comm.collectives import copy_to_ranks
+from mpgroups.layers.spatial_base import SpatialLayer
+from mpgroups.sharding.spatial import ConvRows
 
 __all__ = ["SpatialConv1d", "SpatialConv2d", "SpatialConv3d"]
 
-_PLANS_KEPT = 16  # input sizes a layer keeps the plan of
 
-
-class _SpatialConvNd(SharesProcessGroup):
+class _SpatialConvNd(SpatialLayer):
     """The spatial split over an ``nn.ConvNd`` subclass (mixed in before it)."""
 
-    _dims: int
-
-    def _set_group(self, process_group, checks: bool | None) -> None:
-        self.process_group = resolve_process_group(process_group)
-        self._checks = checks
-        self._plans: dict[int, HaloPlan] = {}
-        self.rows = ConvRows(
+    def _conv_rows(self) -> ConvRows:
+        return ConvRows(
             kernel=self.kernel_size[0],
             stride=self.stride[0],
             dilation=self.dilation[0],
@@ -49,13 +38,6 @@ class _SpatialConvNd(SharesProcessGroup):
             pad_hi=self._reversed_padding_repeated_twice[-1],
             padding_mode=self.padding_mode,
         )
-        pg = self.process_group
-        if pg is not None and pg.size() > 1:
-            site = f"{type(self).__name__}({self.in_channels}, {self.out_channels})"
-            config = (type(self).__name__, self.in_channels, self.out_channels, self.rows)
-            self.input_guard = InputGuard(
-                site, config, pg, channel_dim=2, checks=checks, counted="rows"
-            )
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, process_group=None, *, checks=None):
@@ -81,49 +63,11 @@ class _SpatialConvNd(SharesProcessGroup):
             twin.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
         return twin
 
-    def _problem(self, x) -> Problem | None:
-        expects = f"[N, {self.in_channels}, rows, ...] ({self._dims + 2}-D)"
-        problem = tensor_problem(x, expects, self._dims + 2, self._dims + 2)
-        if problem is None and x.shape[1] != self.in_channels:
-            problem = (BAD_SHAPE, f"{x.shape[1]} channels, the layer takes {self.in_channels}")
-        return problem
-
-    def _total_rows(self, x: Tensor) -> int:
-        """Every rank's rows together (after checking that the blocks fit together)."""
-        pg, world = self.process_group, self.process_group.size()
-
-        def balanced(sent: list[int]) -> list[int]:
-            if min(sent) < 0:
-                return sent
-            return [b - a for a, b in row_blocks(sum(sent), world)]
-
-        records = self.input_guard(
-            x,
-            problem=self._problem(x),
-            expected_channels=balanced,
-            channels_note=lambda sent: [f"balanced blocks of {sum(sent)} rows"] * world,
-            weight=self.weight,
-        )
-        if records is not None:
-            return sum(channel_counts(records, 2))
-        return sum_over_ranks(x.shape[2], host_group(pg))
-
-    def _plan(self, total: int) -> HaloPlan:
-        plan = self._plans.get(total)
-        if plan is None:
-            pg = self.process_group
-            plan = halo_plan(self.rows, total, pg.size(), dist.get_rank(pg))
-            if len(self._plans) >= _PLANS_KEPT:
-                del self._plans[next(iter(self._plans))]
-            self._plans[total] = plan
-        return plan
-
     def forward(self, x: Tensor) -> Tensor:
-        pg = self.process_group
-        if pg is None or pg.size() == 1:
+        if not self.splits_rows:
             return super().forward(x)
-        plan = self._plan(self._total_rows(x))
-        window = halo_exchange(x, plan, pg, dim=2)
+        pg = self.process_group
+        window, _, _ = self._window(x, self.weight)
         rest = list(self._reversed_padding_repeated_twice[:-2])
         padding = 0
         if any(rest):
@@ -136,11 +80,6 @@ class _SpatialConvNd(SharesProcessGroup):
         weight = copy_to_ranks(self.weight, pg)
         bias = None if self.bias is None else copy_to_ranks(self.bias, pg)
         return self._conv(window, weight, bias, self.stride, padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        group = self.process_group
-        ranks = 1 if group is None else group.size()
-        return f"{super().extra_repr()}, rows split over {ranks} ranks"
 
 
 def _make(nn_type: type[nn.modules.conv._ConvNd], dims: int, functional):
@@ -155,7 +94,7 @@ def _make(nn_type: type[nn.modules.conv._ConvNd], dims: int, functional):
 
         def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
             nn_type.__init__(self, *args, **kwargs)
-            self._set_group(process_group, checks)
+            self._set_group(process_group, checks, self._conv_rows(), self.in_channels)
 
         @staticmethod
         def _conv(x, weight, bias, stride, padding, dilation, groups):

@@ -50,7 +50,8 @@ class ConvRows:
     """A convolution (or pooling) along one dim: what maps its input rows to output rows.
 
     ``pad_lo``/``pad_hi``: padding before the first and after the last row (``"same"``
-    splits ``dilation·(kernel - 1)`` as torch does: the extra row, if any, after).
+    splits ``dilation·(kernel - 1)`` as torch does: the extra row, if any, after). With
+    ``ceil_mode`` a window may reach past the padding; those rows are padding too.
     """
 
     kernel: int
@@ -59,6 +60,7 @@ class ConvRows:
     pad_lo: int = 0
     pad_hi: int = 0
     padding_mode: str = "zeros"
+    ceil_mode: bool = False  # a pooling's: a last, partial window counts
 
     def __post_init__(self) -> None:
         if self.padding_mode not in PADDING_MODES:
@@ -74,8 +76,14 @@ class ConvRows:
         return self.dilation * (self.kernel - 1) + 1
 
     def out_size(self, size: int) -> int:
-        """Output rows for ``size`` input rows (as ``nn.Conv``; may be 0 or less: too small)."""
-        return (size + self.pad_lo + self.pad_hi - self.span) // self.stride + 1
+        """Output rows for ``size`` input rows (as ``nn.Conv`` and the poolings; may be 0 or
+        less: too small)."""
+        reach = size + self.pad_lo + self.pad_hi - self.span
+        if not self.ceil_mode:
+            return reach // self.stride + 1
+        rows = -(-reach // self.stride) + 1
+        # torch's rule: the last window must start inside the input or its leading padding
+        return rows - 1 if (rows - 1) * self.stride >= size + self.pad_lo else rows
 
     def window(self, out_rows: Slice) -> range:
         """The global input rows (padding included: below 0 or past the end) that output
