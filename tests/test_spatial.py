@@ -116,6 +116,21 @@ def _spatial_sizes(dims: int, world: int) -> tuple[int, ...]:
     return (rows, 7, 5)[:dims] if dims > 1 else (rows,)
 
 
+def _step_against(ctx, plain: nn.Module, layer: nn.Module, x) -> None:
+    """One forward and backward of ``layer`` on this rank's rows of ``x`` against ``plain`` on
+    all of ``x``: this rank's output rows and the whole input grad equal one device's."""
+    reference_x = x.clone().requires_grad_()
+    expected = plain(reference_x)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    x = x.clone().requires_grad_()
+    out = layer(spatial_shard(x, ctx.process_group))
+    own = torch.tensor_split(expected, ctx.world_size, dim=2)[ctx.rank]
+    torch.testing.assert_close(out, own.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+    out.backward(torch.tensor_split(grad, ctx.world_size, dim=2)[ctx.rank])
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=TOLERANCE, atol=TOLERANCE)
+
+
 def _against_nn_conv(ctx, case: dict) -> None:
     dims = case["dims"]
     options = {k: v for k, v in case.items() if k not in ("dims", "channels_last")}
@@ -125,18 +140,7 @@ def _against_nn_conv(ctx, case: dict) -> None:
     x = torch.randn(2, 4, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
     if case.get("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
-    reference_x = x.clone().requires_grad_()
-    expected = plain(reference_x)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-
-    x.requires_grad_()
-    block = spatial_shard(x, ctx.process_group)
-    out = layer(block)
-    own = torch.tensor_split(expected, ctx.world_size, dim=2)[ctx.rank]
-    torch.testing.assert_close(out, own.detach(), rtol=TOLERANCE, atol=TOLERANCE)
-    out.backward(torch.tensor_split(grad, ctx.world_size, dim=2)[ctx.rank])
-    torch.testing.assert_close(x.grad, reference_x.grad, rtol=TOLERANCE, atol=TOLERANCE)
+    _step_against(ctx, plain, layer, x)
     for name, parameter in plain.named_parameters():
         got = dict(layer.named_parameters())[name].grad
         torch.testing.assert_close(got, parameter.grad, rtol=TOLERANCE, atol=TOLERANCE)
@@ -311,16 +315,7 @@ def _pooling(ctx, dims: int, kind: str, options: dict) -> None:
     )
     torch.manual_seed(5)
     x = torch.randn(2, 3, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
-    reference_x = x.clone().requires_grad_()
-    expected = plain(reference_x)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    x.requires_grad_()
-    out = layer(spatial_shard(x, ctx.process_group))
-    own = torch.tensor_split(expected, ctx.world_size, dim=2)[ctx.rank]
-    torch.testing.assert_close(out, own.detach(), rtol=TOLERANCE, atol=TOLERANCE)
-    out.backward(torch.tensor_split(grad, ctx.world_size, dim=2)[ctx.rank])
-    torch.testing.assert_close(x.grad, reference_x.grad, rtol=TOLERANCE, atol=TOLERANCE)
+    _step_against(ctx, plain, layer, x)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -329,3 +324,54 @@ def _pooling(ctx, dims: int, kind: str, options: dict) -> None:
 )
 def test_spatial_pooling_equals_nn_pooling(pool, dims, kind, options, world_size):
     pool.run(_pooling, world_size, dims, kind, options)
+
+
+# Norms over the whole image ------------------------------------------------------------------
+
+
+def _norm(ctx, kind: str) -> None:
+    import copy
+
+    from mpgroups.layers import spatial_norm
+    from mpgroups.plans.global_batch import sync_batch_norms
+
+    torch.manual_seed(6)
+    dims = 3 if kind == "group3d" else 2
+    if kind.startswith("group"):
+        plain = nn.GroupNorm(2, 4, dtype=torch.float64)
+        layer = spatial_norm.SpatialGroupNorm(
+            2, 4, process_group=ctx.process_group, dtype=torch.float64
+        )
+    elif kind == "instance":
+        options = dict(affine=True, track_running_stats=True, momentum=0.3, dtype=torch.float64)
+        plain = nn.InstanceNorm2d(4, **options)
+        layer = spatial_norm.SpatialInstanceNorm2d(4, process_group=ctx.process_group, **options)
+    else:  # BatchNorm: match_global_batch's statistics over the split rows, grads summed
+        plain = nn.BatchNorm2d(4, momentum=0.3, dtype=torch.float64)
+        layer = sync_batch_norms(copy.deepcopy(plain), ctx.process_group)
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.uniform_(0.5, 1.5)
+    layer.load_state_dict(plain.state_dict())
+    for _step in range(2):
+        x = torch.randn(3, 4, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64) * 3 + 1
+        _step_against(ctx, plain, layer, x)
+    for name, parameter in plain.named_parameters():
+        got = dict(layer.named_parameters())[name].grad
+        torch.testing.assert_close(got, parameter.grad, rtol=TOLERANCE, atol=TOLERANCE)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(
+            dict(layer.named_buffers())[name], buffer, rtol=TOLERANCE, atol=0
+        )
+    plain.eval(), layer.eval()
+    x = torch.randn(3, 4, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
+    own = torch.tensor_split(plain(x), ctx.world_size, dim=2)[ctx.rank]
+    torch.testing.assert_close(
+        layer(spatial_shard(x, ctx.process_group)), own, rtol=TOLERANCE, atol=TOLERANCE
+    )
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("kind", ["group", "group3d", "instance", "batch"])
+def test_norms_take_the_whole_image_statistics(pool, kind, world_size):
+    pool.run(_norm, world_size, kind)

@@ -30,6 +30,11 @@ class SpatialLayer(SharesProcessGroup):
 
     _dims: int  # spatial dims of the layer's input
 
+    @property
+    def _input_dims(self) -> tuple[int, int]:
+        """The fewest and most dims the layer's input may have."""
+        return self._dims + 2, self._dims + 2
+
     def _set_group(
         self, process_group, checks: bool | None, rows: ConvRows, channels: int | None
     ) -> None:
@@ -54,8 +59,9 @@ class SpatialLayer(SharesProcessGroup):
 
     def _problem(self, x) -> Problem | None:
         channels = "C" if self._channels is None else self._channels
-        expects = f"[N, {channels}, rows, ...] ({self._dims + 2}-D)"
-        problem = tensor_problem(x, expects, self._dims + 2, self._dims + 2)
+        fewest, most = self._input_dims
+        dims = f"{fewest}-D" if fewest == most else f"{fewest}-D to {most}-D"
+        problem = tensor_problem(x, f"[N, {channels}, rows, ...] ({dims})", fewest, most)
         if problem is None and self._channels is not None and x.shape[1] != self._channels:
             problem = (BAD_SHAPE, f"{x.shape[1]} channels, the layer takes {self._channels}")
         return problem

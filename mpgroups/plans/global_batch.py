@@ -16,16 +16,19 @@ from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_gr
 from mpgroups.layers.channel_modules import DROPOUTS, ShardedDropout
 from mpgroups.sharding.layout import NOT_PICKLABLE
 
-__all__ = ["match_global_batch"]
+__all__ = ["match_global_batch", "sync_batch_norms"]
 
 
 class _Replicas:
     """The data-parallel group a module synchronises over. Copies of the module share it
     (``copy.deepcopy`` returns this object); pickling raises, as for a parallel layer."""
 
-    def __init__(self, process_group) -> None:
+    def __init__(self, process_group, sum_parameter_grads: bool = False) -> None:
         self.process_group = process_group
         self.rank, self.size = rank_and_world_size(process_group)
+        # Whether the modules sum their parameters' grads over the group themselves (a split
+        # image's rows); data parallelism leaves that to FSDP2 or DDP.
+        self.sum_parameter_grads = sum_parameter_grads
 
     def __deepcopy__(self, memo) -> _Replicas:
         return self
@@ -66,7 +69,10 @@ class _GlobalBatchNorm:
         var = _sum_over_replicas(centred.square().sum(dims), group) / count
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+            weight, bias = self.weight, self.bias
+            if replicas.sum_parameter_grads:
+                weight, bias = copy_to_ranks(weight, group), copy_to_ranks(bias, group)
+            out = out * weight.view(shape) + bias.view(shape)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = self.momentum
@@ -145,12 +151,9 @@ def match_global_batch(model: nn.Module, process_group) -> nn.Module:
     ``process_group``: a ``ProcessGroup`` or 1-D ``DeviceMesh`` (``mesh["dp"]``).
     """
     replicas = _Replicas(resolve_process_group(process_group))
+    sync_batch_norms(model, replicas)
     for module in model.modules():
-        if type(module) in _GLOBAL_BATCH_NORMS:
-            module.__class__ = _GLOBAL_BATCH_NORMS[type(module)]
-        if isinstance(module, _GlobalBatchNorm):
-            module._replicas = replicas
-        elif isinstance(module, (*DROPOUTS, ShardedDropout)):
+        if isinstance(module, (*DROPOUTS, ShardedDropout)):
             old = getattr(module, "_mpgroups_global_batch", None)
             if old is not None:
                 old.replicas = replicas
@@ -159,4 +162,18 @@ def match_global_batch(model: nn.Module, process_group) -> nn.Module:
             module.register_forward_pre_hook(hooks.before)
             module.register_forward_hook(hooks.after)
             module._mpgroups_global_batch = hooks
+    return model
+
+
+def sync_batch_norms(model: nn.Module, replicas) -> nn.Module:
+    """Make every ``nn.BatchNorm1d/2d/3d`` of ``model`` normalise with the statistics of all
+    ranks of ``replicas`` (a :class:`_Replicas`, or a process group: its parameters' grads
+    then summed over it too, as a split image's rows need), in place; returns ``model``."""
+    if not isinstance(replicas, _Replicas):
+        replicas = _Replicas(resolve_process_group(replicas), sum_parameter_grads=True)
+    for module in model.modules():
+        if type(module) in _GLOBAL_BATCH_NORMS:
+            module.__class__ = _GLOBAL_BATCH_NORMS[type(module)]
+        if isinstance(module, _GlobalBatchNorm):
+            module._replicas = replicas
     return model
