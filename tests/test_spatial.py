@@ -6,6 +6,7 @@ their double backward, the layout's entry and exit (``spatial_shard``, ``scatter
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -375,3 +376,93 @@ def _norm(ctx, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["group", "group3d", "instance", "batch"])
 def test_norms_take_the_whole_image_statistics(pool, kind, world_size):
     pool.run(_norm, world_size, kind)
+
+
+# Upsampling and transposed convs ------------------------------------------------------------
+
+
+def _upsample_cases():
+    return [
+        (2, dict(scale_factor=2, mode="nearest")),
+        (2, dict(scale_factor=(3, 2), mode="nearest-exact")),
+        (2, dict(scale_factor=2, mode="bilinear", align_corners=False)),
+        (2, dict(scale_factor=3, mode="bilinear", align_corners=False)),
+        (1, dict(scale_factor=2, mode="linear")),
+        (3, dict(scale_factor=2, mode="trilinear")),
+        (3, dict(scale_factor=2, mode="nearest")),
+    ]
+
+
+def _upsampling(ctx, dims: int, options: dict) -> None:
+    from mpgroups.layers.spatial_upsample import SpatialUpsample
+
+    plain = nn.Upsample(**options)
+    layer = SpatialUpsample.from_module(plain, ctx.process_group)
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
+    _step_against(ctx, plain, layer, x)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("dims, options", _upsample_cases(), ids=lambda v: str(v).replace(" ", ""))
+def test_spatial_upsample_equals_nn_upsample(pool, dims, options, world_size):
+    pool.run(_upsampling, world_size, dims, options)
+
+
+def _refused_upsamplings(ctx) -> None:
+    from mpgroups.layers.spatial_upsample import SpatialUpsample
+
+    group = ctx.process_group
+    for options, named in [
+        (dict(size=(5, 5)), "not a whole scale_factor"),
+        (dict(scale_factor=1.5), "not a whole scale_factor"),
+        (dict(scale_factor=2, mode="bilinear", align_corners=True), "align_corners=True"),
+        (dict(scale_factor=2, mode="bicubic"), "mode='bicubic'"),
+    ]:
+        with pytest.raises(NotImplementedError, match=re.escape(named)):
+            SpatialUpsample(**options, process_group=group)
+
+
+def test_upsample_settings_a_split_cannot_take_are_refused_by_name(pool):
+    pool.run(_refused_upsamplings, 2)
+    from mpgroups.layers.spatial_upsample import SpatialUpsample
+
+    # with no group the layer is nn.Upsample, whatever its settings
+    layer = SpatialUpsample(size=(5, 5), mode="bilinear", align_corners=True)
+    x = torch.randn(1, 2, 3, 3)
+    assert torch.equal(layer(x), nn.Upsample(size=(5, 5), mode="bilinear", align_corners=True)(x))
+
+
+def _transposed_cases():
+    return [
+        (2, dict(kernel_size=2, stride=2)),
+        (2, dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+        (2, dict(kernel_size=3, stride=1, padding=1, bias=False)),
+        (2, dict(kernel_size=2, stride=3)),
+        (2, dict(kernel_size=3, stride=2, dilation=2, padding=(2, 1), groups=2)),
+        (1, dict(kernel_size=4, stride=2, padding=1)),
+        (3, dict(kernel_size=2, stride=2)),
+    ]
+
+
+def _transposed(ctx, dims: int, options: dict) -> None:
+    from mpgroups.layers import spatial_conv
+
+    torch.manual_seed(8)
+    plain = getattr(nn, f"ConvTranspose{dims}d")(4, 6, **options, dtype=torch.float64)
+    layer = getattr(spatial_conv, f"SpatialConvTranspose{dims}d").from_conv(
+        plain, ctx.process_group
+    )
+    x = torch.randn(2, 4, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
+    _step_against(ctx, plain, layer, x)
+    for name, parameter in plain.named_parameters():
+        got = dict(layer.named_parameters())[name].grad
+        torch.testing.assert_close(got, parameter.grad, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    "dims, options", _transposed_cases(), ids=lambda v: str(v).replace(" ", "")
+)
+def test_spatial_conv_transpose_equals_nn(pool, dims, options, world_size):
+    pool.run(_transposed, world_size, dims, options)

@@ -21,9 +21,16 @@ from torch import Tensor, nn
 
 from mpgroups.comm.collectives import copy_to_ranks
 from mpgroups.layers.spatial_base import SpatialLayer
-from mpgroups.sharding.spatial import ConvRows
+from mpgroups.sharding.spatial import ConvRows, TransposedRows
 
-__all__ = ["SpatialConv1d", "SpatialConv2d", "SpatialConv3d"]
+__all__ = [
+    "SpatialConv1d",
+    "SpatialConv2d",
+    "SpatialConv3d",
+    "SpatialConvTranspose1d",
+    "SpatialConvTranspose2d",
+    "SpatialConvTranspose3d",
+]
 
 
 class _SpatialConvNd(SpatialLayer):
@@ -107,3 +114,100 @@ def _make(nn_type: type[nn.modules.conv._ConvNd], dims: int, functional):
 SpatialConv1d = _make(nn.Conv1d, 1, F.conv1d)
 SpatialConv2d = _make(nn.Conv2d, 2, F.conv2d)
 SpatialConv3d = _make(nn.Conv3d, 3, F.conv3d)
+
+
+class _SpatialConvTransposeNd(SpatialLayer):
+    """The spatial split over an ``nn.ConvTransposeNd`` subclass (mixed in before it): the
+    window is the input rows that add to this rank's output rows; the transposed conv of the
+    window, with no padding along dim 2, covers a stretch of output rows around them, and the
+    rank's block is cut from it (zero rows where no input row reaches: a stride longer than
+    the kernel)."""
+
+    def _conv_rows(self) -> TransposedRows:
+        return TransposedRows(
+            kernel=self.kernel_size[0],
+            stride=self.stride[0],
+            dilation=self.dilation[0],
+            padding=self.padding[0],
+            output_padding=self.output_padding[0],
+        )
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if not self.splits_rows:
+            return super().forward(x, output_size)
+        if output_size is not None:
+            raise NotImplementedError(
+                "output_size with rows split: give output_padding in the constructor instead"
+            )
+        pg = self.process_group
+        window, plan, total = self._window(x, self.weight)
+        first = self.rows.window(plan.out_rows[plan.rank], total)[0]
+        weight = copy_to_ranks(self.weight, pg)
+        out = self._conv_transpose(
+            window,
+            weight,
+            None,
+            self.stride,
+            (0, *self.padding[1:]),
+            (0, *self.output_padding[1:]),
+            self.groups,
+            self.dilation,
+        )
+        start, stop = plan.out_rows[plan.rank]
+        covered = first * self.stride[0] - self.padding[0]  # the global row of out's first
+        top, bottom = covered - start, stop - (covered + out.shape[2])
+        out = F.pad(out, [0, 0] * (self._dims - 1) + [top, bottom])
+        if self.bias is None:
+            return out
+        bias = copy_to_ranks(self.bias, pg)
+        return out + bias.view([1, -1] + [1] * self._dims)
+
+
+def _make_transposed(nn_type: type[nn.Module], dims: int, functional):
+    class SpatialConvTranspose(_SpatialConvTransposeNd, nn_type):
+        __doc__ = (
+            f"``nn.{nn_type.__name__}`` with its rows along dim 2 split over "
+            f"``process_group``; the same arguments, plus the keyword-only ``process_group`` "
+            f"and ``checks``. Weight and bias whole on every rank, grads summed."
+        )
+        _dims = dims
+
+        def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
+            nn_type.__init__(self, *args, **kwargs)
+            self._set_group(process_group, checks, self._conv_rows(), self.in_channels)
+
+        @staticmethod
+        def _conv_transpose(x, *args):
+            return functional(x, *args)
+
+        @classmethod
+        def from_conv(cls, conv, process_group=None, *, checks=None):
+            """The spatial twin of ``conv`` (an ``nn.ConvTransposeNd``), parameters copied."""
+            twin = cls(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                output_padding=conv.output_padding,
+                groups=conv.groups,
+                bias=conv.bias is not None,
+                dilation=conv.dilation,
+                device="meta",
+                dtype=conv.weight.dtype,
+                process_group=process_group,
+                checks=checks,
+            )
+            twin.weight = nn.Parameter(conv.weight.detach().clone(), conv.weight.requires_grad)
+            if conv.bias is not None:
+                twin.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
+            return twin
+
+    SpatialConvTranspose.__name__ = f"Spatial{nn_type.__name__}"
+    SpatialConvTranspose.__qualname__ = SpatialConvTranspose.__name__
+    return SpatialConvTranspose
+
+
+SpatialConvTranspose1d = _make_transposed(nn.ConvTranspose1d, 1, F.conv_transpose1d)
+SpatialConvTranspose2d = _make_transposed(nn.ConvTranspose2d, 2, F.conv_transpose2d)
+SpatialConvTranspose3d = _make_transposed(nn.ConvTranspose3d, 3, F.conv_transpose3d)

@@ -23,6 +23,9 @@ __all__ = [
     "PADDING_MODES",
     "ConvRows",
     "HaloPlan",
+    "RowMap",
+    "TransposedRows",
+    "UpsampleRows",
     "HaloTooWideError",
     "halo_plan",
     "row_blocks",
@@ -85,9 +88,9 @@ class ConvRows:
         # torch's rule: the last window must start inside the input or its leading padding
         return rows - 1 if (rows - 1) * self.stride >= size + self.pad_lo else rows
 
-    def window(self, out_rows: Slice) -> range:
+    def window(self, out_rows: Slice, size: int) -> range:
         """The global input rows (padding included: below 0 or past the end) that output
-        rows ``[a, b)`` read."""
+        rows ``[a, b)`` read (``size``: the input's rows)."""
         a, b = out_rows
         if b <= a:
             return range(0)
@@ -107,6 +110,100 @@ class ConvRows:
         period = 2 * (size - 1)  # reflect
         row = abs(row) % period if period else 0
         return period - row if row >= size else row
+
+    def describe(self) -> str:
+        return (
+            f"kernel {self.kernel}, stride {self.stride}, dilation {self.dilation}, "
+            f"padding ({self.pad_lo}, {self.pad_hi})"
+        )
+
+    @property
+    def reach(self) -> int:
+        """A bound on how far a window reaches (sizes :func:`smallest_size` searches)."""
+        return self.span + self.stride + self.pad_lo + self.pad_hi
+
+
+@dataclass(frozen=True)
+class UpsampleRows:
+    """``nn.Upsample`` by a whole ``scale`` along one dim: output row ``o`` reads row
+    ``o // scale`` (``"nearest"``), ``(2o + 1) // (2·scale)`` (``"nearest-exact"``), or the
+    two rows around ``(o + ½)/scale - ½`` (``"linear"``, ``align_corners=False``)."""
+
+    scale: int
+    mode: str = "nearest"
+    padding_mode = "zeros"  # no padding rows
+
+    def out_size(self, size: int) -> int:
+        return size * self.scale
+
+    def _source(self, row: int) -> int:
+        if self.mode == "nearest":
+            return row // self.scale
+        if self.mode == "nearest-exact":
+            return (2 * row + 1) // (2 * self.scale)
+        return max((2 * row + 1 - self.scale) // (2 * self.scale), 0)  # linear
+
+    def window(self, out_rows: Slice, size: int) -> range:
+        a, b = out_rows
+        if b <= a:
+            return range(0)
+        last = self._source(b - 1) + (self.mode == "linear")
+        return range(min(self._source(a), size - 1), min(last, size - 1) + 1)
+
+    def source_row(self, row: int, size: int) -> int:
+        return row
+
+    def describe(self) -> str:
+        return f"upsampling x{self.scale} ({self.mode})"
+
+    @property
+    def reach(self) -> int:
+        return 2
+
+
+@dataclass(frozen=True)
+class TransposedRows:
+    """A transposed convolution along one dim: input row ``i`` adds to output rows
+    ``i·stride - padding + j·dilation`` for ``j < kernel``; ``output_padding`` rows more at
+    the end."""
+
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    padding: int = 0
+    output_padding: int = 0
+    padding_mode = "zeros"
+
+    @property
+    def span(self) -> int:
+        return self.dilation * (self.kernel - 1) + 1
+
+    def out_size(self, size: int) -> int:
+        return (size - 1) * self.stride - 2 * self.padding + self.span + self.output_padding
+
+    def window(self, out_rows: Slice, size: int) -> range:
+        a, b = out_rows
+        if b <= a:
+            return range(0)
+        first = max(0, -(-(a + self.padding - self.span + 1) // self.stride))
+        last = min(size - 1, (b - 1 + self.padding) // self.stride)
+        return range(first, last + 1)
+
+    def source_row(self, row: int, size: int) -> int:
+        return row
+
+    def describe(self) -> str:
+        return (
+            f"transposed kernel {self.kernel}, stride {self.stride}, dilation "
+            f"{self.dilation}, padding {self.padding}"
+        )
+
+    @property
+    def reach(self) -> int:
+        return self.span + self.stride + self.padding
+
+
+RowMap = ConvRows | UpsampleRows | TransposedRows  # what a layer does to rows, for its plan
 
 
 @dataclass(frozen=True)
@@ -137,10 +234,10 @@ class HaloPlan:
         return sum(length for _, _, length in self.runs)
 
 
-def _needed(rows: ConvRows, in_rows, out_block: Slice, size: int) -> dict[int, list[int]]:
+def _needed(rows: RowMap, in_rows, out_block: Slice, size: int) -> dict[int, list[int]]:
     """Per owner rank: the global input rows ``out_block``'s window reads from it, sorted."""
     owners: dict[int, set[int]] = {}
-    for row in rows.window(out_block):
+    for row in rows.window(out_block, size):
         source = rows.source_row(row, size)
         if source != ZERO_ROW:
             owner = next(r for r, (a, b) in enumerate(in_rows) if a <= source < b)
@@ -155,7 +252,7 @@ def _neighbours(rank: int, world_size: int, wraps: bool) -> set[int]:
     return {r for r in near if 0 <= r < world_size}
 
 
-def _fits(rows: ConvRows, size: int, world_size: int) -> bool:
+def _fits(rows: RowMap, size: int, world_size: int) -> bool:
     """Whether every rank gets an output row and reads only its neighbours' rows."""
     out_size = rows.out_size(size)
     if out_size < world_size or size < world_size:
@@ -163,19 +260,20 @@ def _fits(rows: ConvRows, size: int, world_size: int) -> bool:
     in_rows, out_rows = row_blocks(size, world_size), row_blocks(out_size, world_size)
     wraps = rows.padding_mode == "circular"
     return all(
-        set(_needed(rows, in_rows, out_rows[r], size)) <= _neighbours(r, world_size, wraps)
+        len(rows.window(out_rows[r], size)) > 0
+        and set(_needed(rows, in_rows, out_rows[r], size)) <= _neighbours(r, world_size, wraps)
         for r in range(world_size)
     )
 
 
-def smallest_size(rows: ConvRows, size: int, world_size: int) -> int | None:
+def smallest_size(rows: RowMap, size: int, world_size: int) -> int | None:
     """The smallest input size of at least ``size`` for which :func:`halo_plan` works, or
     ``None`` if none up to a generous bound does."""
-    bound = 4 * size + 4 * world_size * (rows.span + rows.stride + rows.pad_lo + rows.pad_hi)
+    bound = 4 * size + 4 * world_size * rows.reach
     return next((n for n in range(size, bound + 1) if _fits(rows, n, world_size)), None)
 
 
-def halo_plan(rows: ConvRows, size: int, world_size: int, rank: int) -> HaloPlan:
+def halo_plan(rows: RowMap, size: int, world_size: int, rank: int) -> HaloPlan:
     """Rank ``rank``'s part of the exchange that gives every rank the window of its output
     block, for ``size`` input rows split as :func:`row_blocks` splits them.
 
@@ -193,10 +291,9 @@ def halo_plan(rows: ConvRows, size: int, world_size: int, rank: int) -> HaloPlan
         smallest = smallest_size(rows, size, world_size)
         works = f"{smallest} rows or more" if smallest is not None else "a larger input"
         raise HaloTooWideError(
-            f"{size} rows split over {world_size} ranks are too few for kernel {rows.kernel}, "
-            f"stride {rows.stride}, dilation {rows.dilation}, padding ({rows.pad_lo}, "
-            f"{rows.pad_hi}): each rank needs at least one output row and may read only its "
-            f"neighbours' rows (its halo); {works} works (or fewer ranks)"
+            f"{size} rows split over {world_size} ranks are too few for {rows.describe()}: "
+            f"each rank needs at least one output row and one input row to read, and may "
+            f"read only its neighbours' rows (its halo); {works} works (or fewer ranks)"
         )
     in_rows = row_blocks(size, world_size)
     out_rows = row_blocks(rows.out_size(size), world_size)
@@ -208,7 +305,7 @@ def halo_plan(rows: ConvRows, size: int, world_size: int, rank: int) -> HaloPlan
         if owner != rank
     }
     runs: list[list[int]] = []
-    for row in rows.window(out_rows[rank]):
+    for row in rows.window(out_rows[rank], size):
         source = rows.source_row(row, size)
         if source == ZERO_ROW:
             owner, index = ZERO_ROW, 0

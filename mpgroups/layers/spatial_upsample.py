@@ -1,0 +1,83 @@
+"""Spatially split upsampling: ``nn.Upsample`` on this rank's block of rows along dim 2.
+
+By a whole scale along dim 2, output rows ``[a, b)`` read a contiguous stretch of input rows
+(one more for linear modes); a stretch starting at row ``w`` upsamples to the output rows
+from ``w·scale`` on, exactly as the whole input does there, so the layer upsamples its
+window and keeps its own rows. The stretch starts one row early where linear interpolation
+would otherwise clamp at the window's edge (the whole input clamps only at its own).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpgroups.comm.process_groups import resolve_process_group
+from mpgroups.layers.spatial_base import SpatialLayer
+from mpgroups.sharding.spatial import UpsampleRows
+
+__all__ = ["SpatialUpsample"]
+
+_LINEAR = ("linear", "bilinear", "trilinear")
+
+
+class SpatialUpsample(SpatialLayer, nn.Upsample):
+    """``nn.Upsample`` on this rank's rows (dim 2) of ``process_group``'s split input; the same
+    arguments, plus the keyword-only ``process_group`` and ``checks``. With rows split, the
+    scale along dim 2 must be a whole number (``scale_factor``; ``size`` is not taken) and
+    linear modes need ``align_corners=False``."""
+
+    def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
+        nn.Upsample.__init__(self, *args, **kwargs)
+        group = resolve_process_group(process_group)
+        splits = group is not None and group.size() > 1
+        rows = self._upsample_rows() if splits else UpsampleRows(1)  # one rank: nn.Upsample
+        self._set_group(group, checks, rows, None)
+
+    @property
+    def _input_dims(self) -> tuple[int, int]:
+        return 3, 5
+
+    def _upsample_rows(self) -> UpsampleRows:
+        scale = self.scale_factor
+        scale = scale[0] if isinstance(scale, (tuple, list)) else scale
+        whole = scale is not None and float(scale).is_integer()
+        if self.mode not in ("nearest", "nearest-exact", *_LINEAR):
+            problem = f"mode={self.mode!r} (nearest, nearest-exact and linear modes are)"
+        elif self.size is not None or not whole:
+            problem = "a scale along dim 2 that is not a whole scale_factor"
+        elif self.mode in _LINEAR and self.align_corners:
+            problem = "align_corners=True"
+        else:
+            mode = "linear" if self.mode in _LINEAR else self.mode
+            return UpsampleRows(int(scale), mode)
+        raise NotImplementedError(f"SpatialUpsample with rows split does not take {problem}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.splits_rows:
+            return super().forward(x)
+        window, plan, total = self._window(x)
+        first = self.rows.window(plan.out_rows[plan.rank], total)[0]
+        out = F.interpolate(
+            window,
+            scale_factor=self.scale_factor,
+            mode=self.mode,
+            align_corners=self.align_corners,
+            recompute_scale_factor=self.recompute_scale_factor,
+        )
+        start, stop = plan.out_rows[plan.rank]
+        offset = start - first * self.rows.scale
+        return out.narrow(2, offset, stop - start)
+
+    @classmethod
+    def from_module(cls, module: nn.Upsample, process_group=None, *, checks=None):
+        """The spatial twin of ``module`` (an ``nn.Upsample``)."""
+        return cls(
+            size=module.size,
+            scale_factor=module.scale_factor,
+            mode=module.mode,
+            align_corners=module.align_corners,
+            recompute_scale_factor=module.recompute_scale_factor,
+            process_group=process_group,
+            checks=checks,
+        )
