@@ -33,6 +33,29 @@ __all__ = [
 ]
 
 
+def _twin(cls, conv, process_group, checks, **arguments):
+    """A ``cls`` with ``conv``'s arguments (and ``arguments``) and copies of its parameters."""
+    twin = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        device="meta",
+        dtype=conv.weight.dtype,
+        process_group=process_group,
+        checks=checks,
+        **arguments,
+    )
+    twin.weight = nn.Parameter(conv.weight.detach().clone(), conv.weight.requires_grad)
+    if conv.bias is not None:
+        twin.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
+    return twin
+
+
 class _SpatialConvNd(SpatialLayer):
     """The spatial split over an ``nn.ConvNd`` subclass (mixed in before it)."""
 
@@ -50,25 +73,7 @@ class _SpatialConvNd(SpatialLayer):
     def from_conv(cls, conv: nn.modules.conv._ConvNd, process_group=None, *, checks=None):
         """The spatial twin of ``conv`` (an ``nn.ConvNd`` of the same dims), sharing nothing:
         parameters copied, so every rank must pass the same ``conv``."""
-        twin = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-            dtype=conv.weight.dtype,
-            process_group=process_group,
-            checks=checks,
-        )
-        twin.weight = nn.Parameter(conv.weight.detach().clone(), conv.weight.requires_grad)
-        if conv.bias is not None:
-            twin.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
-        return twin
+        return _twin(cls, conv, process_group, checks, padding_mode=conv.padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.splits_rows:
@@ -183,25 +188,7 @@ def _make_transposed(nn_type: type[nn.Module], dims: int, functional):
         @classmethod
         def from_conv(cls, conv, process_group=None, *, checks=None):
             """The spatial twin of ``conv`` (an ``nn.ConvTransposeNd``), parameters copied."""
-            twin = cls(
-                conv.in_channels,
-                conv.out_channels,
-                conv.kernel_size,
-                stride=conv.stride,
-                padding=conv.padding,
-                output_padding=conv.output_padding,
-                groups=conv.groups,
-                bias=conv.bias is not None,
-                dilation=conv.dilation,
-                device="meta",
-                dtype=conv.weight.dtype,
-                process_group=process_group,
-                checks=checks,
-            )
-            twin.weight = nn.Parameter(conv.weight.detach().clone(), conv.weight.requires_grad)
-            if conv.bias is not None:
-                twin.bias = nn.Parameter(conv.bias.detach().clone(), conv.bias.requires_grad)
-            return twin
+            return _twin(cls, conv, process_group, checks, output_padding=conv.output_padding)
 
     SpatialConvTranspose.__name__ = f"Spatial{nn_type.__name__}"
     SpatialConvTranspose.__qualname__ = SpatialConvTranspose.__name__
