@@ -32,15 +32,13 @@ from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
 from mpgroups.plans.dtensor_model import distribute_model_state, undistribute_model_state
 from mpgroups.plans.hooks import move_hooks
+from mpgroups.plans.spatial_plan import spatialize, unspatialize
 from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer
+from mpgroups.plans.tree import PlanError, replace_module
 from mpgroups.sharding.layout import NOT_PICKLABLE, ChannelShards
 from mpgroups.sharding.placement import PlacementError
 
 __all__ = ["PlanError", "parallelize", "unparallelize"]
-
-
-class PlanError(ValueError):
-    """A plan that cannot be applied, or a sharded activation where a whole tensor is needed."""
 
 
 @dataclass
@@ -198,16 +196,6 @@ def _styles(modules: list[tuple[str, nn.Module]], plan: dict) -> dict[int, objec
     return styles
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name`` under ``root`` (``""`` is the root itself); return the root."""
-    if not name:
-        return new
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    parent._modules[child] = new
-    return root
-
-
 def parallelize(
     model: nn.Module,
     process_group=None,
@@ -234,7 +222,9 @@ def parallelize(
             single-device layer when ``torch.distributed`` is not initialised).
         plan: ``{module name or pattern: style}``; a :class:`~mpgroups.plans.styles.Plan`
             (what ``auto_plan`` returns) only over a group of the size it was made for;
-            ``"auto"`` makes one for this group.
+            ``"auto"`` makes one for this group; ``"spatial"`` splits every layer's rows
+            instead of its channels (:mod:`mpgroups.plans.spatial_plan`: the model then takes
+            and gives this rank's rows along dim 2).
         sync_module_states: first copy every parameter and buffer from rank 0 of the group
             (one broadcast per dtype), as DDP does, so ranks that initialised differently
             still hold one model. ``False`` trusts that every rank holds the same values.
@@ -249,12 +239,14 @@ def parallelize(
         PlacementError: a grouped conv whose groups cannot be placed on the group's size
             (naming the module).
     """
-    if getattr(model, "_mpgroups_tracker", None) is not None:
+    if getattr(model, "_mpgroups_tracker", None) is not None or "_mpgroups_spatial" in vars(model):
         raise PlanError("model is already parallelized; call unparallelize(model) first")
     pg = resolve_process_group(process_group)
+    if plan == "spatial":
+        return spatialize(model, pg, sync_module_states=sync_module_states)
     if isinstance(plan, str):
         if plan != "auto":
-            raise PlanError(f"plan must be a dict or 'auto', got {plan!r}")
+            raise PlanError(f"plan must be a dict, 'auto' or 'spatial', got {plan!r}")
         plan = auto_plan(model, pg)
     size = 1 if pg is None else pg.size()
     made_for = getattr(plan, "world_size", size)
@@ -292,7 +284,7 @@ def parallelize(
     for name, module in modules:
         style = styles[id(module)]
         if id(module) in converted:
-            model = _replace(model, name, converted[id(module)])
+            model = replace_module(model, name, converted[id(module)])
             if style is not None:
                 styled[name] = style
             continue
@@ -323,7 +315,7 @@ def parallelize(
             if style.output_layout == "sharded":
                 producer = (name, layer.shards.outputs)
                 layer.register_forward_hook(_marks_output(tracker, name, layer.shards.outputs))
-            model = _replace(model, name, layer)
+            model = replace_module(model, name, layer)
             converted[id(module)] = layer
             styled[name] = style
         elif isinstance(style, ChannelLocal):
@@ -332,7 +324,7 @@ def parallelize(
                 if isinstance(module, DROPOUTS):
                     dropout = ShardedDropout(module, shards)
                     move_hooks(module, dropout)
-                    model = _replace(model, name, dropout)
+                    model = replace_module(model, name, dropout)
                     converted[id(module)] = module = dropout
                 else:
                     shard_channel_module(module, shards)
@@ -427,6 +419,8 @@ def unparallelize(model: nn.Module) -> nn.Module:
     Returns the root with full weights on every rank: ``unparallelize(parallelize(m))`` has
     ``m``'s ``state_dict``, bit for bit.
     """
+    if "_mpgroups_spatial" in vars(model):
+        return unspatialize(model)
     tracker = getattr(model, "_mpgroups_tracker", None)
     if tracker is not None:
         for handle in tracker.handles:
@@ -435,7 +429,7 @@ def unparallelize(model: nn.Module) -> nn.Module:
     restored: dict[int, nn.Module] = {}  # id(parallel module) -> its torch.nn module
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in restored:
-            model = _replace(model, name, restored[id(module)])
+            model = replace_module(model, name, restored[id(module)])
         elif isinstance(module, (*PARALLEL_LAYERS, ShardedDropout)):
             _drop_plan_hooks(module)
             if isinstance(module, ParallelLinear):
@@ -446,7 +440,7 @@ def unparallelize(model: nn.Module) -> nn.Module:
                 plain = module.to_conv()
             move_hooks(module, plain)
             restored[id(module)] = plain
-            model = _replace(model, name, plain)
+            model = replace_module(model, name, plain)
         elif row_shards(module) is not None or name in styled:
             _drop_plan_hooks(module)
             unshard_channel_module(module)

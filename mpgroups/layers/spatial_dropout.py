@@ -1,0 +1,45 @@
+"""Elementwise dropout on this rank's rows (dim 2) of a split image, dropping exactly what
+one device drops: with every rank seeded alike, each rank draws the mask of the whole image
+(the same draws ``F.dropout`` makes for it) and keeps its own rows of it.
+
+The channel dropouts (``nn.Dropout1d/2d/3d``) need nothing of the kind: their mask is per
+sample and channel, the same draws on every rank whatever its rows. The whole mask is a
+transient of the whole image's size on every rank: the price of one device's numbers.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mpgroups.layers.spatial_base import SpatialLayer
+from mpgroups.sharding.spatial import ConvRows, row_blocks
+
+__all__ = ["SpatialDropout"]
+
+
+class SpatialDropout(SpatialLayer, nn.Dropout):
+    """``nn.Dropout`` on this rank's rows (dim 2) of ``process_group``'s split input; the same
+    arguments, plus the keyword-only ``process_group`` and ``checks``. Every rank must hold
+    the same random state (seed every rank alike)."""
+
+    _input_dims = (3, 5)
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, *, process_group=None, checks=None):
+        nn.Dropout.__init__(self, p, inplace)
+        self._set_group(process_group, checks, ConvRows(kernel=1), None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.splits_rows or not self.training or self.p == 0:
+            return super().forward(x)
+        total = self._total_rows(x)
+        start, stop = row_blocks(total, self.process_group.size())[self.process_group.rank()]
+        shape = list(x.shape)
+        shape[2] = total
+        if self.p == 1:
+            return x * 0
+        keep = x.new_empty(shape).bernoulli_(1 - self.p).narrow(2, start, stop - start)
+        return x * keep.div_(1 - self.p)
+
+    @classmethod
+    def from_module(cls, module: nn.Dropout, process_group=None, *, checks=None):
+        return cls(module.p, module.inplace, process_group=process_group, checks=checks)

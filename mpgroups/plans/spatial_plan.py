@@ -1,0 +1,234 @@
+"""``parallelize(model, group, plan="spatial")``: every layer of a convnet works on this
+rank's block of rows along dim 2 (docs/design.md §8b).
+
+The model takes this rank's rows of the input (``spatial_shard``/``scatter_spatial``) and
+gives its rows of the output, or, where the chain ends, the whole: the first module that
+needs the whole image (a global or adaptive pooling, ``nn.Flatten``, ``nn.Linear``) gets its
+input gathered from every rank (``gather_spatial``), and what follows it runs on the whole,
+replicated. Parameters stay whole on every rank; converted layers sum their grads over the
+group, so every rank's optimizer step is one device's.
+
+Converted: convs and transposed convs (1-D to 3-D), max and average pooling, BatchNorm (the
+whole image's statistics), GroupNorm, InstanceNorm, ``nn.Upsample``, ``nn.Dropout``. Kept as
+they are: elementwise activations, the channel dropouts, ``nn.Identity``, and containers
+(their own code, a skip connection's ``torch.cat`` on channels or an addition, runs on the
+block as it would on the whole). Any other module before the chain ends is refused by name,
+since nothing says it may see a block instead of the whole.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpgroups.comm.checks import check_same_call
+from mpgroups.comm.collectives import broadcast_tensors_
+from mpgroups.comm.spatial_transfer import gather_spatial
+from mpgroups.layers import spatial_conv, spatial_norm, spatial_pool
+from mpgroups.layers.spatial_base import SpatialLayer
+from mpgroups.layers.spatial_dropout import SpatialDropout
+from mpgroups.layers.spatial_upsample import SpatialUpsample
+from mpgroups.plans.global_batch import _GlobalBatchNorm, sync_batch_norms
+from mpgroups.plans.hooks import move_hooks
+from mpgroups.plans.tree import PlanError, replace_module
+
+__all__ = ["SPATIAL_TWINS", "spatialize", "unspatialize"]
+
+_CONVS = {
+    nn.Conv1d: spatial_conv.SpatialConv1d,
+    nn.Conv2d: spatial_conv.SpatialConv2d,
+    nn.Conv3d: spatial_conv.SpatialConv3d,
+    nn.ConvTranspose1d: spatial_conv.SpatialConvTranspose1d,
+    nn.ConvTranspose2d: spatial_conv.SpatialConvTranspose2d,
+    nn.ConvTranspose3d: spatial_conv.SpatialConvTranspose3d,
+}
+_MODULES = {
+    nn.MaxPool1d: spatial_pool.SpatialMaxPool1d,
+    nn.MaxPool2d: spatial_pool.SpatialMaxPool2d,
+    nn.MaxPool3d: spatial_pool.SpatialMaxPool3d,
+    nn.AvgPool1d: spatial_pool.SpatialAvgPool1d,
+    nn.AvgPool2d: spatial_pool.SpatialAvgPool2d,
+    nn.AvgPool3d: spatial_pool.SpatialAvgPool3d,
+    nn.Upsample: SpatialUpsample,
+    nn.Dropout: SpatialDropout,
+}
+SPATIAL_TWINS = {**_CONVS, **_MODULES}
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_AS_THEY_ARE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)  # fmt: skip
+_CHAIN_ENDS = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Linear,
+)  # fmt: skip
+
+
+def _twin(module: nn.Module, process_group) -> nn.Module:
+    twin_type = SPATIAL_TWINS[type(module)]
+    if type(module) in _CONVS:
+        twin = twin_type.from_conv(module, process_group)
+    else:
+        twin = twin_type.from_module(module, process_group)
+    twin.train(module.training)
+    move_hooks(module, twin)
+    return twin
+
+
+def _norm_twin(module: nn.Module, process_group) -> nn.Module:
+    if isinstance(module, nn.GroupNorm):
+        twin = spatial_norm.SpatialGroupNorm(
+            module.num_groups, module.num_channels, module.eps, module.affine,
+            process_group=process_group, device="meta",
+        )  # fmt: skip
+    else:
+        twin_type = getattr(spatial_norm, f"Spatial{type(module).__name__}")
+        twin = twin_type(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, process_group=process_group, device="meta",
+        )  # fmt: skip
+    twin.load_state_dict(module.state_dict(), assign=True)
+    twin.train(module.training)
+    move_hooks(module, twin)
+    return twin
+
+
+# Functions a traced forward may call on a block as on the whole: elementwise, or on channels.
+_BLOCKWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
+    torch.add, torch.sub, torch.mul, torch.relu, torch.sigmoid, torch.tanh, F.relu, F.gelu,
+    F.silu, F.leaky_relu, F.sigmoid, F.tanh, F.hardswish, F.elu, F.mish, getattr,
+}  # fmt: skip
+_BLOCKWISE_METHODS = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "add_",
+    "mul_",
+    "relu_",
+}
+
+
+def _call_order(model: nn.Module) -> tuple[list[str], list[str]] | None:
+    """The names of the leaf modules ``model``'s forward calls, in call order, and the
+    functions it calls on tensors before the first chain end that might not treat a block
+    as the whole (``None`` when the forward cannot be traced: modules are then taken in the
+    order they were registered)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # a forward fx cannot trace (data-dependent control flow): no order
+        return None
+    order, doubtful, ended = [], [], False
+    for node in graph.nodes:
+        if node.op == "call_module":
+            order.append(node.target)
+            ended = ended or isinstance(model.get_submodule(node.target), _CHAIN_ENDS)
+        elif ended or node.op not in ("call_function", "call_method"):
+            continue
+        elif node.target is torch.cat:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if dim != 1:
+                doubtful.append(f"torch.cat(dim={dim})")
+        elif node.target not in _BLOCKWISE_FUNCTIONS and node.target not in _BLOCKWISE_METHODS:
+            doubtful.append(getattr(node.target, "__name__", str(node.target)))
+    return order, doubtful
+
+
+def _gather_input(module: nn.Module, args):
+    return (gather_spatial(args[0], process_group=module._mpgroups_spatial_end), *args[1:])
+
+
+def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = True) -> nn.Module:
+    """What ``parallelize(model, process_group, plan="spatial")`` does (see the module
+    docstring); returns the converted root.
+
+    Raises:
+        PlanError: a module the plan cannot let see a block of rows, before the chain ends.
+    """
+    if sync_module_states and process_group is not None and process_group.size() > 1:
+        state = [*model.parameters(), *model.buffers()]
+        layout = tuple((str(t.dtype), tuple(t.shape)) for t in state)
+        check_same_call(
+            f"parallelize({type(model).__name__}, plan='spatial')", layout, process_group
+        )
+        broadcast_tensors_(state, process_group)
+    named = list(model.named_modules(remove_duplicate=False))
+    traced = _call_order(model)
+    if traced is not None:
+        order, doubtful = traced
+        if doubtful:
+            raise PlanError(
+                f"plan='spatial': {type(model).__name__}'s forward calls {sorted(set(doubtful))} "
+                f"on the split image before it is gathered; each rank would compute them on its "
+                f"rows alone. Use modules (nn.Upsample, pooling) or gather first"
+            )
+        rank = {name: i for i, name in enumerate(order)}
+        named.sort(key=lambda item: rank.get(item[0], len(rank)))  # stable: the rest after
+    made: dict[int, nn.Module] = {}
+    ended = False
+    for name, module in named:
+        if id(module) in made:
+            model = replace_module(model, name, made[id(module)])
+            continue
+        if ended or module._modules:
+            continue
+        kind = type(module)
+        if isinstance(module, _CHAIN_ENDS):
+            module._mpgroups_spatial_end = process_group
+            module._mpgroups_spatial_hook = module.register_forward_pre_hook(_gather_input)
+            ended = True
+        elif kind in SPATIAL_TWINS:
+            made[id(module)] = twin = _twin(module, process_group)
+            model = replace_module(model, name, twin)
+        elif kind in (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+            made[id(module)] = twin = _norm_twin(module, process_group)
+            model = replace_module(model, name, twin)
+        elif kind in _BATCH_NORMS:
+            sync_batch_norms(module, process_group)
+        elif not isinstance(module, _AS_THEY_ARE):
+            raise PlanError(
+                f"plan='spatial' cannot give '{name}' ({kind.__name__}) a block of rows: it "
+                f"converts convs, transposed convs, pooling, norms, nn.Upsample and "
+                f"nn.Dropout, keeps elementwise activations, and gathers the whole image at "
+                f"the first global pooling, nn.Flatten or nn.Linear"
+            )
+    model._mpgroups_spatial = process_group
+    return model
+
+
+def unspatialize(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`spatialize`: plain ``torch.nn`` modules again, in place (no
+    communication: parameters are whole on every rank); returns the root."""
+    plain_types = {twin: plain for plain, twin in SPATIAL_TWINS.items()}
+    restored: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in restored:
+            model = replace_module(model, name, restored[id(module)])
+            continue
+        handle = module.__dict__.pop("_mpgroups_spatial_hook", None)
+        if handle is not None:
+            handle.remove()
+            del module._mpgroups_spatial_end
+        if isinstance(module, _GlobalBatchNorm):
+            module.__class__ = next(c for c in _BATCH_NORMS if isinstance(module, c))
+            del module._replicas
+        if isinstance(module, SpatialLayer):
+            plain_type = plain_types.get(type(module)) or next(
+                c for c in type(module).__mro__ if c.__module__.startswith("torch.nn")
+            )
+            plain = plain_type.__new__(plain_type)
+            plain.__dict__.update(module.__dict__)
+            for attr in ("process_group", "rows", "_channels", "_plans", "input_guard"):
+                plain.__dict__.pop(attr, None)
+            restored[id(module)] = plain
+            model = replace_module(model, name, plain)
+    model.__dict__.pop("_mpgroups_spatial", None)
+    return model

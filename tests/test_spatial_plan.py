@@ -1,0 +1,192 @@
+"""``parallelize(model, group, plan="spatial")`` on whole networks: a 2-D and a 3-D U-Net
+(skip concatenations, BatchNorm, GroupNorm, InstanceNorm, transposed convs, upsampling) and a
+classifier whose chain ends in a global pooling, each trained 10 SGD steps against one
+device (float64), its state the plain model's; and what the plan refuses, by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpgroups
+from mpgroups.comm.collectives import all_reduce_sum
+from mpgroups.plans.parallelize import PlanError
+
+STEPS = 10
+TOLERANCE = 1e-9
+
+
+def _block(cin: int, cout: int, dims: int, norm: str) -> nn.Sequential:
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    norms = {
+        "batch": lambda c: (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](c),
+        "group": lambda c: nn.GroupNorm(2, c),
+        "instance": lambda c: (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1](
+            c, affine=True
+        ),
+    }
+    return nn.Sequential(
+        conv(cin, cout, 3, padding=1), norms[norm](cout), nn.ReLU(),
+        conv(cout, cout, 3, padding=1, padding_mode="reflect"), nn.GroupNorm(2, cout), nn.SiLU(),
+    )  # fmt: skip
+
+
+class UNet(nn.Module):
+    """Encoder and decoder with skip concatenations; ``levels`` poolings."""
+
+    def __init__(self, dims: int, levels: int, up: str, norm: str) -> None:
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1]
+        pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dims - 1]
+        linear = ("linear", "bilinear", "trilinear")[dims - 1]
+        widths = [4 * 2**i for i in range(levels + 1)]
+        self.down = nn.ModuleList()
+        cin = 2
+        for width in widths[:-1]:
+            self.down.append(_block(cin, width, dims, norm))
+            cin = width
+        self.pool = pool(2)
+        self.middle = _block(widths[-2], widths[-1], dims, norm)
+        self.ups, self.up_blocks = nn.ModuleList(), nn.ModuleList()
+        for wide, narrow in zip(widths[:0:-1], widths[-2::-1], strict=True):
+            if up == "transpose":
+                self.ups.append(transposed(wide, narrow, 2, stride=2))
+            else:
+                resize = nn.Upsample(scale_factor=2, mode=linear)
+                self.ups.append(nn.Sequential(resize, conv(wide, narrow, 1)))
+            self.up_blocks.append(_block(2 * narrow, narrow, dims, norm))
+        self.head = conv(widths[0], 3, 1)
+
+    def forward(self, x):
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.middle(x)
+        for up, block, skip in zip(self.ups, self.up_blocks, reversed(skips), strict=True):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+class Classifier(nn.Module):
+    """Convs, pooling and dropout on the split image, then a global pooling (the chain's
+    end), flatten and a linear head on the whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.3),
+            nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+_MODELS = {
+    "unet2d-transpose": (lambda: UNet(2, 2, "transpose", "batch"), (2, 2, 20, 12)),
+    "unet2d-upsample": (lambda: UNet(2, 2, "upsample", "group"), (2, 2, 20, 12)),
+    "unet3d": (lambda: UNet(3, 1, "upsample", "instance"), (2, 2, 10, 6, 6)),
+    "unet3d-transpose": (lambda: UNet(3, 1, "transpose", "batch"), (1, 2, 10, 6, 4)),
+    "classifier": (Classifier, (4, 3, 23, 16)),
+}
+
+
+def _loss(out, target, whole_numel: int, group, split: bool):
+    """The mean squared error of the whole output (a split output: this rank's part of it,
+    the whole loss summed over the ranks for the record)."""
+    part = (out - target).square().sum() / whole_numel
+    whole = all_reduce_sum(part.detach(), group) if split else part.detach()
+    return part, whole
+
+
+def _train(ctx, kind: str) -> None:
+    build, shape = _MODELS[kind]
+    torch.manual_seed(0)
+    plain = build().double()
+    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    split_output = kind != "classifier"
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, model)]
+    with torch.no_grad():
+        out_shape = copy.deepcopy(plain).eval()(torch.zeros(shape, dtype=torch.float64)).shape
+    generator = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        x = torch.randn(shape, generator=generator, dtype=torch.float64)
+        target = torch.randn(out_shape, generator=generator, dtype=torch.float64)
+        losses = []
+        for i, (m, optimizer) in enumerate(zip((plain, model), optimizers, strict=True)):
+            torch.manual_seed(100 + step)  # every rank and the device draw one dropout mask
+            optimizer.zero_grad()
+            split = i == 1
+            inputs = mpgroups.spatial_shard(x, ctx.process_group) if split else x
+            out = m(inputs)
+            goal = target
+            if split and split_output:
+                goal = torch.tensor_split(target, ctx.world_size, dim=2)[ctx.rank]
+            part, whole = _loss(
+                out, goal, target.numel(), ctx.process_group, split and split_output
+            )
+            part.backward()
+            optimizer.step()
+            losses.append(whole)
+        torch.testing.assert_close(losses[1], losses[0], rtol=TOLERANCE, atol=TOLERANCE)
+    state, plain_state = mpgroups.full_state_dict(model), plain.state_dict()
+    assert list(state) == list(plain_state)
+    for key, value in plain_state.items():
+        torch.testing.assert_close(state[key], value, rtol=TOLERANCE, atol=TOLERANCE)
+    back = mpgroups.unparallelize(model)
+    assert all(type(m).__module__.startswith("torch.nn") for m in back.modules() if m is not back)
+    back.load_state_dict(plain_state)
+    back.eval(), plain.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(back(x), plain(x), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+# Every model at P = 2 or 4 (each size twice), the 2-D U-Net with transposed convs at both.
+_RUNS = [
+    ("unet2d-transpose", 2),
+    ("unet2d-transpose", 4),
+    ("unet2d-upsample", 2),
+    ("unet3d", 4),
+    ("unet3d-transpose", 2),
+    ("classifier", 2),
+    ("classifier", 4),
+]
+
+
+@pytest.mark.parametrize("kind, world_size", _RUNS)
+def test_spatial_plan_trains_as_one_device(pool, kind, world_size):
+    pool.run(_train, world_size, kind)
+
+
+class _Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.conv(x), 1)  # on the rows alone: refused
+
+
+def _refusals(ctx) -> list[str]:
+    messages = []
+    for model in (nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4)), _Functional()):
+        with pytest.raises(PlanError) as info:
+            mpgroups.parallelize(model, ctx.process_group, plan="spatial")
+        messages.append(str(info.value))
+    return messages
+
+
+def test_spatial_plan_refuses_what_would_see_only_its_rows(pool):
+    messages = pool.run(_refusals, 2)[0]
+    assert "'1' (LayerNorm)" in messages[0]
+    assert "adaptive_avg_pool2d" in messages[1]
