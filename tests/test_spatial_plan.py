@@ -122,7 +122,7 @@ def _train(ctx, kind: str) -> None:
     for step in range(STEPS):
         x = torch.randn(shape, generator=generator, dtype=torch.float64)
         target = torch.randn(out_shape, generator=generator, dtype=torch.float64)
-        losses = []
+        losses, norms = [], []
         for i, (m, optimizer) in enumerate(zip((plain, model), optimizers, strict=True)):
             torch.manual_seed(100 + step)  # every rank and the device draw one dropout mask
             optimizer.zero_grad()
@@ -136,9 +136,12 @@ def _train(ctx, kind: str) -> None:
                 out, goal, target.numel(), ctx.process_group, split and split_output
             )
             part.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.5))
             optimizer.step()
             losses.append(whole)
         torch.testing.assert_close(losses[1], losses[0], rtol=TOLERANCE, atol=TOLERANCE)
+        # clipping (active: the norms are about 1 to 2) sees one device's gradients on every rank
+        torch.testing.assert_close(norms[1], norms[0], rtol=TOLERANCE, atol=TOLERANCE)
     state, plain_state = mpgroups.full_state_dict(model), plain.state_dict()
     assert list(state) == list(plain_state)
     for key, value in plain_state.items():
