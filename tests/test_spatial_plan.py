@@ -14,64 +14,11 @@ from torch import nn
 
 import mpgroups
 from mpgroups.comm.collectives import all_reduce_sum
+from mpgroups.models import UNet
 from mpgroups.plans.parallelize import PlanError
 
 STEPS = 10
 TOLERANCE = 1e-9
-
-
-def _block(cin: int, cout: int, dims: int, norm: str) -> nn.Sequential:
-    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
-    norms = {
-        "batch": lambda c: (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1](c),
-        "group": lambda c: nn.GroupNorm(2, c),
-        "instance": lambda c: (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 1](
-            c, affine=True
-        ),
-    }
-    return nn.Sequential(
-        conv(cin, cout, 3, padding=1), norms[norm](cout), nn.ReLU(),
-        conv(cout, cout, 3, padding=1, padding_mode="reflect"), nn.GroupNorm(2, cout), nn.SiLU(),
-    )  # fmt: skip
-
-
-class UNet(nn.Module):
-    """Encoder and decoder with skip concatenations; ``levels`` poolings."""
-
-    def __init__(self, dims: int, levels: int, up: str, norm: str) -> None:
-        super().__init__()
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
-        transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1]
-        pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dims - 1]
-        linear = ("linear", "bilinear", "trilinear")[dims - 1]
-        widths = [4 * 2**i for i in range(levels + 1)]
-        self.down = nn.ModuleList()
-        cin = 2
-        for width in widths[:-1]:
-            self.down.append(_block(cin, width, dims, norm))
-            cin = width
-        self.pool = pool(2)
-        self.middle = _block(widths[-2], widths[-1], dims, norm)
-        self.ups, self.up_blocks = nn.ModuleList(), nn.ModuleList()
-        for wide, narrow in zip(widths[:0:-1], widths[-2::-1], strict=True):
-            if up == "transpose":
-                self.ups.append(transposed(wide, narrow, 2, stride=2))
-            else:
-                resize = nn.Upsample(scale_factor=2, mode=linear)
-                self.ups.append(nn.Sequential(resize, conv(wide, narrow, 1)))
-            self.up_blocks.append(_block(2 * narrow, narrow, dims, norm))
-        self.head = conv(widths[0], 3, 1)
-
-    def forward(self, x):
-        skips = []
-        for block in self.down:
-            x = block(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.middle(x)
-        for up, block, skip in zip(self.ups, self.up_blocks, reversed(skips), strict=True):
-            x = block(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
 
 
 class Classifier(nn.Module):

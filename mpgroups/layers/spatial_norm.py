@@ -3,16 +3,18 @@ rows (dim 2): ``nn.GroupNorm`` and ``nn.InstanceNorm1d/2d/3d``.
 
 Each rank sums its rows per (sample, group); one all-reduce makes the sums (and counts) of
 the whole image, the mean first and then the centred squares, as one device computes them.
-Every rank's output depends on every rank's rows, so the backward all-reduces the
-statistics' gradients too. (BatchNorm over the split image is the global-batch norm of
-:mod:`mpgroups.plans.global_batch`, whose sums span the batch dim too, with its parameters'
-grads summed over the group: ``sync_batch_norms``.)
+Every rank's output depends on every rank's rows, so the backward all-reduces the two sums
+its gradient needs (:class:`_Normalize`, which saves what torch's own norms save).
+BatchNorm over the split image is the global-batch norm of :mod:`mpgroups.plans.global_batch`
+(the same statistics over the batch dim too), its parameters' grads summed over the group
+(``sync_batch_norms``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from mpgroups.comm.collectives import all_reduce_sum, copy_to_ranks
 from mpgroups.layers.spatial_base import SpatialLayer
@@ -27,27 +29,55 @@ __all__ = [
 ]
 
 
-def _sum_over_ranks(x: Tensor, process_group) -> Tensor:
-    """Forward and backward: the sum over the ranks (each rank's output reads every sum)."""
-    return all_reduce_sum(copy_to_ranks(x, process_group), process_group)
+class _Normalize(torch.autograd.Function):
+    """Forward: ``(v - mean) / sqrt(var + eps)`` for each ``k`` of ``v`` ``[A, K, B]``, the
+    statistics over dims 0 and 2 of every rank's ``v`` (one all-reduce of the sums and the
+    count, then one of the centred squares, as one device computes them); also returns the
+    mean, the biased variance and the count. Backward: the analytic gradient, its two sums
+    all-reduced in one call. It saves the normalised tensor alone, as torch's fused norms
+    save one tensor of the input's size (a composite of autograd ops would save three).
+    Not differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, v, eps, process_group):
+        k = v.shape[1]
+        local = torch.cat([v.sum((0, 2)), v.new_tensor([v.shape[0] * v.shape[2]])])
+        totals = all_reduce_sum(local, process_group)
+        count = totals[-1]
+        mean = totals[:-1] / count
+        centred = v - mean.view(1, k, 1)
+        var = all_reduce_sum(centred.square().sum((0, 2)), process_group) / count
+        rstd = torch.rsqrt(var + eps)
+        out = centred.mul_(rstd.view(1, k, 1))
+        ctx.save_for_backward(out, rstd)
+        ctx.count, ctx.process_group = count, process_group
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, *_):
+        out, rstd = ctx.saved_tensors
+        k = out.shape[1]
+        local = torch.cat([grad.sum((0, 2)), (grad * out).sum((0, 2))])
+        means = all_reduce_sum(local, ctx.process_group) / ctx.count
+        grad_mean, grad_out_mean = means[:k].view(1, k, 1), means[k:].view(1, k, 1)
+        return (grad - grad_mean - out * grad_out_mean) * rstd.view(1, k, 1), None, None
 
 
 def normalize_over_ranks(
-    x: Tensor, groups: int, eps: float, process_group
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``x`` ``[N, C, rows, *rest]`` normalised per (sample, channel group) over every rank's
-    rows; returns ``(normalised, mean, biased var)`` (the statistics ``[N, groups]``)."""
-    n, channels = x.shape[:2]
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    grouped = wide.reshape(n, groups, -1)
-    count = grouped.new_tensor([grouped.shape[-1]])
-    totals = _sum_over_ranks(torch.cat([grouped.sum(-1).flatten(), count]), process_group)
-    count = totals[-1]
-    mean = totals[:-1].view(n, groups) / count
-    centred = grouped - mean.unsqueeze(-1)
-    var = _sum_over_ranks(centred.square().sum(-1), process_group) / count
-    out = centred * torch.rsqrt(var + eps).unsqueeze(-1)
-    return out.reshape(x.shape).to(x.dtype), mean, var * count / (count - 1).clamp_min(1)
+    v: Tensor, eps: float, process_group
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``v`` ``[A, K, B]`` normalised for each ``k`` over dims 0 and 2 of every rank's ``v``
+    (in float32 at least); returns ``(normalised, mean [K], biased var [K], count)``.
+    GroupNorm views its input as ``[1, N·G, rest]``, InstanceNorm as ``[1, N·C, rest]``,
+    BatchNorm as ``[N, C, rest]``."""
+    wide = v.to(torch.promote_types(v.dtype, torch.float32))
+    return _Normalize.apply(wide, eps, process_group)
+
+
+def _unbiased(var: Tensor, count: Tensor) -> Tensor:
+    return var * count / (count - 1).clamp_min(1)
 
 
 def _affine(out: Tensor, weight, bias) -> Tensor:
@@ -73,7 +103,8 @@ class SpatialGroupNorm(SpatialLayer, nn.GroupNorm):
             return super().forward(x)
         self._total_rows(x, self.weight)
         pg = self.process_group
-        out, _, _ = normalize_over_ranks(x, self.num_groups, self.eps, pg)
+        grouped = x.reshape(1, x.shape[0] * self.num_groups, -1)
+        out = normalize_over_ranks(grouped, self.eps, pg)[0].reshape(x.shape).to(x.dtype)
         if not self.affine:
             return out
         return _affine(out, copy_to_ranks(self.weight, pg), copy_to_ranks(self.bias, pg))
@@ -87,9 +118,12 @@ class _SpatialInstanceNormNd(SpatialLayer):
             return super().forward(x)  # the running statistics: nothing to exchange
         self._total_rows(x, self.weight)
         pg = self.process_group
-        out, mean, unbiased = normalize_over_ranks(x, self.num_features, self.eps, pg)
+        n, channels = x.shape[:2]
+        out, mean, var, count = normalize_over_ranks(x.reshape(1, n * channels, -1), self.eps, pg)
+        out = out.reshape(x.shape).to(x.dtype)
         if self.training and self.track_running_stats:
             factor = 0.0 if self.momentum is None else self.momentum
+            mean, unbiased = mean.view(n, channels), _unbiased(var, count).view(n, channels)
             with torch.no_grad():
                 self.running_mean.mul_(1 - factor).add_(
                     mean.mean(0).to(self.running_mean), alpha=factor

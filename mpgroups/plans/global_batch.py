@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mpgroups.comm.collectives import all_gather_records, all_reduce_sum, copy_to_ranks
+from mpgroups.comm.collectives import all_gather_records, copy_to_ranks
 from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
 from mpgroups.layers.channel_modules import DROPOUTS, ShardedDropout
+from mpgroups.layers.spatial_norm import normalize_over_ranks
 from mpgroups.sharding.layout import NOT_PICKLABLE
 
 __all__ = ["match_global_batch", "sync_batch_norms"]
@@ -37,12 +38,6 @@ class _Replicas:
         raise TypeError(NOT_PICKLABLE)
 
 
-def _sum_over_replicas(x: Tensor, process_group) -> Tensor:
-    """Forward: the sum over the data-parallel ranks (all-reduce); backward: the sum of their
-    gradients (all-reduce), since every rank's loss depends on every rank's ``x``."""
-    return all_reduce_sum(copy_to_ranks(x, process_group), process_group)
-
-
 class _GlobalBatchNorm:
     """BatchNorm whose batch statistics are those of the global batch: per-channel sums and
     counts all-reduced over the data-parallel ranks (mean first, then the centred squares,
@@ -58,16 +53,10 @@ class _GlobalBatchNorm:
             return super().forward(x)
         self._check_input_dim(x)
         group = replicas.process_group
-        dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xs = x.to(torch.promote_types(x.dtype, torch.float32))
-        count = xs.new_tensor([x.numel() // max(1, x.shape[1])])
-        totals = _sum_over_replicas(torch.cat([xs.sum(dims), count]), group)
-        count = totals[-1]
-        mean = totals[:-1] / count
-        centred = xs - mean.view(shape)
-        var = _sum_over_replicas(centred.square().sum(dims), group) / count
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        rows = x.reshape(x.shape[0], x.shape[1], -1)
+        out, mean, var, count = normalize_over_ranks(rows, self.eps, group)
+        out = out.reshape(x.shape)
         if self.affine:
             weight, bias = self.weight, self.bias
             if replicas.sum_parameter_grads:
@@ -79,7 +68,7 @@ class _GlobalBatchNorm:
             if factor is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
             with torch.no_grad():
-                unbiased = var * count / (count - 1).clamp_min(1)
+                unbiased = var * count / (count - 1).clamp_min(1)  # torch's running_var
                 self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var), alpha=factor)
         return out.to(x.dtype)
