@@ -17,7 +17,7 @@ from torch import Tensor
 from mpgroups.comm.collectives import issued
 from mpgroups.sharding.spatial import ZERO_ROW, HaloPlan
 
-__all__ = ["halo_exchange"]
+__all__ = ["assemble_window", "halo_exchange", "halo_rows"]
 
 
 def _swap(
@@ -116,6 +116,91 @@ class _HaloReturn(torch.autograd.Function):
     def backward(ctx, grad):
         exchanged = _HaloExchange.apply(grad, ctx.plan, ctx.process_group, ctx.dim, 0.0)
         return exchanged, None, None, None, None
+
+
+def _receive(x: Tensor, plan: HaloPlan, process_group, dim: int) -> list[Tensor]:
+    """Send this rank's rows that others read; the rows received, in ``plan.receives`` order."""
+    outgoing = [(peer, _rows(x, rows, dim)) for peer, rows in plan.sends]
+    incoming = [(peer, x.new_empty(_with_rows(x, count, dim))) for peer, count in plan.receives]
+    _swap(process_group, outgoing, incoming)
+    return [tensor for _, tensor in incoming]
+
+
+def _give_back(grads, plan: HaloPlan, process_group, dim: int, like_shape, like: Tensor):
+    """The dual of :func:`_receive`: each received row's gradient goes back to its owner;
+    the sum of what comes back for this rank's rows, shaped ``like_shape``."""
+    own = like.new_zeros(like_shape)
+    incoming = [
+        (peer, like.new_empty(_with_rows(own, len(sent), dim))) for peer, sent in plan.sends
+    ]
+    outgoing = [(peer, g.contiguous()) for (peer, _), g in zip(plan.receives, grads, strict=True)]
+    _swap(process_group, outgoing, incoming)
+    for (_, sent), (_, received) in zip(plan.sends, incoming, strict=True):
+        own.index_add_(dim, torch.tensor(sent, device=own.device), received)
+    return own
+
+
+class _HaloRows(torch.autograd.Function):
+    """Forward: the rows of the neighbours' blocks this rank's window reads, one tensor per
+    neighbour, after a zero-row token (so that every rank, even one that only sends, runs the
+    backward); backward: their gradients sent back to the owners and added there."""
+
+    @staticmethod
+    def forward(ctx, x, plan, process_group, dim):
+        ctx.plan, ctx.process_group, ctx.dim, ctx.shape = plan, process_group, dim, x.shape
+        token = x.new_empty(_with_rows(x, 0, dim))
+        ctx.like = token.detach()  # no data: dtype and device for a backward with no grads
+        return (token, *_receive(x, plan, process_group, dim))
+
+    @staticmethod
+    def backward(ctx, _token_grad, *grads):
+        like = _token_grad if _token_grad is not None else ctx.like
+        grads = [
+            g if g is not None else like.new_zeros(_with_rows(like, count, ctx.dim))
+            for g, (_, count) in zip(grads, ctx.plan.receives, strict=True)
+        ]
+        back = _HaloRowsBack.apply(like, ctx.plan, ctx.process_group, ctx.dim, ctx.shape, *grads)
+        return back, None, None, None
+
+
+class _HaloRowsBack(torch.autograd.Function):
+    """Forward: received rows' gradients returned to their owners; backward: the exchange."""
+
+    @staticmethod
+    def forward(ctx, like, plan, process_group, dim, shape, *grads):
+        ctx.plan, ctx.process_group, ctx.dim = plan, process_group, dim
+        return _give_back(grads, plan, process_group, dim, shape, like)
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, *received = _HaloRows.apply(grad, ctx.plan, ctx.process_group, ctx.dim)
+        return (token, None, None, None, None, *received)
+
+
+def halo_rows(x: Tensor, plan: HaloPlan, process_group, dim: int = 2) -> list[Tensor]:
+    """``[token, *received]``: a zero-row tensor, then the rows this rank receives from each
+    peer of ``plan.receives`` (a collective, as :func:`halo_exchange`). With
+    :func:`assemble_window` they make the window, but kept apart they let a layer save its
+    own block and the halo rows instead of a copy of both (the block is often saved anyway,
+    by the layer before)."""
+    if process_group is None or process_group.size() == 1:
+        return [x.new_empty(_with_rows(x, 0, dim))]
+    return list(_HaloRows.apply(x, plan, process_group, dim))
+
+
+def assemble_window(x: Tensor, pieces: list[Tensor], plan: HaloPlan, dim: int, fill: float = 0.0):
+    """The window from this rank's block ``x`` and ``pieces`` (:func:`halo_rows`' result), by
+    differentiable ops; the token joins it, so every rank's backward reaches the exchange."""
+    token, *received = pieces
+    by_peer = {peer: tensor for (peer, _), tensor in zip(plan.receives, received, strict=True)}
+    parts = [token]
+    for source, start, length in plan.runs:
+        if source == ZERO_ROW:
+            parts.append(x.new_full(_with_rows(x, length, dim), fill))
+        else:
+            held = x if source == plan.rank else by_peer[source]
+            parts.append(held.narrow(dim, start, length))
+    return torch.cat(parts, dim)
 
 
 def halo_exchange(

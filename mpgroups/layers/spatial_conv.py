@@ -16,12 +16,14 @@ is ``nn.ConvNd``, bit for bit, with the same ``state_dict`` keys.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpgroups.comm.collectives import copy_to_ranks
+from mpgroups.comm.halo import assemble_window, halo_rows
 from mpgroups.layers.spatial_base import SpatialLayer
-from mpgroups.sharding.spatial import ConvRows, TransposedRows
+from mpgroups.sharding.spatial import ZERO_ROW, ConvRows, TransposedRows
 
 __all__ = [
     "SpatialConv1d",
@@ -31,6 +33,56 @@ __all__ = [
     "SpatialConvTranspose2d",
     "SpatialConvTranspose3d",
 ]
+
+
+class _WindowConv(torch.autograd.Function):
+    """A conv (or transposed conv) of this rank's window that saves its block and the halo
+    rows, not the window: the block is usually saved by the layer before (a ReLU's output)
+    and a copy of it would double what the rank keeps for backward. The backward rebuilds
+    the window (a transient), takes the conv's gradients from ``convolution_backward`` and
+    splits the window's gradient into the block's and each halo piece's, by differentiable
+    ops: double backward works."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, plan, fill, *pieces):
+        rows = assemble_window(x, list(pieces), plan, 2, fill)
+        ctx.layer, ctx.plan, ctx.fill, ctx.has_bias = layer, plan, fill, bias is not None
+        ctx.save_for_backward(x, weight, *pieces)
+        return layer._local_conv(layer._pad_rest(rows), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *pieces = ctx.saved_tensors
+        layer, plan = ctx.layer, ctx.plan
+        rows = assemble_window(x, pieces, plan, 2, ctx.fill)
+        stride, padding, dilation, transposed, output_padding = layer._conv_options()
+        out_channels = weight.shape[1] * layer.groups if transposed else weight.shape[0]
+        grad_window, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, layer._pad_rest(rows), weight, [out_channels] if ctx.has_bias else None,
+            stride, padding, dilation, transposed, output_padding, layer.groups,
+            [True, True, ctx.has_bias],
+        )  # fmt: skip
+        grad_rows = layer._unpad_rest(rows, grad_window)
+        grad_x = torch.zeros_like(x)
+        by_peer = {
+            peer: torch.zeros_like(t)
+            for (peer, _), t in zip(plan.receives, pieces[1:], strict=True)
+        }
+        position = 0
+        for source, start, length in plan.runs:
+            piece = grad_rows.narrow(2, position, length)
+            position += length
+            if source == ZERO_ROW:
+                continue
+            index = torch.arange(start, start + length, device=grad.device)
+            if source == plan.rank:
+                grad_x = grad_x.index_add(2, index, piece)
+            else:
+                by_peer[source] = by_peer[source].index_add(2, index, piece)
+        # A view of the window's gradient, not fresh zeros: under double backward every rank
+        # then has the exchange's backward in its graph, and runs it with its neighbours.
+        token_grad = grad_rows.narrow(2, 0, 0)
+        return (grad_x, grad_weight, grad_bias, None, None, None, token_grad, *by_peer.values())
 
 
 def _twin(cls, conv, process_group, checks, **arguments):
@@ -75,23 +127,56 @@ class _SpatialConvNd(SpatialLayer):
         parameters copied, so every rank must pass the same ``conv``."""
         return _twin(cls, conv, process_group, checks, padding_mode=conv.padding_mode)
 
+    def _rest_padding(self) -> tuple[list[int], object]:
+        """``(F.pad list for dims 3+, conv padding)``: zeros padded symmetrically go to the
+        conv itself; anything else is padded first (the window holds dim 2's)."""
+        rest = list(self._reversed_padding_repeated_twice[:-2])
+        if not any(rest):
+            return [], 0
+        symmetric = all(rest[i] == rest[i + 1] for i in range(0, len(rest), 2))
+        if self.padding_mode == "zeros" and symmetric:
+            return [], (0, *rest[::-2])
+        return [*rest, 0, 0], 0
+
+    def _pad_rest(self, rows: Tensor) -> Tensor:
+        """The window padded along dims 3+ where the conv cannot pad it itself."""
+        pad, _ = self._rest_padding()
+        if not pad:
+            return rows
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(rows, pad, mode=mode)
+
+    def _unpad_rest(self, rows: Tensor, grad: Tensor) -> Tensor:
+        """The gradient of :meth:`_pad_rest`'s input from its output's (linear in ``grad``,
+        so differentiable again without ``rows``' values)."""
+        if not self._rest_padding()[0]:
+            return grad
+        with torch.enable_grad():
+            leaf = rows.detach().requires_grad_()
+            (result,) = torch.autograd.grad(
+                self._pad_rest(leaf), leaf, grad, create_graph=grad.requires_grad
+            )
+        return result
+
+    def _conv_options(self):
+        """``(stride, padding, dilation, transposed, output_padding)`` of the window's conv."""
+        _, padding = self._rest_padding()
+        padding = padding if padding else (0,) * self._dims
+        return self.stride, padding, self.dilation, False, (0,) * self._dims
+
+    def _local_conv(self, window: Tensor, weight: Tensor, bias) -> Tensor:
+        stride, padding, dilation, _, _ = self._conv_options()
+        return self._conv(window, weight, bias, stride, padding, dilation, self.groups)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.splits_rows:
             return super().forward(x)
         pg = self.process_group
-        window, _, _ = self._window(x, self.weight)
-        rest = list(self._reversed_padding_repeated_twice[:-2])
-        padding = 0
-        if any(rest):
-            symmetric = all(rest[i] == rest[i + 1] for i in range(0, len(rest), 2))
-            if self.padding_mode == "zeros" and symmetric:
-                padding = (0, *rest[::-2])
-            else:
-                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-                window = F.pad(window, [*rest, 0, 0], mode=mode)
+        plan = self._plan(self._total_rows(x, self.weight))
+        pieces = halo_rows(x, plan, pg)
         weight = copy_to_ranks(self.weight, pg)
         bias = None if self.bias is None else copy_to_ranks(self.bias, pg)
-        return self._conv(window, weight, bias, self.stride, padding, self.dilation, self.groups)
+        return _WindowConv.apply(x, weight, bias, self, plan, 0.0, *pieces)
 
 
 def _make(nn_type: type[nn.modules.conv._ConvNd], dims: int, functional):
@@ -137,6 +222,24 @@ class _SpatialConvTransposeNd(SpatialLayer):
             output_padding=self.output_padding[0],
         )
 
+    def _pad_rest(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def _unpad_rest(self, rows: Tensor, grad: Tensor) -> Tensor:
+        return grad
+
+    def _conv_options(self):
+        """``(stride, padding, dilation, transposed, output_padding)`` of the window's conv:
+        none of either padding along dim 2 (the rank's rows are cut from the result)."""
+        padding, output_padding = (0, *self.padding[1:]), (0, *self.output_padding[1:])
+        return self.stride, padding, self.dilation, True, output_padding
+
+    def _local_conv(self, window: Tensor, weight: Tensor, bias) -> Tensor:
+        stride, padding, dilation, _, output_padding = self._conv_options()
+        return self._conv_transpose(
+            window, weight, bias, stride, padding, output_padding, self.groups, dilation
+        )
+
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if not self.splits_rows:
             return super().forward(x, output_size)
@@ -145,19 +248,12 @@ class _SpatialConvTransposeNd(SpatialLayer):
                 "output_size with rows split: give output_padding in the constructor instead"
             )
         pg = self.process_group
-        window, plan, total = self._window(x, self.weight)
+        total = self._total_rows(x, self.weight)
+        plan = self._plan(total)
         first = self.rows.window(plan.out_rows[plan.rank], total)[0]
         weight = copy_to_ranks(self.weight, pg)
-        out = self._conv_transpose(
-            window,
-            weight,
-            None,
-            self.stride,
-            (0, *self.padding[1:]),
-            (0, *self.output_padding[1:]),
-            self.groups,
-            self.dilation,
-        )
+        pieces = halo_rows(x, plan, pg)
+        out = _WindowConv.apply(x, weight, None, self, plan, 0.0, *pieces)
         start, stop = plan.out_rows[plan.rank]
         covered = first * self.stride[0] - self.padding[0]  # the global row of out's first
         top, bottom = covered - start, stop - (covered + out.shape[2])
