@@ -557,3 +557,22 @@ def test_whole_model_benchmark_compares_both_objectives(tmp_path):
     assert facts["collectives"]["ops"] == {"all_reduce": 8}
     assert facts["memory"]["ops"] == {"reduce_scatter": 12, "all_gather": 12, "all_reduce": 1}
     assert '| `objective="memory"` |' in (tmp_path / "whole_model.md").read_text()
+
+
+def test_spatial_benchmark_reports_memory_and_the_budget(tmp_path):
+    """The 2-D U-Net at two tiny sizes, one process and P = 2: the table, the plot, activation
+    bytes per rank below one device's, and a budget that grows with P."""
+    import spatial
+
+    assert spatial.main(["--quick", "--cases", "unet2d", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "spatial.json").read_text())
+    rows = data["cases"]["unet2d"]["rows"]
+    assert {(row["world"], tuple(row["size"])) for row in rows.values()} == {
+        (world, size) for world in (1, 2) for size in ((16, 8), (32, 8))
+    }
+    for size in ("16x8", "32x8"):
+        assert rows[f"{size}/P=2"]["activations"] < 0.6 * rows[f"{size}/P=1"]["activations"]
+        assert sum(rows[f"{size}/P=2"]["ops"]["halo_exchange"]) > 0
+    assert data["cases"]["unet2d"]["budget"]["2"] > 1.5 * data["cases"]["unet2d"]["budget"]["1"]
+    assert (tmp_path / "spatial.png").stat().st_size > 0
+    assert "| unet2d | 32x8 | 2 |" in (tmp_path / "spatial.md").read_text()

@@ -140,3 +140,28 @@ def test_spatial_plan_refuses_what_would_see_only_its_rows(pool):
     messages = pool.run(_refusals, 2)[0]
     assert "'1' (LayerNorm)" in messages[0]
     assert "adaptive_avg_pool2d" in messages[1]
+
+
+def _saved_per_rank(ctx, kind: str) -> tuple[int, int, int]:
+    from activation_memory import saved_bytes
+
+    build, shape = _MODELS[kind]
+    torch.manual_seed(0)
+    plain = build().double()
+    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    x = torch.randn(shape, dtype=torch.float64)
+    single = saved_bytes(plain, x, None)["activations"]
+    with mpgroups.CommCounter() as comm:
+        mine = saved_bytes(model, mpgroups.spatial_shard(x, ctx.process_group), None)
+    halos = sum(r.nbytes for r in comm.records if r.op == "halo_exchange")
+    return single, mine["activations"], halos
+
+
+@pytest.mark.parametrize("kind, world_size", [("unet2d-transpose", 2), ("unet3d", 4)])
+def test_a_rank_saves_its_share_of_activations_plus_the_halos(pool, kind, world_size):
+    """Bytes one training forward saves for backward, per rank: at most one device's over P
+    plus every halo row the ranks exchanged (forward and backward, all ranks: a bound)."""
+    results = pool.run(_saved_per_rank, world_size, kind)
+    every_halo = sum(halos for _, _, halos in results)
+    for single, mine, _ in results:
+        assert mine <= single / world_size + every_halo
