@@ -10,7 +10,7 @@ one process trains the plain model:
   (``activation_memory.saved_bytes``: distinct storages, parameters apart), the largest rank;
 * **halo and all-reduce bytes** of a step and the time inside them on this machine;
 * **NVLink 4 projection**: the slowest rank's work outside the exchanges and checks, plus
-  each exchange priced α–β (a point-to-point halo message at one latency and the link's
+  each exchange priced α–β and each check at one latency (a point-to-point halo message at one latency and the link's
   bandwidth; the all-reduces of norms and gradients as ring all-reduces);
 * **the largest input in a fixed budget**: per P, activation bytes per rank fitted as
   ``a + b·volume`` through the two sizes, and the volume that fills one device's bytes at
@@ -95,8 +95,11 @@ def _rank_run(rank: int, world: int, options: dict, shape: tuple, reps: int, war
             step()
             seconds = time.perf_counter() - start
         times.append(max_over_ranks(seconds, world))
-        # this step's own work: the slowest rank's time outside the exchanges and checks
-        local.append(max_over_ranks(seconds - comm.seconds(kind=None), world))
+        # this step's own work: the slowest rank's time outside the exchanges and the checks
+        # (a check's record counts its own exchange: the "meta" records inside it are not
+        # taken off twice)
+        outside = seconds - comm.seconds(kind="data") - comm.seconds(kind="check")
+        local.append(max_over_ranks(outside, world))
     ops: dict[str, list[int]] = {}
     for record in comm.records:
         if record.kind == "data":
@@ -120,7 +123,8 @@ def _projected(row: dict, world: int) -> float:
                 priced += link.latency_s + nbytes / link.busbw_bytes_per_s
             else:
                 priced += collective_seconds(op, world, nbytes, link)
-    return row["local"]["median"] + priced
+    # each input check: one exchange of a few integers (on the host side group: a latency)
+    return row["local"]["median"] + priced + row["checks"] * link.latency_s
 
 
 def _volume(size) -> int:
