@@ -10,8 +10,9 @@ one process trains the plain model:
   (``activation_memory.saved_bytes``: distinct storages, parameters apart), the largest rank;
 * **halo and all-reduce bytes** of a step and the time inside them on this machine;
 * **NVLink 4 projection**: the slowest rank's work outside the exchanges and checks, plus
-  each exchange priced α–β and each check at one latency (a point-to-point halo message at one latency and the link's
-  bandwidth; the all-reduces of norms and gradients as ring all-reduces);
+  each exchange priced α–β (a point-to-point halo message at one latency and the link's
+  bandwidth; the all-reduces of norms and gradients as ring all-reduces) and each check at
+  one latency;
 * **the largest input in a fixed budget**: per P, activation bytes per rank fitted as
   ``a + b·volume`` through the two sizes, and the volume that fills one device's bytes at
   the larger size.
