@@ -165,3 +165,45 @@ def test_a_rank_saves_its_share_of_activations_plus_the_halos(pool, kind, world_
     every_halo = sum(halos for _, _, halos in results)
     for single, mine, _ in results:
         assert mine <= single / world_size + every_halo
+
+
+def _one_check_per_forward(ctx) -> dict:
+    from mpgroups.comm.checks import InputMismatchError
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4), nn.MaxPool2d(3, 1, 1),
+    ).double()  # fmt: skip
+    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    counts = {}
+    # 20 rows, then 19: rank 0 holds 10 rows both times at P = 2, the others do not; every
+    # layer must still see the new total (the root's agreed total is part of its key)
+    for rows in (20, 20, 19, 19):
+        x = torch.randn(2, 2, rows, 12, dtype=torch.float64)
+        with mpgroups.CommCounter() as comm:
+            out = model(mpgroups.spatial_shard(x, ctx.process_group))
+        own = torch.tensor_split(plain(x), ctx.world_size, dim=2)[ctx.rank]
+        torch.testing.assert_close(out, own, rtol=TOLERANCE, atol=TOLERANCE)
+        counts.setdefault(rows, []).append(comm.count("input_check", kind="check"))
+    # a rank with a row too many: the root raises on every rank, before any halo moves
+    block = mpgroups.spatial_shard(
+        torch.randn(2, 2, 20, 12, dtype=torch.float64), ctx.process_group
+    )
+    if ctx.rank == 1:
+        block = torch.cat([block, block[:, :, :1]], dim=2)
+    with mpgroups.CommCounter() as comm, pytest.raises(InputMismatchError) as info:
+        model(block)
+    assert comm.count("halo_exchange") == 0
+    counts["message"] = str(info.value)
+    return counts
+
+
+def test_a_split_model_checks_once_per_forward_at_its_root(pool):
+    for counts in pool.run(_one_check_per_forward, 2):
+        # a new total: the root and every layer check once; then the root alone
+        assert counts[20][1] == counts[19][1] == 1 < counts[20][0] == counts[19][0]
+        assert (
+            "model's input" in counts["message"]
+            and "balanced blocks of 21 rows" in counts["message"]
+        )

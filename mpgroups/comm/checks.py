@@ -62,6 +62,7 @@ __all__ = [
     "InputGuard",
     "InputMismatchError",
     "RootCheck",
+    "balanced_blocks",
     "channel_counts",
     "check_same_call",
     "check_across_ranks",
@@ -475,7 +476,10 @@ class InputGuard:
         have not agreed on here before (every rank decides alike, since the root agreed on
         the model's input and every layer's input follows from it)."""
         call = self._next_call()
-        signature = (tuple(x.shape), x.dtype, x.device.type, _records_grad(x))
+        # The root's agreed context joins the key: a site whose input differs across ranks
+        # (a block of rows) may see the same shape on one rank for different model inputs.
+        context = self.clock.agreed_context()
+        signature = (tuple(x.shape), x.dtype, x.device.type, _records_grad(x), context)
         if signature in self._agreed:
             return None
         records = self._exchange(x, None, expected_channels, channels_note, weight, call)
@@ -513,10 +517,11 @@ class InputGuard:
         others: int = -1,
         state: int = -1,
         tensor_optional: bool = False,
-    ) -> Callable[[], None]:
+    ) -> Callable[[], list[list[int]]]:
         """Start this call's exchange (``x`` with no local problem; ``others``, ``state``: a
-        root's digests) and return at once; the function returned waits for the records and
-        raises :class:`InputMismatchError` on every rank if they disagree. Eager only."""
+        root's digests) and return at once; the function returned waits for the records,
+        raises :class:`InputMismatchError` on every rank if they disagree and returns them
+        otherwise. Eager only."""
         started = time.perf_counter()
         call = self._next_call()
         like = x if isinstance(x, Tensor) else None
@@ -525,10 +530,10 @@ class InputGuard:
         wait = start_all_gather_records(values, self.record_group)
         launch = time.perf_counter() - started
 
-        def settle() -> None:
+        def settle() -> list[list[int]]:
             begun = time.perf_counter()
             try:
-                judge_records(
+                return judge_records(
                     wait().tolist(), layer=self.site, channel_dim=self.channel_dim,
                     counted=self.counted,
                     expected_channels=expected_channels, channels_note=channels_note,
@@ -578,7 +583,16 @@ def _check_now(root: RootCheck, module, tensors: list[Tensor]) -> None:
     """``root``'s exchange for a forward of ``module``, completed at once, outside any
     compiled graph."""
     x, record = root._record(module, tensors)
-    root.guard.start(x, **record)()
+    root._agree(root.guard.start(x, **record)())
+
+
+def balanced_blocks(sent: list[int]) -> list[int]:
+    """What each rank should hold of ``sum(sent)`` rows split as ``torch.tensor_split``
+    does (``sent`` itself when a rank sent no tensor: its record says what it sent)."""
+    if min(sent) < 0:
+        return sent
+    base, extra = divmod(sum(sent), len(sent))
+    return [base + (rank < extra) for rank in range(len(sent))]
 
 
 class RootCheck:
@@ -607,14 +621,27 @@ class RootCheck:
     ``MPGROUPS_CHECKS=detail`` the exchange completes in the hook.
     """
 
-    def __init__(self, site: str, process_group, layers: Sequence[InputGuard] = ()) -> None:
-        # An input check like a layer's, of every dim (no channel count), counting the steps;
-        # its fingerprint covers the layers' too, so ranks whose models differ never agree.
+    def __init__(
+        self,
+        site: str,
+        process_group,
+        layers: Sequence[InputGuard] = (),
+        split_dim: int | None = None,
+    ) -> None:
+        # An input check like a layer's, of every dim (no channel count; ``split_dim``: the
+        # dim each rank holds its balanced block of, a split model's rows), counting the
+        # steps; its fingerprint covers the layers' too, so ranks whose models differ never
+        # agree.
         layer_ids = tuple(guard.site_id for guard in layers)
+        self.split_dim = split_dim
         self.guard = InputGuard(
-            f"{site} (the parallelized model's input)", ("root", site, layer_ids),
-            process_group, channel_dim=_WHOLE,
+            f"{site} (the parallelized model's input)", ("root", site, layer_ids, split_dim),
+            process_group, channel_dim=_WHOLE if split_dim is None else split_dim,
+            counted="rows",
         )  # fmt: skip
+        # What every rank agreed on at the last root check besides its own input: the
+        # total of the split dim (a split model), or nothing.
+        self._context: tuple = ()
         for guard in layers:
             guard.clock = self
         # Whether the running forward's input was checked here: only then may its layers
@@ -660,9 +687,17 @@ class RootCheck:
     def _record(self, module, tensors: list[Tensor]) -> tuple:
         """``(x, what guard.start takes besides)`` for a forward of ``module`` whose
         arguments hold ``tensors``."""
+        world = self.guard.world_size
+        if self.split_dim is None:
+            expected, note = [-1] * world, [""] * world  # no channel count: every dim
+        else:
+            expected, note = (
+                balanced_blocks,
+                lambda sent: [f"balanced blocks of {sum(sent)} rows"] * world,
+            )
         return tensors[0] if tensors else None, dict(
-            expected_channels=[-1] * self.guard.world_size,  # no channel count: every dim
-            channels_note=[""] * self.guard.world_size,
+            expected_channels=expected,
+            channels_note=note,
             others=fingerprint(*((tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
                                  for t in tensors[1:])),
             state=self._state(module),
@@ -684,7 +719,18 @@ class RootCheck:
     def _settle(self) -> None:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
-            in_flight()
+            self._agree(in_flight())
+
+    def _agree(self, records: list[list[int]]) -> None:
+        if self.split_dim is not None:
+            self._context = (sum(max(n, 0) for n in channel_counts(records, self.split_dim)),)
+
+    def agreed_context(self) -> tuple:
+        """What the ranks agreed on at this forward's root check besides each one's input
+        (the split dim's total for a split model; settles the root's exchange first)."""
+        if self.split_dim is not None:
+            self._settle()
+        return self._context
 
     def finish(self, module, args, output) -> None:
         """Settle the exchange at the end of the forward, if no collective did before. On a

@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from mpgroups.comm.checks import InputGuard, Problem, channel_counts, tensor_problem
+from mpgroups.comm.checks import (
+    InputGuard,
+    Problem,
+    balanced_blocks,
+    channel_counts,
+    tensor_problem,
+)
 from mpgroups.comm.collectives import (
     META_DIMS,
     all_gather_channels,
@@ -146,15 +152,10 @@ def gather_spatial(
         counted="rows",
     )
 
-    def balanced(sent: list[int]) -> list[int]:
-        if min(sent) < 0:  # a rank without the dim: its record says what it sent instead
-            return sent
-        return [b - a for a, b in row_blocks(sum(sent), world)]
-
     records = guard(
         y,
         problem=_problem(y, dim),
-        expected_channels=balanced,
+        expected_channels=balanced_blocks,
         channels_note=lambda sent: [f"balanced blocks of {sum(sent)} rows"] * world,
     )
     if records is not None:

@@ -13,16 +13,24 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from mpgroups.comm.checks import BAD_SHAPE, InputGuard, Problem, channel_counts, tensor_problem
+from mpgroups.comm.checks import (
+    BAD_SHAPE,
+    InputGuard,
+    Problem,
+    balanced_blocks,
+    channel_counts,
+    tensor_problem,
+)
 from mpgroups.comm.collectives import sum_over_ranks
 from mpgroups.comm.halo import halo_exchange
 from mpgroups.comm.process_groups import host_group, resolve_process_group
 from mpgroups.layers.base import SharesProcessGroup
-from mpgroups.sharding.spatial import ConvRows, HaloPlan, halo_plan, row_blocks
+from mpgroups.sharding.spatial import ConvRows, HaloPlan, halo_plan
 
 __all__ = ["SpatialLayer"]
 
 _PLANS_KEPT = 16  # input sizes a layer keeps the plan of
+_TOTALS_KEPT = 64  # as many as an input guard keeps agreed signatures: they evict alike
 
 
 class SpatialLayer(SharesProcessGroup):
@@ -44,6 +52,7 @@ class SpatialLayer(SharesProcessGroup):
         self.rows = rows
         self._channels = channels
         self._plans: dict[int, HaloPlan] = {}
+        self._totals: dict[tuple, int] = {}  # (input shape, root's agreed context): rows
         pg = self.process_group
         if pg is not None and pg.size() > 1:
             site = f"{type(self).__name__}({super().extra_repr()})"
@@ -67,23 +76,27 @@ class SpatialLayer(SharesProcessGroup):
         return problem
 
     def _total_rows(self, x: Tensor, weight: Tensor | None = None) -> int:
-        """Every rank's rows together, once the ranks agree that their blocks fit."""
+        """Every rank's rows together, once the ranks agree that their blocks fit. Under a
+        split model's root check a layer exchanges only for an input it has not seen with
+        the model's agreed total (every rank decides alike); it then knows the total."""
         pg, world = self.process_group, self.process_group.size()
-
-        def balanced(sent: list[int]) -> list[int]:
-            if min(sent) < 0:
-                return sent
-            return [b - a for a, b in row_blocks(sum(sent), world)]
-
         records = self.input_guard(
             x,
             problem=self._problem(x),
-            expected_channels=balanced,
+            expected_channels=balanced_blocks,
             channels_note=lambda sent: [f"balanced blocks of {sum(sent)} rows"] * world,
             weight=weight,
         )
+        clock = self.input_guard.clock
+        key = (tuple(x.shape), clock.agreed_context() if clock is not None else ())
         if records is not None:
-            return sum(channel_counts(records, 2))
+            total = sum(channel_counts(records, 2))
+            if len(self._totals) >= _TOTALS_KEPT:
+                del self._totals[next(iter(self._totals))]
+            self._totals[key] = total
+            return total
+        if clock is not None and clock.checked and key in self._totals:
+            return self._totals[key]
         return sum_over_ranks(x.shape[2], host_group(pg))
 
     def _plan(self, total: int) -> HaloPlan:

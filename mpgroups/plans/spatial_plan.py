@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpgroups.comm.checks import check_same_call
+from mpgroups.comm.checks import RootCheck, check_same_call, fingerprint
 from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.spatial_transfer import gather_spatial
 from mpgroups.layers import spatial_conv, spatial_norm, spatial_pool
@@ -200,7 +200,18 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
                 f"nn.Dropout, keeps elementwise activations, and gathers the whole image at "
                 f"the first global pooling, nn.Flatten or nn.Linear"
             )
-    model._mpgroups_spatial = process_group
+    handles = []
+    if process_group is not None and process_group.size() > 1:
+        guards = []
+        for name, module in model.named_modules():
+            if isinstance(module, SpatialLayer) and hasattr(module, "input_guard"):
+                # Named by its place: identical layers on different paths never pair.
+                module.input_guard.site_id = fingerprint(module.input_guard.site_id, name)
+                guards.append(module.input_guard)
+        root = RootCheck(type(model).__name__, process_group, guards, split_dim=2)
+        handles.append(model.register_forward_pre_hook(root, prepend=True, with_kwargs=True))
+        handles.append(model.register_forward_hook(root.finish, prepend=True, always_call=True))
+    model._mpgroups_spatial = handles
     return model
 
 
@@ -230,5 +241,6 @@ def unspatialize(model: nn.Module) -> nn.Module:
                 plain.__dict__.pop(attr, None)
             restored[id(module)] = plain
             model = replace_module(model, name, plain)
-    model.__dict__.pop("_mpgroups_spatial", None)
+    for handle in model.__dict__.pop("_mpgroups_spatial", ()):
+        handle.remove()
     return model
