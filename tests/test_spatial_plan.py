@@ -207,3 +207,36 @@ def test_a_split_model_checks_once_per_forward_at_its_root(pool):
             "model's input" in counts["message"]
             and "balanced blocks of 21 rows" in counts["message"]
         )
+
+
+def _habits(ctx) -> None:
+    torch.manual_seed(0)
+    plain = UNet(2, 1, "upsample", "group").double()
+    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    x = torch.randn(2, 2, 16, 8, dtype=torch.float64)
+    expected = torch.tensor_split(plain(x), ctx.world_size, dim=2)[ctx.rank].detach()
+    block = mpgroups.spatial_shard(x, ctx.process_group)
+
+    def close(out, tolerance=TOLERANCE):
+        torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+    with torch.no_grad():
+        close(model(block))
+    with torch.inference_mode():
+        close(model(block))
+    close(copy.deepcopy(model)(block))  # an EMA's copy shares the groups
+    close(model(block.contiguous(memory_format=torch.channels_last)))
+    close(model(block.transpose(2, 3).contiguous().transpose(2, 3)))  # non-contiguous
+    compiled = torch.compile(model, backend="eager")
+    close(compiled(block))
+    # a bad batch on one rank that the loop catches, then the loop goes on in step
+    from mpgroups.comm.checks import InputMismatchError
+
+    bad = block[:, :1] if ctx.rank == 0 else block
+    with pytest.raises((InputMismatchError, ValueError)):
+        model(bad)
+    close(model(block))
+
+
+def test_spatial_plan_under_user_habits(pool):
+    pool.run(_habits, 2)
