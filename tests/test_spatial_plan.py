@@ -56,19 +56,20 @@ def _loss(out, target, whole_numel: int, group, split: bool):
     return part, whole
 
 
-def _train(ctx, kind: str) -> None:
+def _train(ctx, kind: str, dtype: torch.dtype = torch.float64) -> None:
     build, shape = _MODELS[kind]
+    tolerance = TOLERANCE if dtype == torch.float64 else 1e-4
     torch.manual_seed(0)
-    plain = build().double()
+    plain = build().to(dtype)
     model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
     split_output = kind != "classifier"
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, model)]
     with torch.no_grad():
-        out_shape = copy.deepcopy(plain).eval()(torch.zeros(shape, dtype=torch.float64)).shape
+        out_shape = copy.deepcopy(plain).eval()(torch.zeros(shape, dtype=dtype)).shape
     generator = torch.Generator().manual_seed(1)
     for step in range(STEPS):
-        x = torch.randn(shape, generator=generator, dtype=torch.float64)
-        target = torch.randn(out_shape, generator=generator, dtype=torch.float64)
+        x = torch.randn(shape, generator=generator, dtype=dtype)
+        target = torch.randn(out_shape, generator=generator, dtype=dtype)
         losses, norms = [], []
         for i, (m, optimizer) in enumerate(zip((plain, model), optimizers, strict=True)):
             torch.manual_seed(100 + step)  # every rank and the device draw one dropout mask
@@ -86,19 +87,19 @@ def _train(ctx, kind: str) -> None:
             norms.append(torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.5))
             optimizer.step()
             losses.append(whole)
-        torch.testing.assert_close(losses[1], losses[0], rtol=TOLERANCE, atol=TOLERANCE)
+        torch.testing.assert_close(losses[1], losses[0], rtol=tolerance, atol=tolerance)
         # clipping (active: the norms are about 1 to 2) sees one device's gradients on every rank
-        torch.testing.assert_close(norms[1], norms[0], rtol=TOLERANCE, atol=TOLERANCE)
+        torch.testing.assert_close(norms[1], norms[0], rtol=tolerance, atol=tolerance)
     state, plain_state = mpgroups.full_state_dict(model), plain.state_dict()
     assert list(state) == list(plain_state)
     for key, value in plain_state.items():
-        torch.testing.assert_close(state[key], value, rtol=TOLERANCE, atol=TOLERANCE)
+        torch.testing.assert_close(state[key], value, rtol=tolerance, atol=tolerance)
     back = mpgroups.unparallelize(model)
     assert all(type(m).__module__.startswith("torch.nn") for m in back.modules() if m is not back)
     back.load_state_dict(plain_state)
     back.eval(), plain.eval()
-    x = torch.randn(shape, dtype=torch.float64)
-    torch.testing.assert_close(back(x), plain(x), rtol=TOLERANCE, atol=TOLERANCE)
+    x = torch.randn(shape, dtype=dtype)
+    torch.testing.assert_close(back(x), plain(x), rtol=tolerance, atol=tolerance)
 
 
 # Every model at P = 2 or 4 (each size twice), the 2-D U-Net with transposed convs at both.
@@ -116,6 +117,11 @@ _RUNS = [
 @pytest.mark.parametrize("kind, world_size", _RUNS)
 def test_spatial_plan_trains_as_one_device(pool, kind, world_size):
     pool.run(_train, world_size, kind)
+
+
+@pytest.mark.parametrize("kind, world_size", [("unet2d-transpose", 4), ("unet3d", 2)])
+def test_spatial_plan_trains_as_one_device_in_float32(pool, kind, world_size):
+    pool.run(_train, world_size, kind, torch.float32)
 
 
 class _Functional(nn.Module):
@@ -227,8 +233,13 @@ def _habits(ctx) -> None:
     close(copy.deepcopy(model)(block))  # an EMA's copy shares the groups
     close(model(block.contiguous(memory_format=torch.channels_last)))
     close(model(block.transpose(2, 3).contiguous().transpose(2, 3)))  # non-contiguous
-    compiled = torch.compile(model, backend="eager")
-    close(compiled(block))
+    # torch.compile (eager backend: dynamo's graphs around the exchanges), on a small stack
+    torch.manual_seed(1)
+    stack = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, 1)).double()
+    split = mpgroups.parallelize(copy.deepcopy(stack), ctx.process_group, plan="spatial")
+    compiled_out = torch.compile(split, backend="eager")(block)
+    own = torch.tensor_split(stack(x), ctx.world_size, dim=2)[ctx.rank]
+    torch.testing.assert_close(compiled_out, own, rtol=TOLERANCE, atol=TOLERANCE)
     # a bad batch on one rank that the loop catches, then the loop goes on in step
     from mpgroups.comm.checks import InputMismatchError
 

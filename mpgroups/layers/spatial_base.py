@@ -21,7 +21,7 @@ from mpgroups.comm.checks import (
     channel_counts,
     tensor_problem,
 )
-from mpgroups.comm.collectives import sum_over_ranks
+from mpgroups.comm.collectives import outside_graphs, sum_over_ranks
 from mpgroups.comm.halo import halo_exchange
 from mpgroups.comm.process_groups import host_group, resolve_process_group
 from mpgroups.layers.base import SharesProcessGroup
@@ -75,6 +75,9 @@ class SpatialLayer(SharesProcessGroup):
             problem = (BAD_SHAPE, f"{x.shape[1]} channels, the layer takes {self._channels}")
         return problem
 
+    # Outside any compiled graph, as a channel layer's check is: the exchange of records and
+    # the plan (host integers, the group's own methods) are not for a graph to hold.
+    @outside_graphs
     def _total_rows(self, x: Tensor, weight: Tensor | None = None) -> int:
         """Every rank's rows together, once the ranks agree that their blocks fit. Under a
         split model's root check a layer exchanges only for an input it has not seen with
@@ -99,6 +102,7 @@ class SpatialLayer(SharesProcessGroup):
             return self._totals[key]
         return sum_over_ranks(x.shape[2], host_group(pg))
 
+    @outside_graphs
     def _plan(self, total: int) -> HaloPlan:
         plan = self._plans.get(total)
         if plan is None:
