@@ -310,7 +310,7 @@ def _pool_cases():
 def _pooling(ctx, dims: int, kind: str, options: dict) -> None:
     from mpgroups.layers import spatial_pool
 
-    plain = getattr(nn, f"{kind.capitalize()}Pool{dims}d")(**options)
+    plain = getattr(nn, f"{kind[0].upper()}{kind[1:]}Pool{dims}d")(**options)
     layer = getattr(spatial_pool, f"Spatial{type(plain).__name__}").from_module(
         plain, ctx.process_group
     )
@@ -466,3 +466,13 @@ def _transposed(ctx, dims: int, options: dict) -> None:
 )
 def test_spatial_conv_transpose_equals_nn(pool, dims, options, world_size):
     pool.run(_transposed, world_size, dims, options)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    "dims, kind, size",
+    [(2, "Avg", (6, 4)), (2, "Max", (5, None)), (1, "Avg", 7), (3, "Max", (4, 2, 3))],
+    ids=str,
+)
+def test_adaptive_pooling_to_a_global_size(pool, dims, kind, size, world_size):
+    pool.run(_pooling, world_size, dims, f"adaptive{kind}", dict(output_size=size))

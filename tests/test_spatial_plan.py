@@ -32,11 +32,12 @@ class Classifier(nn.Module):
             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.3),
             nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
         )  # fmt: skip
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.grid = nn.AdaptiveMaxPool2d((4, 3))  # to a global size: rows stay split
+        self.pool = nn.AdaptiveAvgPool2d(1)  # to one row: the chain ends here
         self.head = nn.Linear(16, 5)
 
     def forward(self, x):
-        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+        return self.head(torch.flatten(self.pool(self.grid(self.features(x))), 1))
 
 
 _MODELS = {
@@ -63,6 +64,9 @@ def _train(ctx, kind: str, dtype: torch.dtype = torch.float64) -> None:
     plain = build().to(dtype)
     model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
     split_output = kind != "classifier"
+    if not split_output:  # the adaptive pooling to (4, 3) keeps rows split; the one to 1 ends
+        assert type(model.grid).__name__ == "SpatialAdaptiveMaxPool2d"
+        assert type(model.pool) is nn.AdaptiveAvgPool2d
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, model)]
     with torch.no_grad():
         out_shape = copy.deepcopy(plain).eval()(torch.zeros(shape, dtype=dtype)).shape

@@ -18,10 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpgroups.comm.process_groups import resolve_process_group
 from mpgroups.layers.spatial_base import SpatialLayer
-from mpgroups.sharding.spatial import ConvRows
+from mpgroups.sharding.spatial import AdaptiveRows, ConvRows
 
 __all__ = [
+    "SpatialAdaptiveAvgPool1d",
+    "SpatialAdaptiveAvgPool2d",
+    "SpatialAdaptiveAvgPool3d",
+    "SpatialAdaptiveMaxPool1d",
+    "SpatialAdaptiveMaxPool2d",
+    "SpatialAdaptiveMaxPool3d",
     "SpatialAvgPool1d",
     "SpatialAvgPool2d",
     "SpatialAvgPool3d",
@@ -148,3 +155,72 @@ SpatialMaxPool3d = _make(_SpatialMaxPoolNd, nn.MaxPool3d, 3, F.max_pool3d)
 SpatialAvgPool1d = _make(_SpatialAvgPoolNd, nn.AvgPool1d, 1, F.avg_pool1d)
 SpatialAvgPool2d = _make(_SpatialAvgPoolNd, nn.AvgPool2d, 2, F.avg_pool2d)
 SpatialAvgPool3d = _make(_SpatialAvgPoolNd, nn.AvgPool3d, 3, F.avg_pool3d)
+
+
+class _SpatialAdaptivePoolNd(SpatialLayer):
+    """An adaptive pooling to a size whose first entry (dim 2) the rows are split for: each
+    rank pools, row by row, the input rows its output rows read (torch's adaptive windows of
+    the whole input), and the other dims as torch does."""
+
+    def _adaptive_rows(self) -> AdaptiveRows:
+        size = _per_dim(self.output_size, self._dims)[0]
+        if size is None:
+            raise NotImplementedError(
+                "an adaptive pooling that keeps dim 2 (output_size None there) with rows split"
+            )
+        return AdaptiveRows(size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.splits_rows:
+            return super().forward(x)
+        if getattr(self, "return_indices", False):
+            raise NotImplementedError("return_indices=True with rows split")
+        window, plan, total = self._window(x)
+        first = self.rows.window(plan.out_rows[plan.rank], total)[0]
+        rest = _per_dim(self.output_size, self._dims)[1:]
+        rest = tuple(x.shape[3 + i] if n is None else n for i, n in enumerate(rest))
+        start, stop = plan.out_rows[plan.rank]
+        rows = []
+        for row in range(start, stop):
+            begin, end = self.rows.rows_of(row, total)
+            rows.append(self._pool(window.narrow(2, begin - first, end - begin), (1, *rest)))
+        return torch.cat(rows, dim=2)
+
+
+def _make_adaptive(nn_type: type[nn.Module], dims: int, functional):
+    class SpatialAdaptivePool(_SpatialAdaptivePoolNd, nn_type):
+        __doc__ = (
+            f"``nn.{nn_type.__name__}`` on this rank's rows along dim 2 of ``process_group`` "
+            f"to a global size (its first entry at least the group's size); the same "
+            f"arguments, plus the keyword-only ``process_group`` and ``checks``."
+        )
+        _dims = dims
+
+        def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
+            nn_type.__init__(self, *args, **kwargs)
+            group = resolve_process_group(process_group)
+            splits = group is not None and group.size() > 1
+            rows = self._adaptive_rows() if splits else AdaptiveRows(1)
+            self._set_group(group, checks, rows, None)
+
+        @staticmethod
+        def _pool(x, size):
+            return functional(x, size)
+
+        @classmethod
+        def from_module(cls, module: nn.Module, process_group=None, *, checks=None):
+            """The spatial twin of ``module`` (a ``torch.nn`` adaptive pooling of this kind)."""
+            options = {"return_indices": module.return_indices} if "Max" in nn_type.__name__ else {}
+            return cls(module.output_size, **options, process_group=process_group, checks=checks)
+
+    SpatialAdaptivePool.__name__ = f"Spatial{nn_type.__name__}"
+    SpatialAdaptivePool.__qualname__ = SpatialAdaptivePool.__name__
+    return SpatialAdaptivePool
+
+
+SpatialAdaptiveAvgPool1d = _make_adaptive(nn.AdaptiveAvgPool1d, 1, F.adaptive_avg_pool1d)
+SpatialAdaptiveAvgPool2d = _make_adaptive(nn.AdaptiveAvgPool2d, 2, F.adaptive_avg_pool2d)
+SpatialAdaptiveAvgPool3d = _make_adaptive(nn.AdaptiveAvgPool3d, 3, F.adaptive_avg_pool3d)
+SpatialAdaptiveMaxPool1d = _make_adaptive(nn.AdaptiveMaxPool1d, 1, F.adaptive_max_pool1d)
+SpatialAdaptiveMaxPool2d = _make_adaptive(nn.AdaptiveMaxPool2d, 2, F.adaptive_max_pool2d)
+SpatialAdaptiveMaxPool3d = _make_adaptive(nn.AdaptiveMaxPool3d, 3, F.adaptive_max_pool3d)

@@ -8,8 +8,9 @@ input gathered from every rank (``gather_spatial``), and what follows it runs on
 replicated. Parameters stay whole on every rank; converted layers sum their grads over the
 group, so every rank's optimizer step is one device's.
 
-Converted: convs and transposed convs (1-D to 3-D), max and average pooling, BatchNorm (the
-whole image's statistics), GroupNorm, InstanceNorm, ``nn.Upsample``, ``nn.Dropout``. Kept as
+Converted: convs and transposed convs (1-D to 3-D), max and average pooling, adaptive
+pooling to at least one row per rank along dim 2, BatchNorm (the whole image's statistics),
+GroupNorm, InstanceNorm, ``nn.Upsample``, ``nn.Dropout``. Kept as
 they are: elementwise activations, the channel dropouts, ``nn.Identity``, and containers
 (their own code, a skip connection's ``torch.cat`` on channels or an addition, runs on the
 block as it would on the whole). Any other module before the chain ends is refused by name,
@@ -55,7 +56,15 @@ _MODULES = {
     nn.Upsample: SpatialUpsample,
     nn.Dropout: SpatialDropout,
 }
-SPATIAL_TWINS = {**_CONVS, **_MODULES}
+_ADAPTIVE = {
+    nn.AdaptiveAvgPool1d: spatial_pool.SpatialAdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d: spatial_pool.SpatialAdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d: spatial_pool.SpatialAdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d: spatial_pool.SpatialAdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d: spatial_pool.SpatialAdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d: spatial_pool.SpatialAdaptiveMaxPool3d,
+}
+SPATIAL_TWINS = {**_CONVS, **_MODULES, **_ADAPTIVE}
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _AS_THEY_ARE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -142,6 +151,16 @@ def _call_order(model: nn.Module) -> tuple[list[str], list[str]] | None:
     return order, doubtful
 
 
+def _keeps_rows_split(pool: nn.Module, process_group) -> bool:
+    """Whether an adaptive pooling gives every rank rows of its own: an output size along
+    dim 2 of at least the group's size, and no indices asked for. Otherwise (a global
+    pooling, to one row) the chain ends there."""
+    size = pool.output_size
+    rows = size[0] if isinstance(size, (tuple, list)) else size
+    ranks = 1 if process_group is None else process_group.size()
+    return rows is not None and rows >= ranks and not getattr(pool, "return_indices", False)
+
+
 def _gather_input(module: nn.Module, args):
     return (gather_spatial(args[0], process_group=module._mpgroups_spatial_end), *args[1:])
 
@@ -181,7 +200,10 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
         if ended or module._modules:
             continue
         kind = type(module)
-        if isinstance(module, _CHAIN_ENDS):
+        if kind in _ADAPTIVE and _keeps_rows_split(module, process_group):
+            made[id(module)] = twin = _twin(module, process_group)
+            model = replace_module(model, name, twin)
+        elif isinstance(module, _CHAIN_ENDS):
             module._mpgroups_spatial_end = process_group
             module._mpgroups_spatial_hook = module.register_forward_pre_hook(_gather_input)
             ended = True

@@ -21,6 +21,7 @@ from mpgroups.sharding.placement import Slice
 
 __all__ = [
     "PADDING_MODES",
+    "AdaptiveRows",
     "ConvRows",
     "HaloPlan",
     "RowMap",
@@ -203,7 +204,39 @@ class TransposedRows:
         return self.span + self.stride + self.padding
 
 
-RowMap = ConvRows | UpsampleRows | TransposedRows  # what a layer does to rows, for its plan
+@dataclass(frozen=True)
+class AdaptiveRows:
+    """An adaptive pooling to ``out`` rows: output row ``o`` reads rows
+    ``floor(o·L/out)`` to ``ceil((o + 1)·L/out)`` (exclusive), as torch's adaptive pools."""
+
+    out: int
+    padding_mode = "zeros"  # no padding rows
+
+    def out_size(self, size: int) -> int:
+        return self.out
+
+    def rows_of(self, row: int, size: int) -> tuple[int, int]:
+        """``(start, stop)`` of the input rows output row ``row`` pools."""
+        return row * size // self.out, -(-(row + 1) * size // self.out)
+
+    def window(self, out_rows: Slice, size: int) -> range:
+        a, b = out_rows
+        if b <= a:
+            return range(0)
+        return range(self.rows_of(a, size)[0], self.rows_of(b - 1, size)[1])
+
+    def source_row(self, row: int, size: int) -> int:
+        return row
+
+    def describe(self) -> str:
+        return f"adaptive pooling to {self.out} rows"
+
+    @property
+    def reach(self) -> int:
+        return 2
+
+
+RowMap = ConvRows | UpsampleRows | TransposedRows | AdaptiveRows  # what a layer does to rows
 
 
 @dataclass(frozen=True)
