@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import mpgroups
 from mpgroups.comm.checks import InputMismatchError
 from mpgroups.comm.spatial_transfer import gather_spatial, scatter_spatial, spatial_shard
 from mpgroups.layers.spatial_conv import SpatialConv1d, SpatialConv2d, SpatialConv3d
@@ -141,11 +142,15 @@ def _against_nn_conv(ctx, case: dict) -> None:
     x = torch.randn(2, 4, *_spatial_sizes(dims, ctx.world_size), dtype=torch.float64)
     if case.get("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
-    _step_against(ctx, plain, layer, x)
+    with mpgroups.CommCounter() as comm:
+        _step_against(ctx, plain, layer, x)
     for name, parameter in plain.named_parameters():
         got = dict(layer.named_parameters())[name].grad
         torch.testing.assert_close(got, parameter.grad, rtol=TOLERANCE, atol=TOLERANCE)
     assert list(layer.state_dict()) == list(plain.state_dict())
+    # one halo exchange forward, one backward; weight and bias grads summed in one all-reduce
+    # (and the all-gather of spatial_shard's backward, the whole input's grad)
+    assert comm.ops() == {"halo_exchange": 2, "all_reduce": 1, "all_gather": 1}, comm.ops()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

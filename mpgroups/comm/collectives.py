@@ -57,6 +57,7 @@ __all__ = [
     "outside_graphs",
     "comm_device",
     "copy_to_ranks",
+    "copy_to_ranks_together",
     "dense_order",
     "gather_channels_to",
     "gather_rows",
@@ -500,6 +501,41 @@ def copy_to_ranks(x: Tensor, process_group) -> Tensor:
     if process_group is None or process_group.size() == 1:
         return x
     return _Copy.apply(x, process_group)
+
+
+class _CopyTogether(torch.autograd.Function):
+    """Forward: identity on replicated tensors (a layer's parameters) that each rank uses
+    differently; backward: their gradients summed over the ranks in one all-reduce."""
+
+    @staticmethod
+    def forward(ctx, process_group, *tensors):
+        ctx.process_group = process_group
+        ctx.shapes = [t.shape for t in tensors]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None)
+        flat = torch.cat(
+            [
+                (g if g is not None else like.new_zeros(shape)).reshape(-1)
+                for g, shape in zip(grads, ctx.shapes, strict=True)
+            ]
+        )
+        total = _AllReduce.apply(flat, ctx.process_group)
+        sizes = [math.prod(shape) for shape in ctx.shapes]
+        parts = total.split(sizes)
+        return (None, *(p.view(shape) for p, shape in zip(parts, ctx.shapes, strict=True)))
+
+
+def copy_to_ranks_together(tensors: list[Tensor | None], process_group) -> list[Tensor | None]:
+    """:func:`copy_to_ranks` of several tensors (``None`` entries pass through) whose
+    gradients are summed in one all-reduce instead of one each: a layer's weight and bias."""
+    present = [t for t in tensors if t is not None]
+    if process_group is None or process_group.size() == 1 or not present:
+        return list(tensors)
+    copies = iter(_CopyTogether.apply(process_group, *present))
+    return [None if t is None else next(copies) for t in tensors]
 
 
 def slice_channels(x: Tensor, shards: ChannelShards, dim: int = 1) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.comm.collectives import copy_to_ranks
+from mpgroups.comm.collectives import copy_to_ranks_together
 from mpgroups.comm.halo import assemble_window, halo_rows
 from mpgroups.layers.spatial_base import SpatialLayer
 from mpgroups.sharding.spatial import ZERO_ROW, ConvRows, TransposedRows
@@ -174,8 +174,7 @@ class _SpatialConvNd(SpatialLayer):
         pg = self.process_group
         plan = self._plan(self._total_rows(x, self.weight))
         pieces = halo_rows(x, plan, pg)
-        weight = copy_to_ranks(self.weight, pg)
-        bias = None if self.bias is None else copy_to_ranks(self.bias, pg)
+        weight, bias = copy_to_ranks_together([self.weight, self.bias], pg)
         return _WindowConv.apply(x, weight, bias, self, plan, 0.0, *pieces)
 
 
@@ -251,16 +250,15 @@ class _SpatialConvTransposeNd(SpatialLayer):
         total = self._total_rows(x, self.weight)
         plan = self._plan(total)
         first = self.rows.window(plan.out_rows[plan.rank], total)[0]
-        weight = copy_to_ranks(self.weight, pg)
+        weight, bias = copy_to_ranks_together([self.weight, self.bias], pg)
         pieces = halo_rows(x, plan, pg)
         out = _WindowConv.apply(x, weight, None, self, plan, 0.0, *pieces)
         start, stop = plan.out_rows[plan.rank]
         covered = first * self.stride[0] - self.padding[0]  # the global row of out's first
         top, bottom = covered - start, stop - (covered + out.shape[2])
         out = F.pad(out, [0, 0] * (self._dims - 1) + [top, bottom])
-        if self.bias is None:
+        if bias is None:
             return out
-        bias = copy_to_ranks(self.bias, pg)
         return out + bias.view([1, -1] + [1] * self._dims)
 
 

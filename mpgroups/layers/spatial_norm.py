@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from mpgroups.comm.collectives import all_reduce_sum, copy_to_ranks
+from mpgroups.comm.collectives import all_reduce_sum, copy_to_ranks_together
 from mpgroups.layers.spatial_base import SpatialLayer
 from mpgroups.sharding.spatial import ConvRows
 
@@ -107,7 +107,7 @@ class SpatialGroupNorm(SpatialLayer, nn.GroupNorm):
         out = normalize_over_ranks(grouped, self.eps, pg)[0].reshape(x.shape).to(x.dtype)
         if not self.affine:
             return out
-        return _affine(out, copy_to_ranks(self.weight, pg), copy_to_ranks(self.bias, pg))
+        return _affine(out, *copy_to_ranks_together([self.weight, self.bias], pg))
 
 
 class _SpatialInstanceNormNd(SpatialLayer):
@@ -133,7 +133,7 @@ class _SpatialInstanceNormNd(SpatialLayer):
                 )
         if not self.affine:
             return out
-        return _affine(out, copy_to_ranks(self.weight, pg), copy_to_ranks(self.bias, pg))
+        return _affine(out, *copy_to_ranks_together([self.weight, self.bias], pg))
 
 
 def _make(nn_type: type[nn.Module], dims: int):

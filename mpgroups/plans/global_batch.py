@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mpgroups.comm.collectives import all_gather_records, copy_to_ranks
+from mpgroups.comm.collectives import all_gather_records, copy_to_ranks_together
 from mpgroups.comm.process_groups import rank_and_world_size, resolve_process_group
 from mpgroups.layers.channel_modules import DROPOUTS, ShardedDropout
 from mpgroups.layers.spatial_norm import normalize_over_ranks
@@ -60,7 +60,7 @@ class _GlobalBatchNorm:
         if self.affine:
             weight, bias = self.weight, self.bias
             if replicas.sum_parameter_grads:
-                weight, bias = copy_to_ranks(weight, group), copy_to_ranks(bias, group)
+                weight, bias = copy_to_ranks_together([weight, bias], group)
             out = out * weight.view(shape) + bias.view(shape)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
