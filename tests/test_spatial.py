@@ -148,9 +148,12 @@ def _against_nn_conv(ctx, case: dict) -> None:
         got = dict(layer.named_parameters())[name].grad
         torch.testing.assert_close(got, parameter.grad, rtol=TOLERANCE, atol=TOLERANCE)
     assert list(layer.state_dict()) == list(plain.state_dict())
-    # one halo exchange forward, one backward; weight and bias grads summed in one all-reduce
-    # (and the all-gather of spatial_shard's backward, the whole input's grad)
-    assert comm.ops() == {"halo_exchange": 2, "all_reduce": 1, "all_gather": 1}, comm.ops()
+    # weight and bias grads summed in one all-reduce; a halo exchange forward and one back
+    # where this rank sends or receives rows (none where strides and blocks line up); and
+    # the all-gather of spatial_shard's backward, the whole input's grad
+    ops = comm.ops()
+    assert ops["all_reduce"] == 1 and ops["all_gather"] == 1, ops
+    assert ops["halo_exchange"] in (0, 2) and len(ops) <= 3, ops
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
