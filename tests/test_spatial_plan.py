@@ -255,3 +255,116 @@ def _habits(ctx) -> None:
 
 def test_spatial_plan_under_user_habits(pool):
     pool.run(_habits, 2)
+
+
+class _LayerScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((1, 2, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * self.conv(x)
+
+
+class _Subsample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)[:, :, ::2]
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if x.shape[2] > 4 else x
+
+
+def _more_refusals(ctx) -> list[str]:
+    messages = []
+    for model in (_LayerScale(), _Subsample(), _Untraceable()):
+        with pytest.raises(PlanError) as info:
+            mpgroups.parallelize(model, ctx.process_group, plan="spatial")
+        messages.append(str(info.value))
+    return messages
+
+
+def test_spatial_plan_refuses_own_parameters_row_indexing_and_untraceable_forwards(pool):
+    messages = pool.run(_more_refusals, 2)[0]
+    assert "_LayerScale''s own parameters (gamma)" in messages[0]
+    assert "indexing" in messages[1] and "slice(None, None, 2)" in messages[1]
+    assert "tracing it with torch.fx" in messages[2]
+
+
+class _Switchable(nn.Module):
+    """A forward whose path an attribute picks (traced as it was at parallelize time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trim = nn.Conv2d(2, 2, (2, 1))  # valid along rows: L -> L - 1
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.trims = False
+
+    def forward(self, x):
+        return self.conv(self.trim(x) if self.trims else x)
+
+
+def _frozen_norms_and_paths(ctx) -> None:
+    torch.manual_seed(0)
+    frozen = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4),
+        nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Conv2d(4, 2, 1),
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        frozen(torch.randn(2, 2, 14, 6, dtype=torch.float64))  # running statistics
+    frozen.eval()  # fine-tuning with frozen statistics: the affine grads still sum
+    model = mpgroups.parallelize(copy.deepcopy(frozen), ctx.process_group, plan="spatial")
+    x = torch.randn(2, 2, 14, 6, dtype=torch.float64)
+    frozen(x).square().sum().backward()
+    model(mpgroups.spatial_shard(x, ctx.process_group)).square().sum().backward()
+    for (name, mine), theirs in zip(model.named_parameters(), frozen.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
+    # the path switched between forwards: rank 0's block keeps its shape (10 rows of 20, then
+    # of 19) while the total changes; every layer still learns the new total
+    torch.manual_seed(1)
+    plain = _Switchable().double()
+    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    x = torch.randn(1, 2, 20, 5, dtype=torch.float64)
+    block = mpgroups.spatial_shard(x, ctx.process_group)
+    for trims in (False, True, False, True):
+        plain.trims = model.trims = trims
+        with torch.no_grad():
+            own = torch.tensor_split(plain(x), ctx.world_size, dim=2)[ctx.rank]
+            torch.testing.assert_close(model(block), own, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_frozen_norms_sum_their_grads_and_a_switched_path_never_pairs_stale_totals(pool):
+    pool.run(_frozen_norms_and_paths, 2)
+
+
+def _autocast(ctx) -> None:
+    torch.manual_seed(0)
+    plain = UNet(2, 1, "transpose", "group")
+    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    x = torch.randn(2, 2, 16, 8)
+    outs = []
+    for m, inputs in ((plain, x), (model, mpgroups.spatial_shard(x, ctx.process_group))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(inputs)
+        out.float().square().sum().backward()
+        outs.append(out)
+    own = torch.tensor_split(outs[0], ctx.world_size, dim=2)[ctx.rank]
+    assert outs[1].dtype == own.dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1].float(), own.float(), rtol=3e-2, atol=3e-2)
+    for mine, theirs in zip(model.parameters(), plain.parameters(), strict=True):
+        # bfloat16 rounds differently on a block than on the whole: compare as a whole
+        assert (mine.grad - theirs.grad).norm() <= 5e-2 * theirs.grad.norm()
+
+
+def test_spatial_plan_under_bfloat16_autocast(pool):
+    pool.run(_autocast, 2)

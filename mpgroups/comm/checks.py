@@ -723,14 +723,24 @@ class RootCheck:
 
     def _agree(self, records: list[list[int]]) -> None:
         if self.split_dim is not None:
-            self._context = (sum(max(n, 0) for n in channel_counts(records, self.split_dim)),)
+            total = sum(max(n, 0) for n in channel_counts(records, self.split_dim))
+            self._context = (total, 0)
 
     def agreed_context(self) -> tuple:
-        """What the ranks agreed on at this forward's root check besides each one's input
-        (the split dim's total for a split model; settles the root's exchange first)."""
+        """What every rank knows alike at this point of the forward besides its own input:
+        for a split model, the root's total and a digest of what the layers before learned
+        (``note``); settles the root's exchange first. Empty for other models."""
         if self.split_dim is not None:
             self._settle()
         return self._context
+
+    def note(self, *learned: int) -> None:
+        """Fold what a layer learned, the same on every rank (its input's total rows), into
+        the context of the layers after it: a layer whose block keeps its shape while the
+        totals before it changed (another path through the model) then exchanges again."""
+        if self._context:
+            total, path = self._context
+            self._context = (total, fingerprint(path, *learned))
 
     def finish(self, module, args, output) -> None:
         """Settle the exchange at the end of the forward, if no collective did before. On a

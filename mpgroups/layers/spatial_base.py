@@ -97,10 +97,13 @@ class SpatialLayer(SharesProcessGroup):
             if len(self._totals) >= _TOTALS_KEPT:
                 del self._totals[next(iter(self._totals))]
             self._totals[key] = total
-            return total
-        if clock is not None and clock.checked and key in self._totals:
-            return self._totals[key]
-        return sum_over_ranks(x.shape[2], host_group(pg))
+        elif clock is not None and clock.checked and key in self._totals:
+            total = self._totals[key]
+        else:
+            total = sum_over_ranks(x.shape[2], host_group(pg))
+        if clock is not None and clock.checked:
+            clock.note(self.input_guard.site_id, total)
+        return total
 
     @outside_graphs
     def _plan(self, total: int) -> HaloPlan:

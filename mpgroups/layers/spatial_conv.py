@@ -47,6 +47,7 @@ class _WindowConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer, plan, fill, *pieces):
         rows = assemble_window(x, list(pieces), plan, 2, fill)
         ctx.layer, ctx.plan, ctx.fill, ctx.has_bias = layer, plan, fill, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, *pieces)
         return layer._local_conv(layer._pad_rest(rows), weight, bias)
 
@@ -57,12 +58,17 @@ class _WindowConv(torch.autograd.Function):
         rows = assemble_window(x, pieces, plan, 2, ctx.fill)
         stride, padding, dilation, transposed, output_padding = layer._conv_options()
         out_channels = weight.shape[1] * layer.groups if transposed else weight.shape[0]
+        # Under autocast the forward computed in a lower precision: so does its backward
+        compute = grad.dtype
         grad_window, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, layer._pad_rest(rows), weight, [out_channels] if ctx.has_bias else None,
-            stride, padding, dilation, transposed, output_padding, layer.groups,
-            [True, True, ctx.has_bias],
+            grad, layer._pad_rest(rows).to(compute), weight.to(compute),
+            [out_channels] if ctx.has_bias else None, stride, padding, dilation, transposed,
+            output_padding, layer.groups, [True, True, ctx.has_bias],
         )  # fmt: skip
-        grad_rows = layer._unpad_rest(rows, grad_window)
+        grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        grad_rows = layer._unpad_rest(rows, grad_window.to(rows.dtype))
         grad_x = torch.zeros_like(x)
         by_peer = {
             peer: torch.zeros_like(t)

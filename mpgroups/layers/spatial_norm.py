@@ -13,6 +13,7 @@ BatchNorm over the split image is the global-batch norm of :mod:`mpgroups.plans.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -81,10 +82,12 @@ def _unbiased(var: Tensor, count: Tensor) -> Tensor:
 
 
 def _affine(out: Tensor, weight, bias) -> Tensor:
+    """``out`` scaled and shifted per channel, in ``out``'s dtype (a bfloat16 activation
+    under autocast stays bfloat16, as torch's norms leave it)."""
     if weight is None:
         return out
     shape = [1, -1] + [1] * (out.dim() - 2)
-    return out * weight.view(shape) + bias.view(shape)
+    return (out * weight.view(shape) + bias.view(shape)).to(out.dtype)
 
 
 class SpatialGroupNorm(SpatialLayer, nn.GroupNorm):
@@ -115,7 +118,11 @@ class _SpatialInstanceNormNd(SpatialLayer):
         if not self.splits_rows:
             return super().forward(x)
         if not self.training and self.track_running_stats:
-            return super().forward(x)  # the running statistics: nothing to exchange
+            # the running statistics: nothing to exchange but the affine grads' sum
+            weight, bias = copy_to_ranks_together([self.weight, self.bias], self.process_group)
+            return F.instance_norm(
+                x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps
+            )
         self._total_rows(x, self.weight)
         pg = self.process_group
         n, channels = x.shape[:2]

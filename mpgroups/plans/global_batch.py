@@ -9,6 +9,7 @@ as the single-device model does (the loss being the global batch's mean).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpgroups.comm.collectives import all_gather_records, copy_to_ranks_together
@@ -49,8 +50,16 @@ class _GlobalBatchNorm:
     def forward(self, x: Tensor) -> Tensor:
         replicas = self._replicas
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if not batch_stats or replicas.size == 1:
+        if replicas.size == 1:
             return super().forward(x)
+        if not batch_stats:
+            if not (self.affine and replicas.sum_parameter_grads):
+                return super().forward(x)
+            # running statistics (frozen BatchNorm): local, but the affine grads are partial
+            weight, bias = copy_to_ranks_together([self.weight, self.bias], replicas.process_group)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps
+            )
         self._check_input_dim(x)
         group = replicas.process_group
         shape = [1, -1] + [1] * (x.dim() - 2)

@@ -2,10 +2,11 @@
 rank's block of rows along dim 2 (docs/design.md §8b).
 
 The model takes this rank's rows of the input (``spatial_shard``/``scatter_spatial``) and
-gives its rows of the output, or, where the chain ends, the whole: the first module that
-needs the whole image (a global or adaptive pooling, ``nn.Flatten``, ``nn.Linear``) gets its
-input gathered from every rank (``gather_spatial``), and what follows it runs on the whole,
-replicated. Parameters stay whole on every rank; converted layers sum their grads over the
+gives its rows of the output, or, where the chain ends, the whole: the first module, in
+the call order of its ``torch.fx``-traced forward (a forward that does not trace is
+refused), that needs the whole image (a global pooling, ``nn.Flatten``, ``nn.Linear``) gets
+its input gathered from every rank (``gather_spatial``), and what follows it runs on the
+whole, replicated. Parameters stay whole on every rank; converted layers sum their grads over the
 group, so every rank's optimizer step is one device's.
 
 Converted: convs and transposed convs (1-D to 3-D), max and average pooling, adaptive
@@ -126,15 +127,34 @@ _BLOCKWISE_METHODS = {
 }
 
 
-def _call_order(model: nn.Module) -> tuple[list[str], list[str]] | None:
+def _keeps_rows(index) -> bool:
+    """Whether ``x[index]`` leaves dims 2 and up whole (indexing a tuple of outputs, or a
+    slice of batch or channels); an ``Ellipsis`` may reach any dim."""
+    if not isinstance(index, tuple):
+        return not isinstance(index, (slice, type(Ellipsis))) or index == slice(None)
+    whole = slice(None)
+    if any(entry is Ellipsis for entry in index):
+        return all(entry is Ellipsis or entry == whole for entry in index)
+    return all(entry == whole for entry in index[2:])
+
+
+def _call_order(model: nn.Module) -> tuple[list[str], list[str]]:
     """The names of the leaf modules ``model``'s forward calls, in call order, and the
     functions it calls on tensors before the first chain end that might not treat a block
-    as the whole (``None`` when the forward cannot be traced: modules are then taken in the
-    order they were registered)."""
+    as the whole.
+
+    Raises:
+        PlanError: a forward ``torch.fx`` cannot trace (nothing it does could be checked).
+    """
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # a forward fx cannot trace (data-dependent control flow): no order
-        return None
+    except Exception as error:  # data-dependent control flow, …: nothing could be checked
+        raise PlanError(
+            f"plan='spatial' checks what {type(model).__name__}'s forward does to the split rows "
+            f"by tracing it with torch.fx, which failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); make the forward traceable, or split its "
+            f"traceable part"
+        ) from error
     order, doubtful, ended = [], [], False
     for node in graph.nodes:
         if node.op == "call_module":
@@ -142,6 +162,8 @@ def _call_order(model: nn.Module) -> tuple[list[str], list[str]] | None:
             ended = ended or isinstance(model.get_submodule(node.target), _CHAIN_ENDS)
         elif ended or node.op not in ("call_function", "call_method"):
             continue
+        elif node.target is operator.getitem and not _keeps_rows(node.args[1]):
+            doubtful.append(f"indexing {node.args[1]!r}")
         elif node.target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             if dim != 1:
@@ -180,23 +202,29 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
         )
         broadcast_tensors_(state, process_group)
     named = list(model.named_modules(remove_duplicate=False))
-    traced = _call_order(model)
-    if traced is not None:
-        order, doubtful = traced
-        if doubtful:
-            raise PlanError(
-                f"plan='spatial': {type(model).__name__}'s forward calls {sorted(set(doubtful))} "
-                f"on the split image before it is gathered; each rank would compute them on its "
-                f"rows alone. Use modules (nn.Upsample, pooling) or gather first"
-            )
-        rank = {name: i for i, name in enumerate(order)}
-        named.sort(key=lambda item: rank.get(item[0], len(rank)))  # stable: the rest after
+    order, doubtful = _call_order(model)
+    if doubtful:
+        raise PlanError(
+            f"plan='spatial': {type(model).__name__}'s forward calls {sorted(set(doubtful))} "
+            f"on the split image before it is gathered; each rank would compute them on its "
+            f"rows alone. Use modules (nn.Upsample, pooling) or gather first"
+        )
+    rank = {name: i for i, name in enumerate(order)}
+    named.sort(key=lambda item: rank.get(item[0], len(rank)))  # stable: the rest after
     made: dict[int, nn.Module] = {}
     ended = False
     for name, module in named:
         if id(module) in made:
             model = replace_module(model, name, made[id(module)])
             continue
+        if module._modules and not ended and module._parameters:
+            held, owner = ", ".join(module._parameters), name or type(module).__name__
+            raise PlanError(
+                f"plan='spatial' cannot sum the gradients of '{owner}''s own parameters "
+                f"({held}): its forward uses them on the split rows, so each rank's gradient "
+                f"would be its rows' share. Hold them in a module of their own (e.g. a 1x1 "
+                f"conv) or gather first"
+            )
         if ended or module._modules:
             continue
         kind = type(module)
