@@ -137,21 +137,6 @@ class _Functional(nn.Module):
         return F.adaptive_avg_pool2d(self.conv(x), 1)  # on the rows alone: refused
 
 
-def _refusals(ctx) -> list[str]:
-    messages = []
-    for model in (nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4)), _Functional()):
-        with pytest.raises(PlanError) as info:
-            mpgroups.parallelize(model, ctx.process_group, plan="spatial")
-        messages.append(str(info.value))
-    return messages
-
-
-def test_spatial_plan_refuses_what_would_see_only_its_rows(pool):
-    messages = pool.run(_refusals, 2)[0]
-    assert "'1' (LayerNorm)" in messages[0]
-    assert "adaptive_avg_pool2d" in messages[1]
-
-
 def _saved_per_rank(ctx, kind: str) -> tuple[int, int, int]:
     from activation_memory import saved_bytes
 
@@ -285,20 +270,25 @@ class _Untraceable(nn.Module):
         return self.conv(x) if x.shape[2] > 4 else x
 
 
-def _more_refusals(ctx) -> list[str]:
+def _refusals(ctx) -> list[str]:
     messages = []
-    for model in (_LayerScale(), _Subsample(), _Untraceable()):
+    unknown = nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4))
+    for model in (unknown, _Functional(), _LayerScale(), _Subsample(), _Untraceable()):
         with pytest.raises(PlanError) as info:
             mpgroups.parallelize(model, ctx.process_group, plan="spatial")
         messages.append(str(info.value))
     return messages
 
 
-def test_spatial_plan_refuses_own_parameters_row_indexing_and_untraceable_forwards(pool):
-    messages = pool.run(_more_refusals, 2)[0]
-    assert "_LayerScale''s own parameters (gamma)" in messages[0]
-    assert "indexing" in messages[1] and "slice(None, None, 2)" in messages[1]
-    assert "tracing it with torch.fx" in messages[2]
+def test_spatial_plan_refuses_what_would_see_only_its_rows(pool):
+    """An unknown module, functional pooling, a container's own parameters, indexing along
+    the rows, a forward torch.fx cannot trace: each would compute on a block as on the whole."""
+    messages = pool.run(_refusals, 2)[0]
+    assert "'1' (LayerNorm)" in messages[0]
+    assert "adaptive_avg_pool2d" in messages[1]
+    assert "_LayerScale''s own parameters (gamma)" in messages[2]
+    assert "indexing" in messages[3] and "slice(None, None, 2)" in messages[3]
+    assert "tracing it with torch.fx" in messages[4]
 
 
 class _Switchable(nn.Module):
