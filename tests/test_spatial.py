@@ -484,3 +484,22 @@ def test_spatial_conv_transpose_equals_nn(pool, dims, options, world_size):
 )
 def test_adaptive_pooling_to_a_global_size(pool, dims, kind, size, world_size):
     pool.run(_pooling, world_size, dims, f"adaptive{kind}", dict(output_size=size))
+
+
+def _dropout(ctx, channels_last: bool) -> None:
+    from mpgroups.layers.spatial_dropout import SpatialDropout
+
+    x = torch.randn(2, 3, 9, 4, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(11)
+    expected = nn.Dropout(0.4)(x)
+    torch.manual_seed(11)  # every rank seeded alike: each keeps its rows of the same mask
+    out = SpatialDropout(0.4, process_group=ctx.process_group)(spatial_shard(x, ctx.process_group))
+    own = torch.tensor_split(expected, ctx.world_size, dim=2)[ctx.rank]
+    assert torch.equal(out, own)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_keeps_its_rows_of_the_one_device_mask(pool, channels_last):
+    pool.run(_dropout, 4, channels_last)

@@ -4,13 +4,16 @@ one device drops: with every rank seeded alike, each rank draws the mask of the 
 
 The channel dropouts (``nn.Dropout1d/2d/3d``) need nothing of the kind: their mask is per
 sample and channel, the same draws on every rank whatever its rows. The whole mask is a
-transient of the whole image's size on every rank: the price of one device's numbers.
+transient of the whole image's size on every rank: the price of one device's numbers. (On
+a GPU torch draws its mask another way: the same distribution, other elements.)
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from mpgroups.comm.collectives import dense_order
 from mpgroups.layers.spatial_base import SpatialLayer
 from mpgroups.sharding.spatial import ConvRows, row_blocks
 
@@ -37,7 +40,9 @@ class SpatialDropout(SpatialLayer, nn.Dropout):
         shape[2] = total
         if self.p == 1:
             return x * 0
-        keep = x.new_empty(shape).bernoulli_(1 - self.p).narrow(2, start, stop - start)
+        # laid out as the input (torch draws its mask with empty_like: in memory order)
+        whole = torch.empty_permuted(shape, dense_order(x), dtype=x.dtype, device=x.device)
+        keep = whole.bernoulli_(1 - self.p).narrow(2, start, stop - start)
         return x * keep.div_(1 - self.p)
 
     @classmethod
