@@ -358,3 +358,42 @@ def _autocast(ctx) -> None:
 
 def test_spatial_plan_under_bfloat16_autocast(pool):
     pool.run(_autocast, 2)
+
+
+class _AuxHead(nn.Module):
+    """A classification head computed before the segmentation output: the split rows reach
+    a conv after the first chain end in call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.cls = nn.Linear(4, 3)
+        self.seg = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.cls(torch.flatten(self.pool(features), 1)), self.seg(features)
+
+
+def _aux_head(ctx) -> None:
+    torch.manual_seed(0)
+    plain = _AuxHead().double()
+    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    assert type(model.seg).__name__ == "SpatialConv2d" and type(model.cls) is nn.Linear
+    x = torch.randn(2, 2, 14, 6, dtype=torch.float64)
+    classes, segments = plain(x)
+    (classes.square().sum() + segments.square().sum()).backward()
+    my_classes, my_segments = model(mpgroups.spatial_shard(x, ctx.process_group))
+    own = torch.tensor_split(segments, ctx.world_size, dim=2)[ctx.rank]
+    torch.testing.assert_close(my_segments, own.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+    torch.testing.assert_close(my_classes, classes.detach(), rtol=TOLERANCE, atol=TOLERANCE)
+    # the whole logits on every rank, each computing their whole loss (the gather's backward
+    # takes each rank's rows of its gradient); the segments' loss, this rank's rows' share
+    (my_classes.square().sum() + my_segments.square().sum()).backward()
+    for (name, mine), theirs in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
+
+
+def test_split_rows_reach_a_layer_after_a_chain_end(pool):
+    pool.run(_aux_head, 2)

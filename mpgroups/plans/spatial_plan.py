@@ -2,20 +2,21 @@
 rank's block of rows along dim 2 (docs/design.md §8b).
 
 The model takes this rank's rows of the input (``spatial_shard``/``scatter_spatial``) and
-gives its rows of the output, or, where the chain ends, the whole: the first module, in
-the call order of its ``torch.fx``-traced forward (a forward that does not trace is
-refused), that needs the whole image (a global pooling, ``nn.Flatten``, ``nn.Linear``) gets
-its input gathered from every rank (``gather_spatial``), and what follows it runs on the
-whole, replicated. Parameters stay whole on every rank; converted layers sum their grads over the
-group, so every rank's optimizer step is one device's.
+gives its rows of the output, or the whole where the split rows end: every module that
+needs the whole image (a global pooling, ``nn.Flatten``, ``nn.Linear``) and is fed split
+rows gets its input gathered from every rank (``gather_spatial``); what follows from its
+output alone runs on the whole, replicated. What is split follows the forward traced with
+``torch.fx`` (a forward that does not trace is refused). Parameters stay whole on every
+rank; converted layers sum their grads over the group, so every rank's optimizer step is
+one device's.
 
 Converted: convs and transposed convs (1-D to 3-D), max and average pooling, adaptive
 pooling to at least one row per rank along dim 2, BatchNorm (the whole image's statistics),
-GroupNorm, InstanceNorm, ``nn.Upsample``, ``nn.Dropout``. Kept as
-they are: elementwise activations, the channel dropouts, ``nn.Identity``, and containers
-(their own code, a skip connection's ``torch.cat`` on channels or an addition, runs on the
-block as it would on the whole). Any other module before the chain ends is refused by name,
-since nothing says it may see a block instead of the whole.
+GroupNorm, InstanceNorm, ``nn.Upsample``, ``nn.Dropout``. Kept as they are: elementwise
+activations, the channel dropouts, ``nn.Identity``, and containers (their own code, a skip
+connection's ``torch.cat`` on channels or an addition, runs on the block as it would on the
+whole). Any other module fed split rows is refused by name, since nothing says it may see a
+block instead of the whole.
 """
 
 from __future__ import annotations
@@ -138,13 +139,18 @@ def _keeps_rows(index) -> bool:
     return all(entry == whole for entry in index[2:])
 
 
-def _call_order(model: nn.Module) -> tuple[list[str], list[str]]:
-    """The names of the leaf modules ``model``'s forward calls, in call order, and the
-    functions it calls on tensors before the first chain end that might not treat a block
-    as the whole.
+def _split_flow(model: nn.Module, process_group) -> tuple[set[int], set[int], set[int]]:
+    """Which leaf modules the traced forward feeds the split rows (``ids``), which of them
+    end the chain there (a global pooling, ``nn.Flatten``, ``nn.Linear``: their input is
+    gathered, their output whole), and which it never calls. The split follows every
+    tensor computed from the model's inputs until a chain end: what is computed after one
+    from its output alone is whole again and left as it is.
 
     Raises:
-        PlanError: a forward ``torch.fx`` cannot trace (nothing it does could be checked).
+        PlanError: a forward ``torch.fx`` cannot trace (nothing it does could be checked); a
+            function called on split rows that may not treat a block as the whole; a
+            container's own parameter used on them (its gradient would be each rank's
+            share); a module called both on split rows and on whole tensors.
     """
     try:
         graph = torch.fx.symbolic_trace(model).graph
@@ -155,22 +161,58 @@ def _call_order(model: nn.Module) -> tuple[list[str], list[str]]:
             f"{str(error).splitlines()[0][:200]}); make the forward traceable, or split its "
             f"traceable part"
         ) from error
-    order, doubtful, ended = [], [], False
+    split, fed, ends, whole_fed, doubtful = set(), set(), set(), set(), []
     for node in graph.nodes:
-        if node.op == "call_module":
-            order.append(node.target)
-            ended = ended or isinstance(model.get_submodule(node.target), _CHAIN_ENDS)
-        elif ended or node.op not in ("call_function", "call_method"):
+        if node.op == "placeholder":
+            split.add(node)
             continue
-        elif node.target is operator.getitem and not _keeps_rows(node.args[1]):
-            doubtful.append(f"indexing {node.args[1]!r}")
-        elif node.target is torch.cat:
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            if dim != 1:
-                doubtful.append(f"torch.cat(dim={dim})")
-        elif node.target not in _BLOCKWISE_FUNCTIONS and node.target not in _BLOCKWISE_METHODS:
-            doubtful.append(getattr(node.target, "__name__", str(node.target)))
-    return order, doubtful
+        if not any(n in split for n in node.all_input_nodes):
+            if node.op == "call_module":
+                whole_fed.add(id(model.get_submodule(node.target)))
+            continue
+        if node.op == "call_module":
+            module = model.get_submodule(node.target)
+            if isinstance(module, _CHAIN_ENDS) and not (
+                type(module) in _ADAPTIVE and _keeps_rows_split(module, process_group)
+            ):
+                ends.add(id(module))
+                continue
+            fed.add(id(module))
+        elif node.op in ("call_function", "call_method"):
+            for used in node.all_input_nodes:
+                if used.op == "get_attr":
+                    owner, _, held = used.target.rpartition(".")
+                    raise PlanError(
+                        f"plan='spatial' cannot sum the gradients of "
+                        f"'{owner or type(model).__name__}''s own parameters ({held}): its "
+                        f"forward uses them on the split rows, so each rank's gradient would be "
+                        f"its rows' share. Hold them in a module of their own (e.g. a 1x1 conv) "
+                        f"or gather first"
+                    )
+            if node.target is operator.getitem and not _keeps_rows(node.args[1]):
+                doubtful.append(f"indexing {node.args[1]!r}")
+            elif node.target is torch.cat:
+                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+                if dim != 1:
+                    doubtful.append(f"torch.cat(dim={dim})")
+            elif node.target not in _BLOCKWISE_FUNCTIONS and node.target not in _BLOCKWISE_METHODS:
+                doubtful.append(getattr(node.target, "__name__", str(node.target)))
+        split.add(node)
+    if doubtful:
+        raise PlanError(
+            f"plan='spatial': {type(model).__name__}'s forward calls {sorted(set(doubtful))} "
+            f"on the split image before it is gathered; each rank would compute them on its "
+            f"rows alone. Use modules (nn.Upsample, pooling) or gather first"
+        )
+    both = (fed | ends) & whole_fed
+    ignored = {id(m) for m in model.modules()} - fed - ends - whole_fed
+    if both:
+        names = [n for n, m in model.named_modules() if id(m) in both]
+        raise PlanError(
+            f"plan='spatial': {names} are called both on split rows and on whole tensors; "
+            f"a module holds one layout: use two modules"
+        )
+    return fed, ends, ignored
 
 
 def _keeps_rows_split(pool: nn.Module, process_group) -> bool:
@@ -201,41 +243,24 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
             f"parallelize({type(model).__name__}, plan='spatial')", layout, process_group
         )
         broadcast_tensors_(state, process_group)
-    named = list(model.named_modules(remove_duplicate=False))
-    order, doubtful = _call_order(model)
-    if doubtful:
-        raise PlanError(
-            f"plan='spatial': {type(model).__name__}'s forward calls {sorted(set(doubtful))} "
-            f"on the split image before it is gathered; each rank would compute them on its "
-            f"rows alone. Use modules (nn.Upsample, pooling) or gather first"
-        )
-    rank = {name: i for i, name in enumerate(order)}
-    named.sort(key=lambda item: rank.get(item[0], len(rank)))  # stable: the rest after
+    fed, ends, untraced = _split_flow(model, process_group)
+    convertible = (*SPATIAL_TWINS, *_BATCH_NORMS, nn.GroupNorm, nn.InstanceNorm1d,
+                   nn.InstanceNorm2d, nn.InstanceNorm3d)  # fmt: skip
     made: dict[int, nn.Module] = {}
-    ended = False
-    for name, module in named:
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in made:
             model = replace_module(model, name, made[id(module)])
             continue
-        if module._modules and not ended and module._parameters:
-            held, owner = ", ".join(module._parameters), name or type(module).__name__
-            raise PlanError(
-                f"plan='spatial' cannot sum the gradients of '{owner}''s own parameters "
-                f"({held}): its forward uses them on the split rows, so each rank's gradient "
-                f"would be its rows' share. Hold them in a module of their own (e.g. a 1x1 "
-                f"conv) or gather first"
-            )
-        if ended or module._modules:
-            continue
-        kind = type(module)
-        if kind in _ADAPTIVE and _keeps_rows_split(module, process_group):
-            made[id(module)] = twin = _twin(module, process_group)
-            model = replace_module(model, name, twin)
-        elif isinstance(module, _CHAIN_ENDS):
+        if id(module) in ends and not hasattr(module, "_mpgroups_spatial_hook"):
             module._mpgroups_spatial_end = process_group
             module._mpgroups_spatial_hook = module.register_forward_pre_hook(_gather_input)
-            ended = True
-        elif kind in SPATIAL_TWINS:
+        # A layer the traced forward never called (another path, picked at run time) is
+        # converted as if it were fed the rows: fed whole tensors, its check would raise.
+        untraced_layer = id(module) in untraced and type(module) in convertible
+        if id(module) not in fed and not untraced_layer:
+            continue  # whole tensors only (after a chain end), or not a layer
+        kind = type(module)
+        if kind in SPATIAL_TWINS:
             made[id(module)] = twin = _twin(module, process_group)
             model = replace_module(model, name, twin)
         elif kind in (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
@@ -248,7 +273,7 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
                 f"plan='spatial' cannot give '{name}' ({kind.__name__}) a block of rows: it "
                 f"converts convs, transposed convs, pooling, norms, nn.Upsample and "
                 f"nn.Dropout, keeps elementwise activations, and gathers the whole image at "
-                f"the first global pooling, nn.Flatten or nn.Linear"
+                f"every global pooling, nn.Flatten or nn.Linear the split rows reach"
             )
     handles = []
     if process_group is not None and process_group.size() > 1:
