@@ -55,6 +55,7 @@ from mpgroups.comm.collectives import (
 from mpgroups.comm.counter import record
 from mpgroups.comm.process_groups import host_group, rank_and_world_size
 from mpgroups.sharding.layout import NOT_PICKLABLE
+from mpgroups.sharding.spatial import row_blocks
 
 __all__ = [
     "BAD_SHAPE",
@@ -591,8 +592,7 @@ def balanced_blocks(sent: list[int]) -> list[int]:
     does (``sent`` itself when a rank sent no tensor: its record says what it sent)."""
     if min(sent) < 0:
         return sent
-    base, extra = divmod(sum(sent), len(sent))
-    return [base + (rank < extra) for rank in range(len(sent))]
+    return [stop - start for start, stop in row_blocks(sum(sent), len(sent))]
 
 
 class RootCheck:

@@ -17,7 +17,7 @@ from torch import Tensor
 from mpgroups.comm.collectives import issued
 from mpgroups.sharding.spatial import ZERO_ROW, HaloPlan
 
-__all__ = ["assemble_window", "halo_exchange", "halo_rows"]
+__all__ = ["assemble_window", "halo_exchange", "halo_rows", "split_window_grad"]
 
 
 def _swap(
@@ -55,38 +55,58 @@ def _with_rows(x: Tensor, rows: int, dim: int) -> list[int]:
     return shape
 
 
-def _exchange(x: Tensor, plan: HaloPlan, process_group, dim: int, fill: float = 0.0) -> Tensor:
-    outgoing = [(peer, _rows(x, rows, dim)) for peer, rows in plan.sends]
-    incoming = {peer: x.new_empty(_with_rows(x, count, dim)) for peer, count in plan.receives}
-    _swap(process_group, outgoing, list(incoming.items()))
-    pieces = []
+def _window_parts(
+    x: Tensor, received: dict[int, Tensor], plan: HaloPlan, dim: int, fill: float
+) -> list[Tensor]:
+    """The window's runs in order: rows of ``x``, of what a peer sent (``received``, by
+    peer), or padding rows holding ``fill``."""
+    parts = []
     for source, start, length in plan.runs:
         if source == ZERO_ROW:
-            pieces.append(x.new_full(_with_rows(x, length, dim), fill))
+            parts.append(x.new_full(_with_rows(x, length, dim), fill))
         else:
-            held = x if source == plan.rank else incoming[source]
-            pieces.append(held.narrow(dim, start, length))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+            held = x if source == plan.rank else received[source]
+            parts.append(held.narrow(dim, start, length))
+    return parts
 
 
-def _return_grads(grad: Tensor, plan: HaloPlan, process_group, dim: int, rows: int) -> Tensor:
-    """The dual of :func:`_exchange`: the gradient of this rank's own ``rows`` rows."""
-    own = grad.new_zeros(_with_rows(grad, rows, dim))
-    back = {peer: grad.new_zeros(_with_rows(grad, count, dim)) for peer, count in plan.receives}
+def split_window_grad(
+    grad: Tensor, plan: HaloPlan, dim: int, own_shape, received_shapes
+) -> tuple[Tensor, list[Tensor]]:
+    """The dual of the window's assembly: from the window's gradient, that of this rank's
+    own rows (shaped ``own_shape``) and of each received piece (``plan.receives`` order),
+    a row read twice adding twice. Out of place, so differentiable again."""
+    own = grad.new_zeros(own_shape)
+    back = {
+        peer: grad.new_zeros(shape)
+        for (peer, _), shape in zip(plan.receives, received_shapes, strict=True)
+    }
     position = 0
     for source, start, length in plan.runs:
         piece = grad.narrow(dim, position, length)
         position += length
-        if source != ZERO_ROW:
-            target = own if source == plan.rank else back[source]
-            target.narrow(dim, start, length).add_(piece)
-    incoming = [
-        (peer, grad.new_empty(_with_rows(grad, len(sent), dim))) for peer, sent in plan.sends
-    ]
-    _swap(process_group, [(peer, t.contiguous()) for peer, t in back.items()], incoming)
-    for (_, sent), (_, received) in zip(plan.sends, incoming, strict=True):
-        own.index_add_(dim, torch.tensor(sent, device=own.device), received)
-    return own
+        if source == ZERO_ROW:
+            continue
+        index = torch.arange(start, start + length, device=grad.device)
+        if source == plan.rank:
+            own = own.index_add(dim, index, piece)
+        else:
+            back[source] = back[source].index_add(dim, index, piece)
+    return own, list(back.values())
+
+
+def _exchange(x: Tensor, plan: HaloPlan, process_group, dim: int, fill: float = 0.0) -> Tensor:
+    peers = [peer for peer, _ in plan.receives]
+    received = dict(zip(peers, _receive(x, plan, process_group, dim), strict=True))
+    parts = _window_parts(x, received, plan, dim, fill)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _return_grads(grad: Tensor, plan: HaloPlan, process_group, dim: int, rows: int) -> Tensor:
+    """The dual of :func:`_exchange`: the gradient of this rank's own ``rows`` rows."""
+    shapes = [_with_rows(grad, count, dim) for _, count in plan.receives]
+    own, back = split_window_grad(grad, plan, dim, _with_rows(grad, rows, dim), shapes)
+    return _give_back(back, plan, process_group, dim, own)
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -126,13 +146,10 @@ def _receive(x: Tensor, plan: HaloPlan, process_group, dim: int) -> list[Tensor]
     return [tensor for _, tensor in incoming]
 
 
-def _give_back(grads, plan: HaloPlan, process_group, dim: int, like_shape, like: Tensor):
+def _give_back(grads, plan: HaloPlan, process_group, dim: int, own: Tensor) -> Tensor:
     """The dual of :func:`_receive`: each received row's gradient goes back to its owner;
-    the sum of what comes back for this rank's rows, shaped ``like_shape``."""
-    own = like.new_zeros(like_shape)
-    incoming = [
-        (peer, like.new_empty(_with_rows(own, len(sent), dim))) for peer, sent in plan.sends
-    ]
+    what comes back for this rank's rows is added to ``own`` (in place), which is returned."""
+    incoming = [(peer, own.new_empty(_with_rows(own, len(sent), dim))) for peer, sent in plan.sends]
     outgoing = [(peer, g.contiguous()) for (peer, _), g in zip(plan.receives, grads, strict=True)]
     _swap(process_group, outgoing, incoming)
     for (_, sent), (_, received) in zip(plan.sends, incoming, strict=True):
@@ -169,7 +186,7 @@ class _HaloRowsBack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, like, plan, process_group, dim, shape, *grads):
         ctx.plan, ctx.process_group, ctx.dim = plan, process_group, dim
-        return _give_back(grads, plan, process_group, dim, shape, like)
+        return _give_back(grads, plan, process_group, dim, like.new_zeros(shape))
 
     @staticmethod
     def backward(ctx, grad):
@@ -193,14 +210,7 @@ def assemble_window(x: Tensor, pieces: list[Tensor], plan: HaloPlan, dim: int, f
     differentiable ops; the token joins it, so every rank's backward reaches the exchange."""
     token, *received = pieces
     by_peer = {peer: tensor for (peer, _), tensor in zip(plan.receives, received, strict=True)}
-    parts = [token]
-    for source, start, length in plan.runs:
-        if source == ZERO_ROW:
-            parts.append(x.new_full(_with_rows(x, length, dim), fill))
-        else:
-            held = x if source == plan.rank else by_peer[source]
-            parts.append(held.narrow(dim, start, length))
-    return torch.cat(parts, dim)
+    return torch.cat([token, *_window_parts(x, by_peer, plan, dim, fill)], dim)
 
 
 def halo_exchange(

@@ -35,14 +35,13 @@ from mpgroups.comm.transfer import receiving_end, source_meta
 from mpgroups.sharding.layout import ChannelShards
 from mpgroups.sharding.spatial import row_blocks
 
-__all__ = ["gather_spatial", "row_shards", "scatter_spatial", "spatial_shard"]
+__all__ = ["gather_spatial", "scatter_spatial", "spatial_shard"]
 
 
-def row_shards(size: int, process_group, rank: int | None = None) -> ChannelShards:
-    """The balanced blocks of ``size`` rows over ``process_group`` (``rank``: this one)."""
-    world = process_group.size()
-    rank = dist.get_rank(process_group) if rank is None else rank
-    return ChannelShards(process_group, row_blocks(size, world), rank)
+def _spatial_shards(size: int, process_group) -> ChannelShards:
+    """The balanced blocks of ``size`` rows over ``process_group``, this rank's among them."""
+    blocks = row_blocks(size, process_group.size())
+    return ChannelShards(process_group, blocks, dist.get_rank(process_group))
 
 
 def _problem(x, dim: int) -> Problem | None:
@@ -73,7 +72,7 @@ def spatial_shard(x: Tensor, process_group=None, dim: int = 2) -> Tensor:
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
-    return slice_channels(x, row_shards(x.shape[dim], pg), dim)
+    return slice_channels(x, _spatial_shards(x.shape[dim], pg), dim)
 
 
 def scatter_spatial(
@@ -112,7 +111,7 @@ def scatter_spatial(
     meta = source_meta(x, src, guard, _problem(x, dim) if holds else None)
     if len(meta.shape) <= dim:
         raise ValueError(f"scatter_spatial(dim={dim}) got a tensor of {len(meta.shape)} dims")
-    shards = row_shards(meta.shape[dim], pg)
+    shards = _spatial_shards(meta.shape[dim], pg)
     if not holds:
         x = receiving_end(meta, device, pg)
     return scatter_channels_from(x, shards, src, meta, x.device, dim)
@@ -162,7 +161,7 @@ def gather_spatial(
         total = sum(channel_counts(records, dim))
     else:
         total = sum_over_ranks(y.shape[dim], host_group(pg))
-    shards = row_shards(total, pg)
+    shards = _spatial_shards(total, pg)
     if y.shape[dim] != shards.widths[shards.rank]:
         raise ValueError(
             f"rank {shards.rank} holds {y.shape[dim]} rows along dim {dim}; balanced blocks "

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpgroups.comm.collectives import copy_to_ranks_together
-from mpgroups.comm.halo import assemble_window, halo_rows
+from mpgroups.comm.halo import assemble_window, halo_rows, split_window_grad
 from mpgroups.layers.spatial_base import SpatialLayer
-from mpgroups.sharding.spatial import ZERO_ROW, ConvRows, TransposedRows
+from mpgroups.sharding.spatial import ConvRows, TransposedRows
 
 __all__ = [
     "SpatialConv1d",
@@ -69,26 +69,12 @@ class _WindowConv(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         grad_rows = layer._unpad_rest(rows, grad_window.to(rows.dtype))
-        grad_x = torch.zeros_like(x)
-        by_peer = {
-            peer: torch.zeros_like(t)
-            for (peer, _), t in zip(plan.receives, pieces[1:], strict=True)
-        }
-        position = 0
-        for source, start, length in plan.runs:
-            piece = grad_rows.narrow(2, position, length)
-            position += length
-            if source == ZERO_ROW:
-                continue
-            index = torch.arange(start, start + length, device=grad.device)
-            if source == plan.rank:
-                grad_x = grad_x.index_add(2, index, piece)
-            else:
-                by_peer[source] = by_peer[source].index_add(2, index, piece)
+        shapes = [t.shape for t in pieces[1:]]
+        grad_x, received_grads = split_window_grad(grad_rows, plan, 2, x.shape, shapes)
         # A view of the window's gradient, not fresh zeros: under double backward every rank
         # then has the exchange's backward in its graph, and runs it with its neighbours.
         token_grad = grad_rows.narrow(2, 0, 0)
-        return (grad_x, grad_weight, grad_bias, None, None, None, token_grad, *by_peer.values())
+        return (grad_x, grad_weight, grad_bias, None, None, None, token_grad, *received_grads)
 
 
 def _twin(cls, conv, process_group, checks, **arguments):
