@@ -282,3 +282,16 @@ def run_in_one_rank_world(fn, *args, timeout: float = TASK_TIMEOUT, backend: str
     import torch
 
     return torch.load(io.BytesIO(value), weights_only=True)
+
+
+_GRIDS: dict = {}  # the meshes a worker process made, by dim names (all four ranks together)
+
+
+def spatial_grid(names: tuple[str, str] = ("sp_h", "sp_w")):
+    """A 2 × 2 ``DeviceMesh`` over the pool's four ranks with dims ``names``, made once per
+    worker (call it on every rank, as every collective)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if names not in _GRIDS:
+        _GRIDS[names] = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+    return _GRIDS[names]

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_harness import spatial_grid
 from torch import nn
 from torch.func import functional_call
 
@@ -162,17 +163,19 @@ def test_spatial_conv_equals_nn_conv(pool, case, world_size):
     pool.run(_against_nn_conv, world_size, case)
 
 
-def _double_backward(ctx) -> None:
+def _double_backward(ctx, grid: bool = False) -> None:
+    """``grid``: on the 2 × 2 grid (rows and columns split, corners from the diagonal)."""
     torch.manual_seed(1)
+    where = spatial_grid() if grid else ctx.process_group
     plain = nn.Conv2d(1, 2, 3, stride=2, padding=1, padding_mode="reflect", dtype=torch.float64)
-    layer = SpatialConv2d.from_conv(plain, ctx.process_group)
+    layer = SpatialConv2d.from_conv(plain, where)
 
     def split(x, weight, bias):  # the whole output on every rank: every rank perturbs alike
-        block = spatial_shard(x, ctx.process_group)
+        block = spatial_shard(x, where)
         out = functional_call(layer, {"weight": weight, "bias": bias}, (block,))
-        return gather_spatial(out, process_group=ctx.process_group)
+        return gather_spatial(out, process_group=where)
 
-    x = torch.randn(1, 1, 7, 3, dtype=torch.float64, requires_grad=True)  # rows 4 + 3
+    x = torch.randn(1, 1, 7, 6, dtype=torch.float64, requires_grad=True)  # rows 4 + 3
     weight = plain.weight.detach().clone().requires_grad_()
     bias = plain.bias.detach().clone().requires_grad_()
     assert torch.autograd.gradgradcheck(split, (x, weight, bias))

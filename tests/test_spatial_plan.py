@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_harness import spatial_grid
 from torch import nn
 
 import mpgroups
@@ -57,12 +58,21 @@ def _loss(out, target, whole_numel: int, group, split: bool):
     return part, whole
 
 
-def _train(ctx, kind: str, dtype: torch.dtype = torch.float64) -> None:
+def _own_block(ctx, whole, grid: bool):
+    """This rank's block of ``whole``: rows, or rows and columns on the 2 × 2 grid."""
+    if not grid:
+        return torch.tensor_split(whole, ctx.world_size, dim=2)[ctx.rank]
+    h, w = divmod(ctx.rank, 2)
+    return torch.tensor_split(torch.tensor_split(whole, 2, dim=2)[h], 2, dim=3)[w]
+
+
+def _train(ctx, kind: str, dtype: torch.dtype = torch.float64, grid: bool = False) -> None:
     build, shape = _MODELS[kind]
     tolerance = TOLERANCE if dtype == torch.float64 else 1e-4
     torch.manual_seed(0)
     plain = build().to(dtype)
-    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    where = spatial_grid() if grid else ctx.process_group
+    model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
     split_output = kind != "classifier"
     if not split_output:  # the adaptive pooling to (4, 3) keeps rows split; the one to 1 ends
         assert type(model.grid).__name__ == "SpatialAdaptiveMaxPool2d"
@@ -79,11 +89,11 @@ def _train(ctx, kind: str, dtype: torch.dtype = torch.float64) -> None:
             torch.manual_seed(100 + step)  # every rank and the device draw one dropout mask
             optimizer.zero_grad()
             split = i == 1
-            inputs = mpgroups.spatial_shard(x, ctx.process_group) if split else x
+            inputs = mpgroups.spatial_shard(x, where) if split else x
             out = m(inputs)
             goal = target
             if split and split_output:
-                goal = torch.tensor_split(target, ctx.world_size, dim=2)[ctx.rank]
+                goal = _own_block(ctx, target, grid)
             part, whole = _loss(
                 out, goal, target.numel(), ctx.process_group, split and split_output
             )
@@ -121,6 +131,11 @@ _RUNS = [
 @pytest.mark.parametrize("kind, world_size", _RUNS)
 def test_spatial_plan_trains_as_one_device(pool, kind, world_size):
     pool.run(_train, world_size, kind)
+
+
+@pytest.mark.parametrize("kind", ["unet2d-transpose", "unet2d-upsample", "unet3d", "classifier"])
+def test_spatial_plan_on_a_2x2_grid_trains_as_one_device(pool, kind):
+    pool.run(_train, 4, kind, torch.float64, True)
 
 
 @pytest.mark.parametrize("kind, world_size", [("unet2d-transpose", 4), ("unet3d", 2)])

@@ -55,7 +55,7 @@ from mpgroups.comm.collectives import (
 from mpgroups.comm.counter import record
 from mpgroups.comm.process_groups import host_group, rank_and_world_size
 from mpgroups.sharding.layout import NOT_PICKLABLE
-from mpgroups.sharding.spatial import row_blocks
+from mpgroups.sharding.spatial import BlockGrid, row_blocks
 
 __all__ = [
     "BAD_SHAPE",
@@ -216,12 +216,25 @@ def _channel_index(rec: list[int], channel_dim: int) -> int | None:
     return index if 0 <= index < min(ndim, _RECORD_DIMS) else None
 
 
-def channel_counts(records: list[list[int]], channel_dim: int = 1) -> list[int]:
-    """Each rank's channel count (-1 where it has none) from the exchanged records."""
+def _channel_indices(rec: list[int], channel_dim: int | tuple[int, ...]) -> set[int]:
+    dims = channel_dim if isinstance(channel_dim, tuple) else (channel_dim,)
+    return {_channel_index(rec, dim) for dim in dims} - {None}
+
+
+def channel_counts(
+    records: list[list[int]], channel_dim: int | tuple[int, ...] = 1
+) -> list[int | tuple[int, ...]]:
+    """Each rank's channel count (-1 where it has none) from the exchanged records; for a
+    tuple of dims (a block of a grid), each rank's sizes along them."""
     counts = []
     for rec in records:
-        index = _channel_index(rec, channel_dim)
-        counts.append(-1 if index is None else rec[_SHAPE + index])
+        dims = channel_dim if isinstance(channel_dim, tuple) else (channel_dim,)
+        indices = [_channel_index(rec, dim) for dim in dims]
+        if None in indices:
+            counts.append(-1)
+        else:
+            sizes = tuple(rec[_SHAPE + index] for index in indices)
+            counts.append(sizes if isinstance(channel_dim, tuple) else sizes[0])
     return counts
 
 
@@ -246,7 +259,7 @@ def _check_across_ranks(
     layer_id: int,
     call: int,
     problem: Problem | None,
-    channel_dim: int,
+    channel_dim: int | tuple[int, ...],
     expected_channels: Sequence[int | None] | Callable[[list[int]], Sequence[int | None]],
     channels_note: Sequence[str] | Callable[[list[int]], Sequence[str]],
     weight: Tensor | None = None,
@@ -262,7 +275,8 @@ def _check_across_ranks(
         call: how many times this rank has called the site (catches ranks out of step).
         problem: this rank's local check failure as ``(code, message)``, or ``None``.
         channel_dim: the channel dimension of every rank's input; negative counts from each
-            record's own end (``-3`` for a Conv2d, batched or not).
+            record's own end (``-3`` for a Conv2d, batched or not); a tuple of dims counts
+            a block's sizes along each (a spatial grid's).
         expected_channels, channels_note: per rank, the channel count the site expects and
             what it is ("its shard 16..32 of 64 channels"), ``None`` for a rank that sends no
             tensor; or functions of the list of every rank's channel count that return them.
@@ -287,7 +301,7 @@ def judge_records(
     records: list[list[int]],
     *,
     layer: str,
-    channel_dim: int,
+    channel_dim: int | tuple[int, ...],
     expected_channels,
     channels_note,
     weight: Tensor | None = None,
@@ -330,7 +344,7 @@ def judge_records(
         if rec[_PROBLEM] > 0 and rec[_PROBLEM] != BAD_CHANNELS:
             what = _PROBLEMS.get(rec[_PROBLEM], "an input its local checks refused")
             lines.append(f"rank {r} sent {sent}: {what.format(**details)}")
-        if sent_channels[r] >= 0 and sent_channels[r] != expected_channels[r]:
+        if sent_channels[r] != -1 and sent_channels[r] != expected_channels[r]:
             lines.append(
                 f"rank {r} sent {sent_channels[r]} {counted} ({sent}), {layer} expects "
                 f"{expected_channels[r]} ({channels_note[r]})"
@@ -357,11 +371,11 @@ def judge_records(
                     f"rank {r} sent {sent}, rank {holders[0]} sent {_describe(reference)} ({what})"
                 )
         if rec[_NDIM] == reference[_NDIM]:
-            channel_index = _channel_index(rec, channel_dim)
+            counted_dims = _channel_indices(rec, channel_dim)
             other = [
                 i
                 for i in range(min(rec[_NDIM], _RECORD_DIMS))
-                if i != channel_index and rec[_SHAPE + i] != reference[_SHAPE + i]
+                if i not in counted_dims and rec[_SHAPE + i] != reference[_SHAPE + i]
             ]
             if other:
                 dims = ", ".join(map(str, other))
@@ -410,7 +424,7 @@ class InputGuard:
         config: tuple,
         process_group,
         *,
-        channel_dim: int = 1,
+        channel_dim: int | tuple[int, ...] = 1,
         checks: bool | None = None,
         counted: str = "input channels",
     ) -> None:
@@ -626,17 +640,17 @@ class RootCheck:
         site: str,
         process_group,
         layers: Sequence[InputGuard] = (),
-        split_dim: int | None = None,
+        split: BlockGrid | None = None,
     ) -> None:
-        # An input check like a layer's, of every dim (no channel count; ``split_dim``: the
-        # dim each rank holds its balanced block of, a split model's rows), counting the
-        # steps; its fingerprint covers the layers' too, so ranks whose models differ never
-        # agree.
+        # An input check like a layer's, of every dim (no channel count; ``split``: how
+        # the ranks tile the dims they hold balanced blocks of, a split model's rows),
+        # counting the steps; its fingerprint covers the layers' too, so ranks whose models
+        # differ never agree.
         layer_ids = tuple(guard.site_id for guard in layers)
-        self.split_dim = split_dim
+        self.split = split
         self.guard = InputGuard(
-            f"{site} (the parallelized model's input)", ("root", site, layer_ids, split_dim),
-            process_group, channel_dim=_WHOLE if split_dim is None else split_dim,
+            f"{site} (the parallelized model's input)", ("root", site, layer_ids, split),
+            process_group, channel_dim=_WHOLE if split is None else split.checked_dims,
             counted="rows",
         )  # fmt: skip
         # What every rank agreed on at the last root check besides its own input: the
@@ -688,13 +702,10 @@ class RootCheck:
         """``(x, what guard.start takes besides)`` for a forward of ``module`` whose
         arguments hold ``tensors``."""
         world = self.guard.world_size
-        if self.split_dim is None:
+        if self.split is None:
             expected, note = [-1] * world, [""] * world  # no channel count: every dim
         else:
-            expected, note = (
-                balanced_blocks,
-                lambda sent: [f"balanced blocks of {sum(sent)} rows"] * world,
-            )
+            expected, note = self.split.expected, self.split.note
         return tensors[0] if tensors else None, dict(
             expected_channels=expected,
             channels_note=note,
@@ -722,15 +733,15 @@ class RootCheck:
             self._agree(in_flight())
 
     def _agree(self, records: list[list[int]]) -> None:
-        if self.split_dim is not None:
-            total = sum(max(n, 0) for n in channel_counts(records, self.split_dim))
-            self._context = (total, 0)
+        if self.split is not None:
+            totals = self.split.totals(channel_counts(records, self.split.checked_dims))
+            self._context = (totals, 0)
 
     def agreed_context(self) -> tuple:
         """What every rank knows alike at this point of the forward besides its own input:
         for a split model, the root's total and a digest of what the layers before learned
         (``note``); settles the root's exchange first. Empty for other models."""
-        if self.split_dim is not None:
+        if self.split is not None:
             self._settle()
         return self._context
 

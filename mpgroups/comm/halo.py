@@ -17,7 +17,21 @@ from torch import Tensor
 from mpgroups.comm.collectives import issued
 from mpgroups.sharding.spatial import ZERO_ROW, HaloPlan
 
-__all__ = ["assemble_window", "halo_exchange", "halo_rows", "split_window_grad"]
+__all__ = [
+    "Exchange",
+    "assemble_window",
+    "assemble_windows",
+    "halo_exchange",
+    "halo_pieces",
+    "halo_rows",
+    "split_window_grad",
+    "split_windows_grad",
+]
+
+# One step of a window's assembly: (this rank's plan, the dim, the group along that dim).
+# A block split along dims 2 and 3 takes two, the second exchanging the first's window
+# (its halo rows included), so the corners come from the diagonal neighbours.
+Exchange = tuple[HaloPlan, int, object]
 
 
 def _swap(
@@ -223,3 +237,41 @@ def halo_exchange(
     if process_group is None or process_group.size() == 1:
         return _exchange(x, plan, None, dim, fill)
     return _HaloExchange.apply(x, plan, process_group, dim, fill)
+
+
+def halo_pieces(x: Tensor, exchanges: list[Exchange]) -> list[list[Tensor]]:
+    """Per exchange, :func:`halo_rows` of the window the exchanges before it assembled (a
+    collective per exchange, as :func:`halo_exchange`)."""
+    pieces, window = [], x
+    for step, (plan, dim, group) in enumerate(exchanges):
+        pieces.append(halo_rows(window, plan, group, dim))
+        if step + 1 < len(exchanges):
+            window = assemble_window(window, pieces[-1], plan, dim)
+    return pieces
+
+
+def assemble_windows(
+    x: Tensor, pieces: list[list[Tensor]], exchanges: list[Exchange], fill: float = 0.0
+) -> Tensor:
+    """The window of every exchange in turn, from ``x`` and :func:`halo_pieces`' result."""
+    for got, (plan, dim, _) in zip(pieces, exchanges, strict=True):
+        x = assemble_window(x, got, plan, dim, fill)
+    return x
+
+
+def split_windows_grad(
+    grad: Tensor, exchanges: list[Exchange], own_shape, pieces: list[list[Tensor]]
+) -> tuple[Tensor, list[list[Tensor]]]:
+    """The dual of :func:`assemble_windows`: from the window's gradient, that of the block
+    (shaped ``own_shape``) and of each piece. A token's is a view of its window's gradient,
+    not fresh zeros: under double backward every rank then has each exchange's backward in
+    its graph, and runs it with its neighbours."""
+    shapes = [list(own_shape)]
+    for plan, dim, _ in exchanges[:-1]:
+        shapes.append(shapes[-1][:dim] + [plan.window_rows] + shapes[-1][dim + 1 :])
+    grads: list[list[Tensor]] = []
+    for (plan, dim, _), shape, got in reversed(list(zip(exchanges, shapes, pieces, strict=True))):
+        token_grad = grad.narrow(dim, 0, 0)
+        grad, received_grads = split_window_grad(grad, plan, dim, shape, [t.shape for t in got[1:]])
+        grads.insert(0, [token_grad, *received_grads])
+    return grad, grads

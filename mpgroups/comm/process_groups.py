@@ -18,6 +18,7 @@ __all__ = [
     "group_rank",
     "host_group",
     "group_timeout",
+    "named_subgroup",
     "rank_and_world_size",
     "resolve_process_group",
     "team_subgroup",
@@ -159,11 +160,11 @@ def team_subgroup(process_group: dist.ProcessGroup, team: tuple[int, int]) -> di
                 group_desc="mpgroups_team",
             )
         else:
-            teams[size] = _named_subgroup(process_group, ranks[start:stop])
+            teams[size] = named_subgroup(process_group, ranks[start:stop])
     return teams[size]
 
 
-def _named_subgroup(
+def named_subgroup(
     parent: dist.ProcessGroup, ranks: list[int], backend: str | None = None, kind: str = "team"
 ) -> dist.ProcessGroup:
     """``dist.new_group(ranks, use_local_synchronization=True)`` with a name every member
@@ -209,5 +210,5 @@ def host_group(process_group):
         return process_group
     if process_group not in _host_cache:
         ranks = dist.get_process_group_ranks(process_group)
-        _host_cache[process_group] = _named_subgroup(process_group, ranks, "gloo", "checks")
+        _host_cache[process_group] = named_subgroup(process_group, ranks, "gloo", "checks")
     return _host_cache[process_group]

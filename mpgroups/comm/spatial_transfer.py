@@ -8,6 +8,11 @@ shard ↔ all-gather, scatter ↔ gather, all-gather ↔ own block (every rank c
 same loss from the gathered tensor, as with ``gather_channels``). Ranks are named as
 ``torch.distributed`` names them (``src``/``dst`` global, ``group_src``/``group_dst`` within
 the group).
+
+Given a 2-D ``DeviceMesh`` with dims ``("sp_h", "sp_w")`` as ``process_group``, each splits
+dims 2 and 3 together (rank ``(h, w)`` holds block ``h`` of dim 2 and block ``w`` of dim 3):
+a step along each mesh dim in turn (``group_src``/``group_dst``: the row-major index on the
+mesh).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mpgroups.comm.collectives import (
     sum_over_ranks,
 )
 from mpgroups.comm.process_groups import group_rank, host_group, resolve_process_group
+from mpgroups.comm.spatial_groups import GRID_DIM_NAMES, check_grid
 from mpgroups.comm.transfer import receiving_end, source_meta
 from mpgroups.sharding.layout import ChannelShards
 from mpgroups.sharding.spatial import row_blocks
@@ -53,6 +59,38 @@ def _check_dim(dim: int) -> None:
         raise ValueError(f"dim must be a spatial dim (2 or more) of [N, C, *spatial], got {dim}")
 
 
+def _grid(process_group, dim: int):
+    """``process_group`` when it is a 2-D ``("sp_h", "sp_w")`` mesh (dims 2 and 3 split),
+    else ``None``."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(process_group, DeviceMesh) or process_group.ndim == 1:
+        return None
+    check_grid(process_group)
+    if dim != 2:
+        raise ValueError(f"a 2-D mesh splits dims 2 and 3 together: leave dim=2, got {dim}")
+    return process_group
+
+
+def _grid_coordinate(mesh, rank: int) -> tuple[int, int]:
+    """Where global rank ``rank`` sits on ``mesh``."""
+    found = (mesh.mesh == rank).nonzero()
+    if len(found) == 0:
+        raise ValueError(f"rank {rank} is not on the mesh {mesh.mesh.tolist()}")
+    return tuple(int(i) for i in found[0])
+
+
+def _grid_rank(mesh, rank: int | None, rank_in_group: int | None, name: str) -> int | None:
+    """The global rank an argument names on a grid (``group_<name>``: the row-major index)."""
+    if rank is not None and rank_in_group is not None:
+        raise ValueError(f"give {name} (a global rank) or group_{name}, not both")
+    if rank_in_group is not None:
+        return int(mesh.mesh.flatten()[rank_in_group])
+    if rank is not None:
+        _grid_coordinate(mesh, rank)
+    return rank
+
+
 def spatial_shard(x: Tensor, process_group=None, dim: int = 2) -> Tensor:
     """This rank's block of rows along ``dim`` of ``x``, which every rank holds whole.
 
@@ -69,6 +107,11 @@ def spatial_shard(x: Tensor, process_group=None, dim: int = 2) -> Tensor:
         ``[N, C, l_r, *rest]``: rows ``torch.tensor_split(x, P, dim)[rank]``.
     """
     _check_dim(dim)
+    mesh = _grid(process_group, dim)
+    if mesh is not None:
+        for axis, name in enumerate(GRID_DIM_NAMES):
+            x = spatial_shard(x, mesh.get_group(name), 2 + axis)
+        return x
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
@@ -99,6 +142,18 @@ def scatter_spatial(
         through the result).
     """
     _check_dim(dim)
+    mesh = _grid(process_group, dim)
+    if mesh is not None:
+        source = _grid_rank(mesh, src, group_src, "src")
+        source = int(mesh.mesh.flatten()[0]) if source is None else source
+        row, column = _grid_coordinate(mesh, source)
+        if mesh.get_coordinate()[1] == column:  # the source's column: its rows, whole width
+            x = scatter_spatial(
+                x, group_src=row, process_group=mesh.get_group("sp_h"), device=device
+            )
+        return scatter_spatial(
+            x, group_src=column, process_group=mesh.get_group("sp_w"), dim=3, device=device
+        )
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return x
@@ -138,6 +193,14 @@ def gather_spatial(
             :class:`~mpgroups.InputMismatchError` on every rank).
     """
     _check_dim(dim)
+    mesh = _grid(process_group, dim)
+    if mesh is not None:
+        target = _grid_rank(mesh, dst, group_dst, "dst")
+        row, column = (None, None) if target is None else _grid_coordinate(mesh, target)
+        y = gather_spatial(y, group_dst=column, process_group=mesh.get_group("sp_w"), dim=3)
+        if column is not None and mesh.get_coordinate()[1] != column:
+            return y  # empty: this rank's column gathered onto the target's column
+        return gather_spatial(y, group_dst=row, process_group=mesh.get_group("sp_h"))
     pg = resolve_process_group(process_group)
     if pg is None or pg.size() == 1:
         return y

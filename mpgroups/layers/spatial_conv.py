@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpgroups.comm.collectives import copy_to_ranks_together
-from mpgroups.comm.halo import assemble_window, halo_rows, split_window_grad
+from mpgroups.comm.halo import assemble_windows, halo_pieces, split_windows_grad
 from mpgroups.layers.spatial_base import SpatialLayer
 from mpgroups.sharding.spatial import ConvRows, TransposedRows
 
@@ -37,44 +37,54 @@ __all__ = [
 
 class _WindowConv(torch.autograd.Function):
     """A conv (or transposed conv) of this rank's window that saves its block and the halo
-    rows, not the window: the block is usually saved by the layer before (a ReLU's output)
+    pieces, not the window: the block is usually saved by the layer before (a ReLU's output)
     and a copy of it would double what the rank keeps for backward. The backward rebuilds
     the window (a transient), takes the conv's gradients from ``convolution_backward`` and
     splits the window's gradient into the block's and each halo piece's, by differentiable
-    ops: double backward works."""
+    ops: double backward works. ``exchanges``: one per split dim (:func:`halo_pieces`);
+    ``pieces``: theirs, flattened."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, plan, fill, *pieces):
-        rows = assemble_window(x, list(pieces), plan, 2, fill)
-        ctx.layer, ctx.plan, ctx.fill, ctx.has_bias = layer, plan, fill, bias is not None
+    def forward(ctx, x, weight, bias, layer, exchanges, *pieces):
+        grouped = _group_pieces(pieces, exchanges)
+        window = assemble_windows(x, grouped, exchanges)
+        ctx.layer, ctx.exchanges, ctx.has_bias = layer, exchanges, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, *pieces)
-        return layer._local_conv(layer._pad_rest(rows), weight, bias)
+        return layer._local_conv(layer._pad_rest(window), weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, *pieces = ctx.saved_tensors
-        layer, plan = ctx.layer, ctx.plan
-        rows = assemble_window(x, pieces, plan, 2, ctx.fill)
+        layer, exchanges = ctx.layer, ctx.exchanges
+        grouped = _group_pieces(pieces, exchanges)
+        window = assemble_windows(x, grouped, exchanges)
         stride, padding, dilation, transposed, output_padding = layer._conv_options()
         out_channels = weight.shape[1] * layer.groups if transposed else weight.shape[0]
         # Under autocast the forward computed in a lower precision: so does its backward
         compute = grad.dtype
         grad_window, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, layer._pad_rest(rows).to(compute), weight.to(compute),
+            grad, layer._pad_rest(window).to(compute), weight.to(compute),
             [out_channels] if ctx.has_bias else None, stride, padding, dilation, transposed,
             output_padding, layer.groups, [True, True, ctx.has_bias],
         )  # fmt: skip
         grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
-        grad_rows = layer._unpad_rest(rows, grad_window.to(rows.dtype))
-        shapes = [t.shape for t in pieces[1:]]
-        grad_x, received_grads = split_window_grad(grad_rows, plan, 2, x.shape, shapes)
-        # A view of the window's gradient, not fresh zeros: under double backward every rank
-        # then has the exchange's backward in its graph, and runs it with its neighbours.
-        token_grad = grad_rows.narrow(2, 0, 0)
-        return (grad_x, grad_weight, grad_bias, None, None, None, token_grad, *received_grads)
+        grad_window = layer._unpad_rest(window, grad_window.to(window.dtype))
+        grad_x, piece_grads = split_windows_grad(grad_window, exchanges, x.shape, grouped)
+        flat = [g for step in piece_grads for g in step]
+        return (grad_x, grad_weight, grad_bias, None, None, *flat)
+
+
+def _group_pieces(pieces, exchanges) -> list[list[Tensor]]:
+    """``pieces`` (flattened) per exchange: a token and one tensor per peer received from."""
+    grouped, start = [], 0
+    for plan, _, _ in exchanges:
+        count = 1 + len(plan.receives)
+        grouped.append(list(pieces[start : start + count]))
+        start += count
+    return grouped
 
 
 def _twin(cls, conv, process_group, checks, **arguments):
@@ -103,15 +113,22 @@ def _twin(cls, conv, process_group, checks, **arguments):
 class _SpatialConvNd(SpatialLayer):
     """The spatial split over an ``nn.ConvNd`` subclass (mixed in before it)."""
 
-    def _conv_rows(self) -> ConvRows:
+    def _conv_rows(self, axis: int) -> ConvRows:
+        """What the conv does along spatial dim ``axis`` (dim ``2 + axis``)."""
+        pads = self._reversed_padding_repeated_twice  # last dim first
+        at = 2 * (self._dims - 1 - axis)
         return ConvRows(
-            kernel=self.kernel_size[0],
-            stride=self.stride[0],
-            dilation=self.dilation[0],
-            pad_lo=self._reversed_padding_repeated_twice[-2],
-            pad_hi=self._reversed_padding_repeated_twice[-1],
+            kernel=self.kernel_size[axis],
+            stride=self.stride[axis],
+            dilation=self.dilation[axis],
+            pad_lo=pads[at],
+            pad_hi=pads[at + 1],
             padding_mode=self.padding_mode,
         )
+
+    @property
+    def _split_count(self) -> int:
+        return len(self.split.dims)
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, process_group=None, *, checks=None):
@@ -120,15 +137,17 @@ class _SpatialConvNd(SpatialLayer):
         return _twin(cls, conv, process_group, checks, padding_mode=conv.padding_mode)
 
     def _rest_padding(self) -> tuple[list[int], object]:
-        """``(F.pad list for dims 3+, conv padding)``: zeros padded symmetrically go to the
-        conv itself; anything else is padded first (the window holds dim 2's)."""
-        rest = list(self._reversed_padding_repeated_twice[:-2])
+        """``(F.pad list for the dims not split, conv padding)``: zeros padded symmetrically
+        go to the conv itself; anything else is padded first (the window holds the split
+        dims' padding)."""
+        split = self._split_count
+        rest = list(self._reversed_padding_repeated_twice[: -2 * split])
         if not any(rest):
             return [], 0
         symmetric = all(rest[i] == rest[i + 1] for i in range(0, len(rest), 2))
         if self.padding_mode == "zeros" and symmetric:
-            return [], (0, *rest[::-2])
-        return [*rest, 0, 0], 0
+            return [], (0,) * split + tuple(rest[::-2])
+        return [*rest] + [0, 0] * split, 0
 
     def _pad_rest(self, rows: Tensor) -> Tensor:
         """The window padded along dims 3+ where the conv cannot pad it itself."""
@@ -163,11 +182,10 @@ class _SpatialConvNd(SpatialLayer):
     def forward(self, x: Tensor) -> Tensor:
         if not self.splits_rows:
             return super().forward(x)
-        pg = self.process_group
-        plan = self._plan(self._total_rows(x, self.weight))
-        pieces = halo_rows(x, plan, pg)
-        weight, bias = copy_to_ranks_together([self.weight, self.bias], pg)
-        return _WindowConv.apply(x, weight, bias, self, plan, 0.0, *pieces)
+        exchanges = self._exchanges(self._total_rows(x, self.weight))
+        pieces = [p for step in halo_pieces(x, exchanges) for p in step]
+        weight, bias = copy_to_ranks_together([self.weight, self.bias], self.process_group)
+        return _WindowConv.apply(x, weight, bias, self, exchanges, *pieces)
 
 
 def _make(nn_type: type[nn.modules.conv._ConvNd], dims: int, functional):
@@ -182,7 +200,7 @@ def _make(nn_type: type[nn.modules.conv._ConvNd], dims: int, functional):
 
         def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
             nn_type.__init__(self, *args, **kwargs)
-            self._set_group(process_group, checks, self._conv_rows(), self.in_channels)
+            self._set_group(process_group, checks, self._conv_rows, self.in_channels)
 
         @staticmethod
         def _conv(x, weight, bias, stride, padding, dilation, groups):
@@ -204,13 +222,13 @@ class _SpatialConvTransposeNd(SpatialLayer):
     rank's block is cut from it (zero rows where no input row reaches: a stride longer than
     the kernel)."""
 
-    def _conv_rows(self) -> TransposedRows:
+    def _conv_rows(self, axis: int) -> TransposedRows:
         return TransposedRows(
-            kernel=self.kernel_size[0],
-            stride=self.stride[0],
-            dilation=self.dilation[0],
-            padding=self.padding[0],
-            output_padding=self.output_padding[0],
+            kernel=self.kernel_size[axis],
+            stride=self.stride[axis],
+            dilation=self.dilation[axis],
+            padding=self.padding[axis],
+            output_padding=self.output_padding[axis],
         )
 
     def _pad_rest(self, rows: Tensor) -> Tensor:
@@ -221,8 +239,11 @@ class _SpatialConvTransposeNd(SpatialLayer):
 
     def _conv_options(self):
         """``(stride, padding, dilation, transposed, output_padding)`` of the window's conv:
-        none of either padding along dim 2 (the rank's rows are cut from the result)."""
-        padding, output_padding = (0, *self.padding[1:]), (0, *self.output_padding[1:])
+        none of either padding along the split dims (the rank's rows are cut from the
+        result)."""
+        split = len(self.split.dims)
+        padding = (0,) * split + tuple(self.padding[split:])
+        output_padding = (0,) * split + tuple(self.output_padding[split:])
         return self.stride, padding, self.dilation, True, output_padding
 
     def _local_conv(self, window: Tensor, weight: Tensor, bias) -> Tensor:
@@ -238,17 +259,21 @@ class _SpatialConvTransposeNd(SpatialLayer):
             raise NotImplementedError(
                 "output_size with rows split: give output_padding in the constructor instead"
             )
-        pg = self.process_group
-        total = self._total_rows(x, self.weight)
-        plan = self._plan(total)
-        first = self.rows.window(plan.out_rows[plan.rank], total)[0]
-        weight, bias = copy_to_ranks_together([self.weight, self.bias], pg)
-        pieces = halo_rows(x, plan, pg)
-        out = _WindowConv.apply(x, weight, None, self, plan, 0.0, *pieces)
-        start, stop = plan.out_rows[plan.rank]
-        covered = first * self.stride[0] - self.padding[0]  # the global row of out's first
-        top, bottom = covered - start, stop - (covered + out.shape[2])
-        out = F.pad(out, [0, 0] * (self._dims - 1) + [top, bottom])
+        totals = self._total_rows(x, self.weight)
+        exchanges = self._exchanges(totals)
+        weight, bias = copy_to_ranks_together([self.weight, self.bias], self.process_group)
+        pieces = [p for step in halo_pieces(x, exchanges) for p in step]
+        out = _WindowConv.apply(x, weight, None, self, exchanges, *pieces)
+        pad = [0, 0] * self._dims  # F.pad's list, last dim first
+        for axis, (rows, total, (start, stop)) in enumerate(
+            zip(self.rows, totals, self._own_out(exchanges), strict=True)
+        ):
+            first = rows.window((start, stop), total)[0]
+            covered = first * self.stride[axis] - self.padding[axis]  # out's first, globally
+            at = 2 * (self._dims - 1 - axis)
+            pad[at] = covered - start
+            pad[at + 1] = stop - (covered + out.shape[2 + axis])
+        out = F.pad(out, pad)
         if bias is None:
             return out
         return out + bias.view([1, -1] + [1] * self._dims)
@@ -265,7 +290,7 @@ def _make_transposed(nn_type: type[nn.Module], dims: int, functional):
 
         def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
             nn_type.__init__(self, *args, **kwargs)
-            self._set_group(process_group, checks, self._conv_rows(), self.in_channels)
+            self._set_group(process_group, checks, self._conv_rows, self.in_channels)
 
         @staticmethod
         def _conv_transpose(x, *args):

@@ -18,8 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from mpgroups.comm.collectives import all_reduce_sum, copy_to_ranks_together
-from mpgroups.layers.spatial_base import SpatialLayer
-from mpgroups.sharding.spatial import ConvRows
+from mpgroups.layers.spatial_base import SpatialLayer, pointwise_rows
 
 __all__ = [
     "SpatialGroupNorm",
@@ -99,7 +98,7 @@ class SpatialGroupNorm(SpatialLayer, nn.GroupNorm):
 
     def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
         nn.GroupNorm.__init__(self, *args, **kwargs)
-        self._set_group(process_group, checks, ConvRows(kernel=1), self.num_channels)
+        self._set_group(process_group, checks, pointwise_rows, self.num_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.splits_rows:
@@ -153,7 +152,7 @@ def _make(nn_type: type[nn.Module], dims: int):
 
         def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
             nn_type.__init__(self, *args, **kwargs)
-            self._set_group(process_group, checks, ConvRows(kernel=1), self.num_features)
+            self._set_group(process_group, checks, pointwise_rows, self.num_features)
 
     SpatialInstanceNorm.__name__ = SpatialInstanceNorm.__qualname__ = f"Spatial{nn_type.__name__}"
     return SpatialInstanceNorm

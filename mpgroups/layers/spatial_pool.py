@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.comm.process_groups import resolve_process_group
 from mpgroups.layers.spatial_base import SpatialLayer
 from mpgroups.sharding.spatial import AdaptiveRows, ConvRows
 
@@ -48,22 +47,25 @@ class _SpatialPoolNd(SpatialLayer):
         stride = self.stride if self.stride is not None else self.kernel_size
         return tuple(_per_dim(v, self._dims) for v in (self.kernel_size, stride, self.padding))
 
-    def _pool_rows(self, dilation: int = 1) -> ConvRows:
+    def _pool_rows(self, axis: int) -> ConvRows:
+        """What the pooling does along spatial dim ``axis`` (dim ``2 + axis``)."""
         kernel, stride, padding = self._geometry()
+        dilation = _per_dim(getattr(self, "dilation", 1), self._dims)
         return ConvRows(
-            kernel=kernel[0],
-            stride=stride[0],
-            dilation=dilation,
-            pad_lo=padding[0],
-            pad_hi=padding[0],
+            kernel=kernel[axis],
+            stride=stride[axis],
+            dilation=dilation[axis],
+            pad_lo=padding[axis],
+            pad_hi=padding[axis],
             ceil_mode=self.ceil_mode,
         )
 
     def _local_options(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """Kernel, stride and padding for the window: no padding along dim 2 (the window
-        holds it), the layer's own along the other dims."""
+        """Kernel, stride and padding for the window: no padding along the split dims (the
+        window holds it), the layer's own along the other dims."""
         kernel, stride, padding = self._geometry()
-        return kernel, stride, (0, *padding[1:])
+        split = len(self.split.dims)
+        return kernel, stride, (0,) * split + tuple(padding[split:])
 
 
 class _SpatialMaxPoolNd(_SpatialPoolNd):
@@ -87,39 +89,47 @@ class _SpatialAvgPoolNd(_SpatialPoolNd):
     def _check_options(self) -> None:
         pass
 
-    def _row_scale(self, plan, total: int, like: Tensor) -> Tensor:
-        """Per output row: the window's kernel over the divisor torch uses along dim 2."""
-        scale = self.__dict__.setdefault("_row_scales", {}).get(total)
-        if scale is None:
-            rows, (start, stop) = self.rows, plan.out_rows[plan.rank]
-            scale = []
-            for row in range(start, stop):
-                first = row * rows.stride - rows.pad_lo
-                last = min(first + rows.kernel, total + rows.pad_hi)
-                counted = (
-                    last - first if self.count_include_pad else min(last, total) - max(first, 0)
-                )
-                scale.append(rows.kernel / counted)
-            self._row_scales[total] = scale
-        shape = [1, 1, len(scale)] + [1] * (self._dims - 1)
-        return torch.tensor(scale, dtype=like.dtype, device=like.device).view(shape)
+    def _row_scale(self, exchanges, totals: tuple[int, ...], like: Tensor) -> Tensor:
+        """Per output element: the window's kernel over the divisor torch uses along the
+        split dims (torch's divisor is a product over the dims, each of its own)."""
+        cache = self.__dict__.setdefault("_row_scales", {})
+        own = tuple(self._own_out(exchanges))
+        scales = cache.get((totals, own))
+        if scales is None:
+            scales = []
+            for rows, total, (start, stop) in zip(self.rows, totals, own, strict=True):
+                scale = []
+                for row in range(start, stop):
+                    first = row * rows.stride - rows.pad_lo
+                    last = min(first + rows.kernel, total + rows.pad_hi)
+                    counted = (
+                        last - first if self.count_include_pad else min(last, total) - max(first, 0)
+                    )
+                    scale.append(rows.kernel / counted)
+                scales.append(scale)
+            cache[(totals, own)] = scales
+        factor = None
+        for axis, scale in enumerate(scales):
+            shape = [1, 1] + [1] * self._dims
+            shape[2 + axis] = len(scale)
+            along = torch.tensor(scale, dtype=like.dtype, device=like.device).view(shape)
+            factor = along if factor is None else factor * along
+        return factor
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.splits_rows:
             return super().forward(x)
-        window, plan, total = self._window(x)
+        window, exchanges, totals = self._window(x)
         kernel, stride, padding = self._local_options()
         options = dict(ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad)
         override = getattr(self, "divisor_override", None)
         if override is not None:
             options["divisor_override"] = override
         out = self._pool(window, kernel, stride, padding, **options)
-        return out if override is not None else out * self._row_scale(plan, total, out)
+        return out if override is not None else out * self._row_scale(exchanges, totals, out)
 
 
 def _make(base: type[_SpatialPoolNd], nn_type: type[nn.Module], dims: int, functional):
-    dilated = "dilation" in inspect.signature(nn_type.__init__).parameters
-
     class SpatialPool(base, nn_type):
         __doc__ = (
             f"``nn.{nn_type.__name__}`` on this rank's rows along dim 2 of ``process_group`` "
@@ -130,8 +140,7 @@ def _make(base: type[_SpatialPoolNd], nn_type: type[nn.Module], dims: int, funct
 
         def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
             nn_type.__init__(self, *args, **kwargs)
-            dilation = _per_dim(self.dilation, dims)[0] if dilated else 1
-            self._set_group(process_group, checks, self._pool_rows(dilation), None)
+            self._set_group(process_group, checks, self._pool_rows, None)
             self._check_options()
 
         @staticmethod
@@ -162,11 +171,12 @@ class _SpatialAdaptivePoolNd(SpatialLayer):
     rank pools, row by row, the input rows its output rows read (torch's adaptive windows of
     the whole input), and the other dims as torch does."""
 
-    def _adaptive_rows(self) -> AdaptiveRows:
-        size = _per_dim(self.output_size, self._dims)[0]
+    def _adaptive_rows(self, axis: int) -> AdaptiveRows:
+        size = _per_dim(self.output_size, self._dims)[axis]
         if size is None:
             raise NotImplementedError(
-                "an adaptive pooling that keeps dim 2 (output_size None there) with rows split"
+                f"an adaptive pooling that keeps dim {2 + axis} (output_size None there) with "
+                f"that dim split"
             )
         return AdaptiveRows(size)
 
@@ -175,16 +185,26 @@ class _SpatialAdaptivePoolNd(SpatialLayer):
             return super().forward(x)
         if getattr(self, "return_indices", False):
             raise NotImplementedError("return_indices=True with rows split")
-        window, plan, total = self._window(x)
-        first = self.rows.window(plan.out_rows[plan.rank], total)[0]
-        rest = _per_dim(self.output_size, self._dims)[1:]
-        rest = tuple(x.shape[3 + i] if n is None else n for i, n in enumerate(rest))
-        start, stop = plan.out_rows[plan.rank]
-        rows = []
-        for row in range(start, stop):
-            begin, end = self.rows.rows_of(row, total)
-            rows.append(self._pool(window.narrow(2, begin - first, end - begin), (1, *rest)))
-        return torch.cat(rows, dim=2)
+        window, exchanges, totals = self._window(x)
+        # Average and max over a box are those over each of its dims in turn: along each
+        # split dim, every output row pools its own stretch of the window (torch's adaptive
+        # stretches of the whole input) to one row, the other dims kept (None)
+        split = len(exchanges)
+        for axis, (rows, total, (start, stop)) in enumerate(
+            zip(self.rows, totals, self._own_out(exchanges), strict=True)
+        ):
+            first = rows.window((start, stop), total)[0]
+            keep: list[int | None] = [None] * self._dims
+            keep[axis] = 1
+            pooled = []
+            for row in range(start, stop):
+                begin, end = rows.rows_of(row, total)
+                pooled.append(self._pool(window.narrow(2 + axis, begin - first, end - begin), keep))
+            window = torch.cat(pooled, dim=2 + axis)
+        rest = _per_dim(self.output_size, self._dims)[split:]
+        if all(n is None for n in rest):
+            return window
+        return self._pool(window, (None,) * split + tuple(rest))
 
 
 def _make_adaptive(nn_type: type[nn.Module], dims: int, functional):
@@ -198,10 +218,7 @@ def _make_adaptive(nn_type: type[nn.Module], dims: int, functional):
 
         def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
             nn_type.__init__(self, *args, **kwargs)
-            group = resolve_process_group(process_group)
-            splits = group is not None and group.size() > 1
-            rows = self._adaptive_rows() if splits else AdaptiveRows(1)
-            self._set_group(group, checks, rows, None)
+            self._set_group(process_group, checks, self._adaptive_rows, None)
 
         @staticmethod
         def _pool(x, size):

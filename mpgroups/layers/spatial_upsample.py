@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpgroups.comm.process_groups import resolve_process_group
 from mpgroups.layers.spatial_base import SpatialLayer
 from mpgroups.sharding.spatial import UpsampleRows
 
@@ -22,30 +21,28 @@ _LINEAR = ("linear", "bilinear", "trilinear")
 
 
 class SpatialUpsample(SpatialLayer, nn.Upsample):
-    """``nn.Upsample`` on this rank's rows (dim 2) of ``process_group``'s split input; the same
-    arguments, plus the keyword-only ``process_group`` and ``checks``. With rows split, the
-    scale along dim 2 must be a whole number (``scale_factor``; ``size`` is not taken) and
-    linear modes need ``align_corners=False``."""
+    """``nn.Upsample`` on this rank's rows (dim 2, and dim 3 on a 2-D mesh) of
+    ``process_group``'s split input; the same arguments, plus the keyword-only
+    ``process_group`` and ``checks``. With rows split, the scale along each split dim must
+    be a whole number (``scale_factor``; ``size`` is not taken) and linear modes need
+    ``align_corners=False``."""
 
     def __init__(self, *args, process_group=None, checks: bool | None = None, **kwargs):
         nn.Upsample.__init__(self, *args, **kwargs)
-        group = resolve_process_group(process_group)
-        splits = group is not None and group.size() > 1
-        rows = self._upsample_rows() if splits else UpsampleRows(1)  # one rank: nn.Upsample
-        self._set_group(group, checks, rows, None)
+        self._set_group(process_group, checks, self._upsample_rows, None)
 
     @property
     def _input_dims(self) -> tuple[int, int]:
         return 3, 5
 
-    def _upsample_rows(self) -> UpsampleRows:
+    def _upsample_rows(self, axis: int) -> UpsampleRows:
         scale = self.scale_factor
-        scale = scale[0] if isinstance(scale, (tuple, list)) else scale
+        scale = scale[axis] if isinstance(scale, (tuple, list)) else scale
         whole = scale is not None and float(scale).is_integer()
         if self.mode not in ("nearest", "nearest-exact", *_LINEAR):
             problem = f"mode={self.mode!r} (nearest, nearest-exact and linear modes are)"
         elif self.size is not None or not whole:
-            problem = "a scale along dim 2 that is not a whole scale_factor"
+            problem = f"a scale along dim {2 + axis} that is not a whole scale_factor"
         elif self.mode in _LINEAR and self.align_corners:
             problem = "align_corners=True"
         else:
@@ -56,8 +53,7 @@ class SpatialUpsample(SpatialLayer, nn.Upsample):
     def forward(self, x: Tensor) -> Tensor:
         if not self.splits_rows:
             return super().forward(x)
-        window, plan, total = self._window(x)
-        first = self.rows.window(plan.out_rows[plan.rank], total)[0]
+        window, exchanges, totals = self._window(x)
         out = F.interpolate(
             window,
             scale_factor=self.scale_factor,
@@ -65,9 +61,12 @@ class SpatialUpsample(SpatialLayer, nn.Upsample):
             align_corners=self.align_corners,
             recompute_scale_factor=self.recompute_scale_factor,
         )
-        start, stop = plan.out_rows[plan.rank]
-        offset = start - first * self.rows.scale
-        return out.narrow(2, offset, stop - start)
+        for axis, (rows, total, (start, stop)) in enumerate(
+            zip(self.rows, totals, self._own_out(exchanges), strict=True)
+        ):
+            first = rows.window((start, stop), total)[0]
+            out = out.narrow(2 + axis, start - first * rows.scale, stop - start)
+        return out
 
     @classmethod
     def from_module(cls, module: nn.Upsample, process_group=None, *, checks=None):

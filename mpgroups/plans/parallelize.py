@@ -241,9 +241,9 @@ def parallelize(
     """
     if getattr(model, "_mpgroups_tracker", None) is not None or "_mpgroups_spatial" in vars(model):
         raise PlanError("model is already parallelized; call unparallelize(model) first")
-    pg = resolve_process_group(process_group)
     if plan == "spatial":
-        return spatialize(model, pg, sync_module_states=sync_module_states)
+        return spatialize(model, process_group, sync_module_states=sync_module_states)
+    pg = resolve_process_group(process_group)
     if isinstance(plan, str):
         if plan != "auto":
             raise PlanError(f"plan must be a dict, 'auto' or 'spatial', got {plan!r}")

@@ -29,6 +29,7 @@ from torch import nn
 
 from mpgroups.comm.checks import RootCheck, check_same_call, fingerprint
 from mpgroups.comm.collectives import broadcast_tensors_
+from mpgroups.comm.spatial_groups import SpatialSplit, resolve_spatial_split
 from mpgroups.comm.spatial_transfer import gather_spatial
 from mpgroups.layers import spatial_conv, spatial_norm, spatial_pool
 from mpgroups.layers.spatial_base import SpatialLayer
@@ -139,7 +140,9 @@ def _keeps_rows(index) -> bool:
     return all(entry == whole for entry in index[2:])
 
 
-def _split_flow(model: nn.Module, process_group) -> tuple[set[int], set[int], set[int]]:
+def _split_flow(
+    model: nn.Module, spatial: SpatialSplit | None
+) -> tuple[set[int], set[int], set[int]]:
     """Which leaf modules the traced forward feeds the split rows (``ids``), which of them
     end the chain there (a global pooling, ``nn.Flatten``, ``nn.Linear``: their input is
     gathered, their output whole), and which it never calls. The split follows every
@@ -173,7 +176,7 @@ def _split_flow(model: nn.Module, process_group) -> tuple[set[int], set[int], se
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             if isinstance(module, _CHAIN_ENDS) and not (
-                type(module) in _ADAPTIVE and _keeps_rows_split(module, process_group)
+                type(module) in _ADAPTIVE and _keeps_rows_split(module, spatial)
             ):
                 ends.add(id(module))
                 continue
@@ -215,14 +218,18 @@ def _split_flow(model: nn.Module, process_group) -> tuple[set[int], set[int], se
     return fed, ends, ignored
 
 
-def _keeps_rows_split(pool: nn.Module, process_group) -> bool:
+def _keeps_rows_split(pool: nn.Module, split: SpatialSplit | None) -> bool:
     """Whether an adaptive pooling gives every rank rows of its own: an output size along
-    dim 2 of at least the group's size, and no indices asked for. Otherwise (a global
-    pooling, to one row) the chain ends there."""
+    each split dim of at least the ranks along it, and no indices asked for. Otherwise (a
+    global pooling, to one row) the chain ends there."""
+    if split is None:
+        return True
     size = pool.output_size
-    rows = size[0] if isinstance(size, (tuple, list)) else size
-    ranks = 1 if process_group is None else process_group.size()
-    return rows is not None and rows >= ranks and not getattr(pool, "return_indices", False)
+    sizes = size if isinstance(size, (tuple, list)) else (size,) * (len(split.dims))
+    return not getattr(pool, "return_indices", False) and all(
+        rows is not None and rows >= ranks
+        for rows, ranks in zip(sizes, split.grid.shape, strict=False)
+    )
 
 
 def _gather_input(module: nn.Module, args):
@@ -231,19 +238,20 @@ def _gather_input(module: nn.Module, args):
 
 def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = True) -> nn.Module:
     """What ``parallelize(model, process_group, plan="spatial")`` does (see the module
-    docstring); returns the converted root.
+    docstring); returns the converted root. ``process_group``: a ``ProcessGroup`` or 1-D
+    ``DeviceMesh`` (dim 2 split), or a 2-D ``DeviceMesh`` named ``("sp_h", "sp_w")`` (dims
+    2 and 3 split).
 
     Raises:
         PlanError: a module the plan cannot let see a block of rows, before the chain ends.
     """
-    if sync_module_states and process_group is not None and process_group.size() > 1:
+    group, split = resolve_spatial_split(process_group)
+    if sync_module_states and split is not None:
         state = [*model.parameters(), *model.buffers()]
         layout = tuple((str(t.dtype), tuple(t.shape)) for t in state)
-        check_same_call(
-            f"parallelize({type(model).__name__}, plan='spatial')", layout, process_group
-        )
-        broadcast_tensors_(state, process_group)
-    fed, ends, untraced = _split_flow(model, process_group)
+        check_same_call(f"parallelize({type(model).__name__}, plan='spatial')", layout, group)
+        broadcast_tensors_(state, group)
+    fed, ends, untraced = _split_flow(model, split)
     convertible = (*SPATIAL_TWINS, *_BATCH_NORMS, nn.GroupNorm, nn.InstanceNorm1d,
                    nn.InstanceNorm2d, nn.InstanceNorm3d)  # fmt: skip
     made: dict[int, nn.Module] = {}
@@ -267,7 +275,7 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
             made[id(module)] = twin = _norm_twin(module, process_group)
             model = replace_module(model, name, twin)
         elif kind in _BATCH_NORMS:
-            sync_batch_norms(module, process_group)
+            sync_batch_norms(module, group)
         elif not isinstance(module, _AS_THEY_ARE):
             raise PlanError(
                 f"plan='spatial' cannot give '{name}' ({kind.__name__}) a block of rows: it "
@@ -276,14 +284,14 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
                 f"every global pooling, nn.Flatten or nn.Linear the split rows reach"
             )
     handles = []
-    if process_group is not None and process_group.size() > 1:
+    if split is not None:
         guards = []
         for name, module in model.named_modules():
             if isinstance(module, SpatialLayer) and hasattr(module, "input_guard"):
                 # Named by its place: identical layers on different paths never pair.
                 module.input_guard.site_id = fingerprint(module.input_guard.site_id, name)
                 guards.append(module.input_guard)
-        root = RootCheck(type(model).__name__, process_group, guards, split_dim=2)
+        root = RootCheck(type(model).__name__, group, guards, split=split.grid)
         handles.append(model.register_forward_pre_hook(root, prepend=True, with_kwargs=True))
         handles.append(model.register_forward_hook(root.finish, prepend=True, always_call=True))
     model._mpgroups_spatial = handles
@@ -312,7 +320,8 @@ def unspatialize(model: nn.Module) -> nn.Module:
             )
             plain = plain_type.__new__(plain_type)
             plain.__dict__.update(module.__dict__)
-            for attr in ("process_group", "rows", "_channels", "_plans", "input_guard"):
+            for attr in ("process_group", "split", "rows", "_channels", "_plans", "_totals",
+                         "input_guard", "_row_scales"):  # fmt: skip
                 plain.__dict__.pop(attr, None)
             restored[id(module)] = plain
             model = replace_module(model, name, plain)

@@ -22,6 +22,7 @@ from mpgroups.sharding.placement import Slice
 __all__ = [
     "PADDING_MODES",
     "AdaptiveRows",
+    "BlockGrid",
     "ConvRows",
     "HaloPlan",
     "RowMap",
@@ -47,6 +48,76 @@ def row_blocks(size: int, world_size: int) -> tuple[Slice, ...]:
     base, extra = divmod(size, world_size)
     starts = [r * base + min(r, extra) for r in range(world_size + 1)]
     return tuple(zip(starts[:-1], starts[1:], strict=True))
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """How the ranks of a group tile a split tensor: ``shape[i]`` ranks along ``dims[i]``,
+    group rank ``r`` at the row-major coordinate of ``shape`` (a 1-D split: rank ``r`` holds
+    block ``r`` of dim 2; a ``P_h × P_w`` grid: rank ``h·P_w + w`` holds block ``h`` of dim 2
+    and block ``w`` of dim 3), each block ``torch.tensor_split``'s.
+
+    What the input checks exchange per rank is its block's size along ``dims``: an int for
+    one dim, a tuple for several (``-1``: a rank that sent no tensor)."""
+
+    dims: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        count = 1
+        for ranks in self.shape:
+            count *= ranks
+        return count
+
+    @property
+    def checked_dims(self) -> int | tuple[int, ...]:
+        """The ``channel_dim`` of the input checks: one dim, or the tuple of them."""
+        return self.dims[0] if len(self.dims) == 1 else self.dims
+
+    def coordinate(self, rank: int) -> tuple[int, ...]:
+        """Group rank ``rank``'s block index along each of ``dims``."""
+        coordinate = []
+        for ranks in reversed(self.shape):
+            rank, index = divmod(rank, ranks)
+            coordinate.append(index)
+        return tuple(reversed(coordinate))
+
+    def _sizes(self, sent: list) -> list[tuple[int, ...] | None]:
+        return [None if s == -1 else (s if isinstance(s, tuple) else (s,)) for s in sent]
+
+    def totals(self, sent: list) -> tuple[int, ...]:
+        """The whole tensor's size along each of ``dims``, from what every rank holds: along
+        dim ``i``, the blocks of the ranks at coordinate 0 along every other dim."""
+        sizes = self._sizes(sent)
+        totals = []
+        for axis in range(len(self.dims)):
+            line = [
+                s[axis]
+                for r, s in enumerate(sizes)
+                if s is not None
+                and all(c == 0 for i, c in enumerate(self.coordinate(r)) if i != axis)
+            ]
+            totals.append(sum(line))
+        return tuple(totals)
+
+    def expected(self, sent: list) -> list:
+        """What each rank should hold of :meth:`totals` (``sent`` itself when a rank sent no
+        tensor: its record says what it sent)."""
+        if any(s == -1 for s in sent):
+            return sent
+        totals = self.totals(sent)
+        blocks = [row_blocks(t, ranks) for t, ranks in zip(totals, self.shape, strict=True)]
+        expected = []
+        for rank in range(len(sent)):
+            own = [blocks[axis][c] for axis, c in enumerate(self.coordinate(rank))]
+            sizes = tuple(stop - start for start, stop in own)
+            expected.append(sizes[0] if len(sizes) == 1 else sizes)
+        return expected
+
+    def note(self, sent: list) -> list[str]:
+        totals = " × ".join(map(str, self.totals(sent)))
+        return [f"balanced blocks of {totals} rows"] * len(sent)
 
 
 @dataclass(frozen=True)
