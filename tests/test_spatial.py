@@ -175,7 +175,8 @@ def _double_backward(ctx, grid: bool = False) -> None:
         out = functional_call(layer, {"weight": weight, "bias": bias}, (block,))
         return gather_spatial(out, process_group=where)
 
-    x = torch.randn(1, 1, 7, 6, dtype=torch.float64, requires_grad=True)  # rows 4 + 3
+    size = (5, 4) if grid else (7, 3)  # rows 4 + 3; on the grid 3 + 2 rows, 2 + 2 columns
+    x = torch.randn(1, 1, *size, dtype=torch.float64, requires_grad=True)
     weight = plain.weight.detach().clone().requires_grad_()
     bias = plain.bias.detach().clone().requires_grad_()
     assert torch.autograd.gradgradcheck(split, (x, weight, bias))

@@ -177,31 +177,33 @@ def test_a_rank_saves_its_share_of_activations_plus_the_halos(pool, kind, world_
         assert mine <= single / world_size + every_halo
 
 
-def _one_check_per_forward(ctx) -> dict:
+def _one_check_per_forward(ctx, grid: bool) -> dict:
     from mpgroups.comm.checks import InputMismatchError
 
     torch.manual_seed(0)
+    where = spatial_grid() if grid else ctx.process_group
     plain = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4), nn.MaxPool2d(3, 1, 1),
     ).double()  # fmt: skip
-    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
+    model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
     counts = {}
     # 20 rows, then 19: rank 0 holds 10 rows both times at P = 2, the others do not; every
-    # layer must still see the new total (the root's agreed total is part of its key)
+    # layer must still see the new total (the root's agreed total is part of its key); on
+    # the grid, 12 columns then 11 as well
     for rows in (20, 20, 19, 19):
-        x = torch.randn(2, 2, rows, 12, dtype=torch.float64)
+        columns = rows - 8 if grid else 12
+        x = torch.randn(2, 2, rows, columns, dtype=torch.float64)
         with mpgroups.CommCounter() as comm:
-            out = model(mpgroups.spatial_shard(x, ctx.process_group))
-        own = torch.tensor_split(plain(x), ctx.world_size, dim=2)[ctx.rank]
+            out = model(mpgroups.spatial_shard(x, where))
+        own = _own_block(ctx, plain(x), grid)
         torch.testing.assert_close(out, own, rtol=TOLERANCE, atol=TOLERANCE)
         counts.setdefault(rows, []).append(comm.count("input_check", kind="check"))
-    # a rank with a row too many: the root raises on every rank, before any halo moves
-    block = mpgroups.spatial_shard(
-        torch.randn(2, 2, 20, 12, dtype=torch.float64), ctx.process_group
-    )
+    # a rank with a row (a column) too many: the root raises on every rank, before any halo
+    block = mpgroups.spatial_shard(torch.randn(2, 2, 20, 12, dtype=torch.float64), where)
     if ctx.rank == 1:
-        block = torch.cat([block, block[:, :, :1]], dim=2)
+        dim = 3 if grid else 2
+        block = torch.cat([block, block.narrow(dim, 0, 1)], dim=dim)
     with mpgroups.CommCounter() as comm, pytest.raises(InputMismatchError) as info:
         model(block)
     assert comm.count("halo_exchange") == 0
@@ -209,14 +211,14 @@ def _one_check_per_forward(ctx) -> dict:
     return counts
 
 
-def test_a_split_model_checks_once_per_forward_at_its_root(pool):
-    for counts in pool.run(_one_check_per_forward, 2):
+@pytest.mark.parametrize("grid", [False, True], ids=["rows", "grid"])
+def test_a_split_model_checks_once_per_forward_at_its_root(pool, grid):
+    for counts in pool.run(_one_check_per_forward, 4 if grid else 2, grid):
         # a new total: the root and every layer check once; then the root alone
         assert counts[20][1] == counts[19][1] == 1 < counts[20][0] == counts[19][0]
-        assert (
-            "model's input" in counts["message"]
-            and "balanced blocks of 21 rows" in counts["message"]
-        )
+        total = "20 × 13" if grid else "21"
+        assert "model's input" in counts["message"], counts["message"]
+        assert f"balanced blocks of {total} rows" in counts["message"], counts["message"]
 
 
 def _habits(ctx) -> None:
