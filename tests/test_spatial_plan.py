@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_harness import spatial_grid
+from models import Bottleneck, TinyResNeXt
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 import mpgroups
 from mpgroups.comm.collectives import all_reduce_sum
@@ -47,6 +49,9 @@ _MODELS = {
     "unet3d": (lambda: UNet(3, 1, "upsample", "instance"), (2, 2, 10, 6, 6)),
     "unet3d-transpose": (lambda: UNet(3, 1, "transpose", "batch"), (1, 2, 10, 6, 4)),
     "classifier": (Classifier, (4, 3, 23, 16)),
+    # split both ways on ("sp", "gp"): the blocks' channel groups over gp, rows over sp
+    "resnext": (lambda: TinyResNeXt(channels=16, width=32), (2, 3, 9, 6)),
+    "block": (lambda: Bottleneck(16, 32, groups=8), (2, 16, 9, 5)),
 }
 
 
@@ -58,23 +63,39 @@ def _loss(out, target, whole_numel: int, group, split: bool):
     return part, whole
 
 
-def _own_block(ctx, whole, grid: bool):
-    """This rank's block of ``whole``: rows, or rows and columns on the 2 × 2 grid."""
-    if not grid:
+def _own_block(ctx, whole, mesh: str | None = None):
+    """This rank's block of ``whole``: rows; on the 2 × 2 grid rows and columns; on the
+    ``("sp", "gp")`` mesh rows over sp (the output's channels are whole)."""
+    if mesh is None:
         return torch.tensor_split(whole, ctx.world_size, dim=2)[ctx.rank]
     h, w = divmod(ctx.rank, 2)
-    return torch.tensor_split(torch.tensor_split(whole, 2, dim=2)[h], 2, dim=3)[w]
+    rows = torch.tensor_split(whole, 2, dim=2)[h]
+    return rows if mesh == "sp-gp" else torch.tensor_split(rows, 2, dim=3)[w]
 
 
-def _train(ctx, kind: str, dtype: torch.dtype = torch.float64, grid: bool = False) -> None:
+def _train(ctx, kind: str, dtype: torch.dtype = torch.float64, mesh: str | None = None) -> None:
+    """``mesh``: ``None`` (ctx's group splits the rows), ``"grid"`` (2 × 2, rows and columns)
+    or ``"sp-gp"`` (2 × 2, rows and channel groups)."""
     build, shape = _MODELS[kind]
     tolerance = TOLERANCE if dtype == torch.float64 else 1e-4
     torch.manual_seed(0)
     plain = build().to(dtype)
-    where = spatial_grid() if grid else ctx.process_group
+    where, rows_group, loss_group = ctx.process_group, ctx.process_group, ctx.process_group
+    if mesh == "grid":
+        where = rows_group = spatial_grid()
+    elif mesh == "sp-gp":
+        where = spatial_grid(("sp", "gp"))
+        rows_group = where["sp"]
+        loss_group = rows_group.get_group()
     model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
-    split_output = kind != "classifier"
-    if not split_output:  # the adaptive pooling to (4, 3) keeps rows split; the one to 1 ends
+    split_output = kind not in ("classifier", "resnext")
+    if mesh == "sp-gp":  # every conv of the block split both ways: rows, and its channels
+        block = model.layer1[0] if kind == "resnext" else model
+        for conv in (block.conv1, block.conv2, block.conv3):
+            assert type(conv).__name__ == "SplitRowsGroupParallelConv2d"
+        assert block.conv2.weight.placements == (Shard(0),)
+        assert block.conv2.weight.to_local().shape[0] == block.conv2.out_channels // 2
+    if kind == "classifier":  # the adaptive pooling to (4, 3) keeps rows split; to 1 ends
         assert type(model.grid).__name__ == "SpatialAdaptiveMaxPool2d"
         assert type(model.pool) is nn.AdaptiveAvgPool2d
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (plain, model)]
@@ -89,16 +110,16 @@ def _train(ctx, kind: str, dtype: torch.dtype = torch.float64, grid: bool = Fals
             torch.manual_seed(100 + step)  # every rank and the device draw one dropout mask
             optimizer.zero_grad()
             split = i == 1
-            inputs = mpgroups.spatial_shard(x, where) if split else x
+            inputs = mpgroups.spatial_shard(x, rows_group) if split else x
             out = m(inputs)
             goal = target
             if split and split_output:
-                goal = _own_block(ctx, target, grid)
-            part, whole = _loss(
-                out, goal, target.numel(), ctx.process_group, split and split_output
-            )
+                goal = _own_block(ctx, target, mesh)
+            part, whole = _loss(out, goal, target.numel(), loss_group, split and split_output)
             part.backward()
-            norms.append(torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.5))
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.5)
+            # (a DTensor where channel groups are split: the norm over every rank's shards)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
             optimizer.step()
             losses.append(whole)
         torch.testing.assert_close(losses[1], losses[0], rtol=tolerance, atol=tolerance)
@@ -109,7 +130,8 @@ def _train(ctx, kind: str, dtype: torch.dtype = torch.float64, grid: bool = Fals
     for key, value in plain_state.items():
         torch.testing.assert_close(state[key], value, rtol=tolerance, atol=tolerance)
     back = mpgroups.unparallelize(model)
-    assert all(type(m).__module__.startswith("torch.nn") for m in back.modules() if m is not back)
+    leaves = [m for m in back.modules() if next(m.children(), None) is None]
+    assert all(type(m).__module__.startswith("torch.nn") for m in leaves)
     back.load_state_dict(plain_state)
     back.eval(), plain.eval()
     x = torch.randn(shape, dtype=dtype)
@@ -135,7 +157,12 @@ def test_spatial_plan_trains_as_one_device(pool, kind, world_size):
 
 @pytest.mark.parametrize("kind", ["unet2d-transpose", "unet2d-upsample", "unet3d", "classifier"])
 def test_spatial_plan_on_a_2x2_grid_trains_as_one_device(pool, kind):
-    pool.run(_train, 4, kind, torch.float64, True)
+    pool.run(_train, 4, kind, torch.float64, "grid")
+
+
+@pytest.mark.parametrize("kind", ["resnext", "block"])
+def test_rows_and_channel_groups_split_both_ways_train_as_one_device(pool, kind):
+    pool.run(_train, 4, kind, torch.float64, "sp-gp")
 
 
 @pytest.mark.parametrize("kind, world_size", [("unet2d-transpose", 4), ("unet3d", 2)])
@@ -196,7 +223,7 @@ def _one_check_per_forward(ctx, grid: bool) -> dict:
         x = torch.randn(2, 2, rows, columns, dtype=torch.float64)
         with mpgroups.CommCounter() as comm:
             out = model(mpgroups.spatial_shard(x, where))
-        own = _own_block(ctx, plain(x), grid)
+        own = _own_block(ctx, plain(x), "grid" if grid else None)
         torch.testing.assert_close(out, own, rtol=TOLERANCE, atol=TOLERANCE)
         counts.setdefault(rows, []).append(comm.count("input_check", kind="check"))
     # a rank with a row (a column) too many: the root raises on every rank, before any halo

@@ -20,9 +20,18 @@ from mpgroups.comm.process_groups import named_subgroup, resolve_process_group
 from mpgroups.sharding.layout import NOT_PICKLABLE
 from mpgroups.sharding.spatial import BlockGrid
 
-__all__ = ["GRID_DIM_NAMES", "SpatialSplit", "check_grid", "resolve_spatial_split"]
+__all__ = [
+    "GRID_DIM_NAMES",
+    "SPACE_AND_GROUPS",
+    "SpatialSplit",
+    "check_grid",
+    "is_space_and_groups",
+    "mesh_group",
+    "resolve_spatial_split",
+]
 
 GRID_DIM_NAMES = ("sp_h", "sp_w")  # a 2-D mesh's dims: split dims 2 and 3
+SPACE_AND_GROUPS = ("sp", "gp")  # a 2-D mesh's dims: rows split, and channel groups
 _whole_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -52,7 +61,7 @@ class SpatialSplit:
         raise TypeError(NOT_PICKLABLE)
 
 
-def _whole_group(mesh) -> dist.ProcessGroup:
+def mesh_group(mesh) -> dist.ProcessGroup:
     """One group of every rank of ``mesh``, in its row-major order, made once per mesh."""
     group = _whole_groups.get(mesh)
     if group is None:
@@ -63,6 +72,16 @@ def _whole_group(mesh) -> dist.ProcessGroup:
             group = named_subgroup(dist.group.WORLD, ranks, kind="grid")
         _whole_groups[mesh] = group
     return group
+
+
+def is_space_and_groups(process_group) -> bool:
+    """Whether ``process_group`` is a 2-D ``DeviceMesh`` with dims ``("sp", "gp")``."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return (
+        isinstance(process_group, DeviceMesh)
+        and tuple(process_group.mesh_dim_names or ()) == SPACE_AND_GROUPS
+    )
 
 
 def check_grid(mesh):
@@ -99,7 +118,7 @@ def resolve_spatial_split(
         axes = tuple((2 + i, mesh.get_group(name)) for i, name in enumerate(GRID_DIM_NAMES))
         if grid.size == 1:
             return None, None
-        return _whole_group(mesh), SpatialSplit(_whole_group(mesh), axes, grid)
+        return mesh_group(mesh), SpatialSplit(mesh_group(mesh), axes, grid)
     group = resolve_process_group(process_group)
     if group is None or group.size() == 1:
         return group, None

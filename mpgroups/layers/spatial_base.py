@@ -64,36 +64,42 @@ class SpatialLayer(SharesProcessGroup):
         """``row_map(i)``: how the layer maps input rows to output rows along spatial dim
         ``i`` (dim ``2 + i``), asked for each split dim only; ``channels``: the input
         channels it takes (``None``: any, the same on every rank)."""
-        self.process_group, self.split = resolve_spatial_split(process_group)
+        group, self.row_split = resolve_spatial_split(process_group)
+        self._keep_group(group)
         self._channels = channels
         self._plans: dict[tuple[int, ...], tuple[HaloPlan, ...]] = {}
         self._totals: dict[tuple, tuple[int, ...]] = {}  # (input shape, root's context): totals
-        if self.split is None:
+        if self.row_split is None:
             self.rows: tuple[RowMap, ...] = ()
             return
         most_dims = self._input_dims[1] - 2
-        if len(self.split.dims) > most_dims:
+        if len(self.row_split.dims) > most_dims:
             raise ValueError(
                 f"{type(self).__name__} takes {most_dims} spatial dim(s) and the mesh splits "
-                f"{len(self.split.dims)} (dims {self.split.dims})"
+                f"{len(self.row_split.dims)} (dims {self.row_split.dims})"
             )
-        self.rows = tuple(row_map(i) for i in range(len(self.split.dims)))
+        self.rows = tuple(row_map(i) for i in range(len(self.row_split.dims)))
         site = f"{type(self).__name__}({super().extra_repr()})"
-        config = (type(self).__name__, channels, self.rows, self.split.grid)
-        self.input_guard = InputGuard(
-            site, config, self.process_group, channel_dim=self.split.grid.checked_dims,
+        config = (type(self).__name__, channels, self.rows, self.row_split.grid)
+        self.rows_guard = InputGuard(
+            site, config, group, channel_dim=self.row_split.grid.checked_dims,
             checks=checks, counted="rows",
         )  # fmt: skip
+
+    def _keep_group(self, group) -> None:
+        """Hold the split's whole group as ``process_group`` (where the layer's parameter
+        grads are summed, its norms' statistics taken)."""
+        self.process_group = group
 
     @property
     def splits_rows(self) -> bool:
         """Whether the layer's rows are split over more than one rank."""
-        return self.split is not None
+        return self.row_split is not None
 
     def _problem(self, x) -> Problem | None:
         channels = "C" if self._channels is None else self._channels
         fewest, most = self._input_dims
-        fewest = max(fewest, 2 + len(self.split.dims))
+        fewest = max(fewest, 2 + len(self.row_split.dims))
         dims = f"{fewest}-D" if fewest == most else f"{fewest}-D to {most}-D"
         problem = tensor_problem(x, f"[N, {channels}, rows, ...] ({dims})", fewest, most)
         if problem is None and self._channels is not None and x.shape[1] != self._channels:
@@ -108,12 +114,12 @@ class SpatialLayer(SharesProcessGroup):
         blocks fit. Under a split model's root check a layer exchanges only for an input it
         has not seen with the model's agreed totals (every rank decides alike); it then
         knows them."""
-        grid = self.split.grid
-        records = self.input_guard(
+        grid = self.row_split.grid
+        records = self.rows_guard(
             x, problem=self._problem(x), expected_channels=grid.expected,
             channels_note=grid.note, weight=weight,
         )  # fmt: skip
-        clock = self.input_guard.clock
+        clock = self.rows_guard.clock
         key = (tuple(x.shape), clock.agreed_context() if clock is not None else ())
         if records is not None:
             totals = grid.totals(channel_counts(records, grid.checked_dims))
@@ -123,11 +129,10 @@ class SpatialLayer(SharesProcessGroup):
         elif clock is not None and clock.checked and key in self._totals:
             totals = self._totals[key]
         else:
-            totals = tuple(
-                sum_over_ranks(x.shape[dim], host_group(group)) for dim, group in self.split.axes
-            )
+            axes = self.row_split.axes
+            totals = tuple(sum_over_ranks(x.shape[d], host_group(g)) for d, g in axes)
         if clock is not None and clock.checked:
-            clock.note(self.input_guard.site_id, *totals)
+            clock.note(self.rows_guard.site_id, *totals)
         return totals
 
     @outside_graphs
@@ -136,18 +141,19 @@ class SpatialLayer(SharesProcessGroup):
         plans = self._plans.get(totals)
         if plans is None:
             plans = []
-            for rows, total, (dim, group) in zip(self.rows, totals, self.split.axes, strict=True):
+            axes = self.row_split.axes
+            for rows, total, (dim, group) in zip(self.rows, totals, axes, strict=True):
                 try:
                     plans.append(halo_plan(rows, total, group.size(), dist.get_rank(group)))
                 except HaloTooWideError as error:
-                    if len(self.split.dims) == 1:
+                    if len(self.row_split.dims) == 1:
                         raise
                     raise HaloTooWideError(f"along dim {dim}: {error}") from None
             plans = tuple(plans)
             if len(self._plans) >= _PLANS_KEPT:
                 del self._plans[next(iter(self._plans))]
             self._plans[totals] = plans
-        axes = self.split.axes
+        axes = self.row_split.axes
         return [(plan, dim, group) for plan, (dim, group) in zip(plans, axes, strict=True)]
 
     def _window(self, x: Tensor, weight: Tensor | None = None, fill: float = 0.0):
@@ -164,7 +170,7 @@ class SpatialLayer(SharesProcessGroup):
         return [plan.out_rows[plan.rank] for plan, _, _ in exchanges]
 
     def extra_repr(self) -> str:
-        grid = self.split.grid if self.split is not None else None
+        grid = self.row_split.grid if self.row_split is not None else None
         if grid is None or len(grid.dims) == 1:
             return f"{super().extra_repr()}, rows split over {grid.size if grid else 1} ranks"
         shape = " × ".join(map(str, grid.shape))

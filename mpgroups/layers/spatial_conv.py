@@ -128,7 +128,7 @@ class _SpatialConvNd(SpatialLayer):
 
     @property
     def _split_count(self) -> int:
-        return len(self.split.dims)
+        return len(self.row_split.dims)
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, process_group=None, *, checks=None):
@@ -241,7 +241,7 @@ class _SpatialConvTransposeNd(SpatialLayer):
         """``(stride, padding, dilation, transposed, output_padding)`` of the window's conv:
         none of either padding along the split dims (the rank's rows are cut from the
         result)."""
-        split = len(self.split.dims)
+        split = len(self.row_split.dims)
         padding = (0,) * split + tuple(self.padding[split:])
         output_padding = (0,) * split + tuple(self.output_padding[split:])
         return self.stride, padding, self.dilation, True, output_padding

@@ -38,14 +38,14 @@ class SpatialDropout(SpatialLayer, nn.Dropout):
             return super().forward(x)
         totals = self._total_rows(x)
         shape = list(x.shape)
-        for (dim, _), total in zip(self.split.axes, totals, strict=True):
+        for (dim, _), total in zip(self.row_split.axes, totals, strict=True):
             shape[dim] = total
         if self.p == 1:
             return x * 0
         # laid out as the input (torch draws its mask with empty_like: in memory order)
         whole = torch.empty_permuted(shape, dense_order(x), dtype=x.dtype, device=x.device)
         keep = whole.bernoulli_(1 - self.p)
-        for (dim, group), total in zip(self.split.axes, totals, strict=True):
+        for (dim, group), total in zip(self.row_split.axes, totals, strict=True):
             start, stop = row_blocks(total, group.size())[dist.get_rank(group)]
             keep = keep.narrow(dim, start, stop - start)
         return x * keep.div_(1 - self.p)

@@ -64,7 +64,7 @@ class _SpatialPoolNd(SpatialLayer):
         """Kernel, stride and padding for the window: no padding along the split dims (the
         window holds it), the layer's own along the other dims."""
         kernel, stride, padding = self._geometry()
-        split = len(self.split.dims)
+        split = len(self.row_split.dims)
         return kernel, stride, (0,) * split + tuple(padding[split:])
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from mpgroups.comm.checks import InputGuard, RootCheck, check_same_call, fingerprint
 from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.process_groups import resolve_process_group
+from mpgroups.comm.spatial_groups import is_space_and_groups
 from mpgroups.layers.channel_modules import (
     DROPOUTS,
     GatherChannels,
@@ -32,6 +33,7 @@ from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
 from mpgroups.plans.dtensor_model import distribute_model_state, undistribute_model_state
 from mpgroups.plans.hooks import move_hooks
+from mpgroups.plans.space_and_groups import parallelize_space_and_groups
 from mpgroups.plans.spatial_plan import spatialize, unspatialize
 from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer
 from mpgroups.plans.tree import PlanError, replace_module
@@ -224,7 +226,10 @@ def parallelize(
             (what ``auto_plan`` returns) only over a group of the size it was made for;
             ``"auto"`` makes one for this group; ``"spatial"`` splits every layer's rows
             instead of its channels (:mod:`mpgroups.plans.spatial_plan`: the model then takes
-            and gives this rank's rows along dim 2).
+            and gives this rank's rows along dim 2; over a ``("sp_h", "sp_w")`` mesh its
+            block of dims 2 and 3; over an ``("sp", "gp")`` mesh its rows with the channel
+            groups split over ``gp`` as ``"auto"`` splits them,
+            :mod:`mpgroups.plans.space_and_groups`).
         sync_module_states: first copy every parameter and buffer from rank 0 of the group
             (one broadcast per dtype), as DDP does, so ranks that initialised differently
             still hold one model. ``False`` trusts that every rank holds the same values.
@@ -242,7 +247,24 @@ def parallelize(
     if getattr(model, "_mpgroups_tracker", None) is not None or "_mpgroups_spatial" in vars(model):
         raise PlanError("model is already parallelized; call unparallelize(model) first")
     if plan == "spatial":
+        if is_space_and_groups(process_group):
+            return parallelize_space_and_groups(
+                model, process_group, sync_module_states, convert_channels
+            )
         return spatialize(model, process_group, sync_module_states=sync_module_states)
+    return convert_channels(model, process_group, plan, sync_module_states)
+
+
+def convert_channels(
+    model: nn.Module,
+    process_group,
+    plan: dict | str | None,
+    sync_module_states: bool,
+    *,
+    distribute: bool = True,
+) -> nn.Module:
+    """:func:`parallelize` with a channel plan; ``distribute=False`` leaves the parameters
+    plain tensors (a composed plan converts more layers first, then distributes them)."""
     pg = resolve_process_group(process_group)
     if isinstance(plan, str):
         if plan != "auto":
@@ -360,7 +382,8 @@ def parallelize(
         tracker.handles.append(handle)
         handle = model.register_forward_hook(root.finish, prepend=True, always_call=True)
         tracker.handles.append(handle)
-        distribute_model_state(model, pg, process_group)
+        if distribute:
+            distribute_model_state(model, pg, process_group)
     model._mpgroups_tracker = tracker
     model._mpgroups_styled = styled
     return model
@@ -420,7 +443,9 @@ def unparallelize(model: nn.Module) -> nn.Module:
     ``m``'s ``state_dict``, bit for bit.
     """
     if "_mpgroups_spatial" in vars(model):
-        return unspatialize(model)
+        model = unspatialize(model)
+        if getattr(model, "_mpgroups_tracker", None) is None:
+            return model  # rows split alone (channel groups too: go on)
     tracker = getattr(model, "_mpgroups_tracker", None)
     if tracker is not None:
         for handle in tracker.handles:

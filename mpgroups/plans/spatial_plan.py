@@ -32,14 +32,23 @@ from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.spatial_groups import SpatialSplit, resolve_spatial_split
 from mpgroups.comm.spatial_transfer import gather_spatial
 from mpgroups.layers import spatial_conv, spatial_norm, spatial_pool
+from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
 from mpgroups.layers.spatial_base import SpatialLayer
+from mpgroups.layers.spatial_channel import SplitRowsConv, split_rows_of, whole_rows_of
 from mpgroups.layers.spatial_dropout import SpatialDropout
 from mpgroups.layers.spatial_upsample import SpatialUpsample
 from mpgroups.plans.global_batch import _GlobalBatchNorm, sync_batch_norms
 from mpgroups.plans.hooks import move_hooks
 from mpgroups.plans.tree import PlanError, replace_module
 
-__all__ = ["SPATIAL_TWINS", "spatialize", "unspatialize"]
+__all__ = [
+    "SPATIAL_TWINS",
+    "convert_rows",
+    "spatialize",
+    "split_flow",
+    "sync_state",
+    "unspatialize",
+]
 
 _CONVS = {
     nn.Conv1d: spatial_conv.SpatialConv1d,
@@ -69,6 +78,7 @@ _ADAPTIVE = {
 }
 SPATIAL_TWINS = {**_CONVS, **_MODULES, **_ADAPTIVE}
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNEL_CONVS = (GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d)
 _AS_THEY_ARE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
@@ -86,9 +96,18 @@ def _twin(module: nn.Module, process_group) -> nn.Module:
         twin = twin_type.from_conv(module, process_group)
     else:
         twin = twin_type.from_module(module, process_group)
+    _carry_over(module, twin)
+    return twin
+
+
+def _carry_over(module: nn.Module, twin: nn.Module) -> None:
+    """What ``twin`` keeps of the module it replaces: its mode, hooks, and the marks other
+    plans left on it (a channel plan's shards of a norm, in a model split both ways)."""
     twin.train(module.training)
     move_hooks(module, twin)
-    return twin
+    for key, value in module.__dict__.items():
+        if key.startswith("_mpgroups_"):
+            twin.__dict__[key] = value
 
 
 def _norm_twin(module: nn.Module, process_group) -> nn.Module:
@@ -104,8 +123,7 @@ def _norm_twin(module: nn.Module, process_group) -> nn.Module:
             module.track_running_stats, process_group=process_group, device="meta",
         )  # fmt: skip
     twin.load_state_dict(module.state_dict(), assign=True)
-    twin.train(module.training)
-    move_hooks(module, twin)
+    _carry_over(module, twin)
     return twin
 
 
@@ -247,11 +265,37 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
     """
     group, split = resolve_spatial_split(process_group)
     if sync_module_states and split is not None:
-        state = [*model.parameters(), *model.buffers()]
-        layout = tuple((str(t.dtype), tuple(t.shape)) for t in state)
-        check_same_call(f"parallelize({type(model).__name__}, plan='spatial')", layout, group)
-        broadcast_tensors_(state, group)
-    fed, ends, untraced = _split_flow(model, split)
+        sync_state(model, group)
+    flow = split_flow(model, split)
+    return convert_rows(model, process_group, flow)
+
+
+def sync_state(model: nn.Module, group) -> None:
+    """Every rank's parameters and buffers from the group's rank 0 (a collective)."""
+    state = [*model.parameters(), *model.buffers()]
+    layout = tuple((str(t.dtype), tuple(t.shape)) for t in state)
+    check_same_call(f"parallelize({type(model).__name__}, plan='spatial')", layout, group)
+    broadcast_tensors_(state, group)
+
+
+def split_flow(model: nn.Module, split: SpatialSplit | None) -> tuple[set[str], ...]:
+    """:func:`_split_flow`'s modules by name (every name of each): ``(fed, ends, never
+    called)``, names that stay valid while modules are replaced in place."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return tuple(
+        {name for i in ids for name in names.get(i, ())} for ids in _split_flow(model, split)
+    )
+
+
+def convert_rows(model: nn.Module, process_group, flow: tuple[set[str], ...]) -> nn.Module:
+    """Give every module ``flow`` names (:func:`split_flow`) a block of rows of
+    ``process_group``, gather at its chain ends, and check at the root once per forward;
+    returns the root. Group-parallel convs (a model split both ways) get their rows split in
+    place (:func:`~mpgroups.layers.spatial_channel.split_rows_of`)."""
+    group, split = resolve_spatial_split(process_group)
+    fed, ends, untraced = flow
     convertible = (*SPATIAL_TWINS, *_BATCH_NORMS, nn.GroupNorm, nn.InstanceNorm1d,
                    nn.InstanceNorm2d, nn.InstanceNorm3d)  # fmt: skip
     made: dict[int, nn.Module] = {}
@@ -259,15 +303,18 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
         if id(module) in made:
             model = replace_module(model, name, made[id(module)])
             continue
-        if id(module) in ends and not hasattr(module, "_mpgroups_spatial_hook"):
+        if name in ends and not hasattr(module, "_mpgroups_spatial_hook"):
             module._mpgroups_spatial_end = process_group
-            module._mpgroups_spatial_hook = module.register_forward_pre_hook(_gather_input)
+            module._mpgroups_spatial_hook = module.register_forward_pre_hook(
+                _gather_input, prepend=True
+            )
         # A layer the traced forward never called (another path, picked at run time) is
         # converted as if it were fed the rows: fed whole tensors, its check would raise.
-        untraced_layer = id(module) in untraced and type(module) in convertible
-        if id(module) not in fed and not untraced_layer:
+        untraced_layer = name in untraced and isinstance(module, convertible)
+        if name not in fed and not untraced_layer:
             continue  # whole tensors only (after a chain end), or not a layer
         kind = type(module)
+        made[id(module)] = module
         if kind in SPATIAL_TWINS:
             made[id(module)] = twin = _twin(module, process_group)
             model = replace_module(model, name, twin)
@@ -276,6 +323,10 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
             model = replace_module(model, name, twin)
         elif kind in _BATCH_NORMS:
             sync_batch_norms(module, group)
+        elif isinstance(module, _CHANNEL_CONVS):
+            if split is not None and len(split.dims) > 1:
+                raise PlanError("group-parallel convs take split rows, not a 2-D grid")
+            split_rows_of(module, process_group)
         elif not isinstance(module, _AS_THEY_ARE):
             raise PlanError(
                 f"plan='spatial' cannot give '{name}' ({kind.__name__}) a block of rows: it "
@@ -287,10 +338,10 @@ def spatialize(model: nn.Module, process_group, *, sync_module_states: bool = Tr
     if split is not None:
         guards = []
         for name, module in model.named_modules():
-            if isinstance(module, SpatialLayer) and hasattr(module, "input_guard"):
+            if isinstance(module, SpatialLayer) and hasattr(module, "rows_guard"):
                 # Named by its place: identical layers on different paths never pair.
-                module.input_guard.site_id = fingerprint(module.input_guard.site_id, name)
-                guards.append(module.input_guard)
+                module.rows_guard.site_id = fingerprint(module.rows_guard.site_id, name)
+                guards.append(module.rows_guard)
         root = RootCheck(type(model).__name__, group, guards, split=split.grid)
         handles.append(model.register_forward_pre_hook(root, prepend=True, with_kwargs=True))
         handles.append(model.register_forward_hook(root.finish, prepend=True, always_call=True))
@@ -314,14 +365,17 @@ def unspatialize(model: nn.Module) -> nn.Module:
         if isinstance(module, _GlobalBatchNorm):
             module.__class__ = next(c for c in _BATCH_NORMS if isinstance(module, c))
             del module._replicas
-        if isinstance(module, SpatialLayer):
+        if isinstance(module, SplitRowsConv):
+            whole_rows_of(module)
+            restored[id(module)] = module
+        elif isinstance(module, SpatialLayer):
             plain_type = plain_types.get(type(module)) or next(
                 c for c in type(module).__mro__ if c.__module__.startswith("torch.nn")
             )
             plain = plain_type.__new__(plain_type)
             plain.__dict__.update(module.__dict__)
-            for attr in ("process_group", "split", "rows", "_channels", "_plans", "_totals",
-                         "input_guard", "_row_scales"):  # fmt: skip
+            for attr in ("process_group", "row_split", "rows", "_channels", "_plans", "_totals",
+                         "rows_guard", "_row_scales"):  # fmt: skip
                 plain.__dict__.pop(attr, None)
             restored[id(module)] = plain
             model = replace_module(model, name, plain)
