@@ -248,13 +248,24 @@ def test_a_split_model_checks_once_per_forward_at_its_root(pool, grid):
         assert f"balanced blocks of {total} rows" in counts["message"], counts["message"]
 
 
-def _habits(ctx) -> None:
+def _split_setup(ctx, mesh: str | None):
+    """``(where, rows_group, plain model, input)`` for ``mesh`` (as in :func:`_train`): a
+    U-Net on rows or on the grid; a ResNeXt bottleneck split both ways on ``"sp-gp"``."""
     torch.manual_seed(0)
+    if mesh == "sp-gp":
+        where = spatial_grid(("sp", "gp"))
+        plain = Bottleneck(16, 32, groups=8).double()
+        return where, where["sp"], plain, torch.randn(2, 16, 9, 5, dtype=torch.float64)
+    where = spatial_grid() if mesh == "grid" else ctx.process_group
     plain = UNet(2, 1, "upsample", "group").double()
-    model = mpgroups.parallelize(copy.deepcopy(plain), ctx.process_group, plan="spatial")
-    x = torch.randn(2, 2, 16, 8, dtype=torch.float64)
-    expected = torch.tensor_split(plain(x), ctx.world_size, dim=2)[ctx.rank].detach()
-    block = mpgroups.spatial_shard(x, ctx.process_group)
+    return where, where, plain, torch.randn(2, 2, 16, 8, dtype=torch.float64)
+
+
+def _habits(ctx, mesh: str | None) -> None:
+    where, rows_group, plain, x = _split_setup(ctx, mesh)
+    model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
+    expected = _own_block(ctx, plain(x), mesh).detach()
+    block = mpgroups.spatial_shard(x, rows_group)
 
     def close(out, tolerance=TOLERANCE):
         torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
@@ -268,11 +279,12 @@ def _habits(ctx) -> None:
     close(model(block.transpose(2, 3).contiguous().transpose(2, 3)))  # non-contiguous
     # torch.compile (eager backend: dynamo's graphs around the exchanges), on a small stack
     torch.manual_seed(1)
-    stack = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, 1)).double()
-    split = mpgroups.parallelize(copy.deepcopy(stack), ctx.process_group, plan="spatial")
-    compiled_out = torch.compile(split, backend="eager")(block)
-    own = torch.tensor_split(stack(x), ctx.world_size, dim=2)[ctx.rank]
-    torch.testing.assert_close(compiled_out, own, rtol=TOLERANCE, atol=TOLERANCE)
+    stack = nn.Sequential(nn.Conv2d(x.shape[1], 4, 3, padding=1, groups=2), nn.ReLU())
+    stack = nn.Sequential(*stack, nn.MaxPool2d(3, 1, 1)).double()
+    split = mpgroups.parallelize(copy.deepcopy(stack), where, plan="spatial")
+    compiled = torch.compile(split, backend="eager")(block)
+    own = _own_block(ctx, stack(x), mesh)
+    torch.testing.assert_close(compiled, own, rtol=TOLERANCE, atol=TOLERANCE)
     # a bad batch on one rank that the loop catches, then the loop goes on in step
     from mpgroups.comm.checks import InputMismatchError
 
@@ -282,8 +294,61 @@ def _habits(ctx) -> None:
     close(model(block))
 
 
-def test_spatial_plan_under_user_habits(pool):
-    pool.run(_habits, 2)
+@pytest.mark.parametrize("mesh", [None, "grid", "sp-gp"], ids=["rows", "grid", "sp-gp"])
+def test_spatial_plan_under_user_habits(pool, mesh):
+    pool.run(_habits, 2 if mesh is None else 4, mesh)
+
+
+def _loop(ctx, mesh: str | None, path: str) -> dict:
+    """AdamW steps under a GradScaler (one step of them skipped for an inf on one rank
+    alone), then a DCP save of the model: every rank as one device."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    where, rows_group, plain, x = _split_setup(ctx, mesh)
+    model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
+    runs, out_channels = [], copy.deepcopy(plain).eval()(x).shape[1]
+    for m, split in ((plain, False), (model, True)):
+        optimizer = torch.optim.AdamW(m.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for step in range(3):
+            batch = x * (step + 1)
+            inputs = mpgroups.spatial_shard(batch, rows_group) if split else batch
+            # the first element inf: in rank 0's block only (and its channel replicas'),
+            # every rank skips the step
+            holds_it = ctx.rank < 2 if mesh == "sp-gp" else ctx.rank == 0
+            if step == 1 and (not split or holds_it):
+                inputs = inputs.clone()
+                inputs[0, 0, 0, 0] = float("inf")
+            optimizer.zero_grad()
+            # this rank's share of the whole output's mean square (its rows' sum / the whole)
+            loss = m(inputs).square().sum() / (x.numel() // x.shape[1] * out_channels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        runs.append(scaler.get_scale())
+    assert runs[0] == runs[1] == 2.0**7, runs  # the inf step skipped and halved the scale
+    state, plain_state = mpgroups.full_state_dict(model), plain.state_dict()
+    for key, value in plain_state.items():  # (the inf batch leaves BatchNorm's statistics nan)
+        torch.testing.assert_close(state[key], value, rtol=1e-8, atol=1e-8, equal_nan=True, msg=key)
+    group = ctx.process_group if mesh is None else None  # a 2 x 2 mesh: the default group
+    dcp.save(get_model_state_dict(model), checkpoint_id=path, process_group=group)
+    return {key: value.clone() for key, value in plain_state.items()}
+
+
+@pytest.mark.parametrize("mesh", [None, "grid", "sp-gp"], ids=["rows", "grid", "sp-gp"])
+def test_adamw_gradscaler_and_dcp_see_one_device(pool, tmp_path, mesh):
+    """The loop users write, unchanged: AdamW under a GradScaler trains as one device, and
+    the DCP checkpoint is the plain model's file (``strict=True``, values equal)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = str(tmp_path / "dcp")
+    expected = pool.run(_loop, 2 if mesh is None else 4, mesh, path)[0]
+    dcp_to_torch_save(path, tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert sorted(whole) == sorted(expected)  # DCP writes its own order
+    for key, value in expected.items():
+        torch.testing.assert_close(whole[key], value, rtol=1e-8, atol=1e-8, equal_nan=True, msg=key)
 
 
 class _LayerScale(nn.Module):

@@ -52,7 +52,7 @@ class SpatialSplit:
 
     @property
     def dims(self) -> tuple[int, ...]:
-        return self.grid.dims
+        return self.grid.split_dims
 
     def __deepcopy__(self, memo) -> SpatialSplit:
         return self  # groups cannot be copied; an EMA copy shares them

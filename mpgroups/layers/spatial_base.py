@@ -171,7 +171,7 @@ class SpatialLayer(SharesProcessGroup):
 
     def extra_repr(self) -> str:
         grid = self.row_split.grid if self.row_split is not None else None
-        if grid is None or len(grid.dims) == 1:
+        if grid is None or len(grid.split_dims) == 1:
             return f"{super().extra_repr()}, rows split over {grid.size if grid else 1} ranks"
         shape = " × ".join(map(str, grid.shape))
-        return f"{super().extra_repr()}, dims {grid.dims} split over {shape} ranks"
+        return f"{super().extra_repr()}, dims {grid.split_dims} split over {shape} ranks"

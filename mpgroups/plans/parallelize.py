@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mpgroups.comm.checks import InputGuard, RootCheck, check_same_call, fingerprint
+from mpgroups.comm.checks import check_same_call
 from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.process_groups import resolve_process_group
 from mpgroups.comm.spatial_groups import is_space_and_groups
@@ -33,6 +33,7 @@ from mpgroups.layers.linear import ParallelLinear
 from mpgroups.plans.auto_plan import auto_plan
 from mpgroups.plans.dtensor_model import distribute_model_state, undistribute_model_state
 from mpgroups.plans.hooks import move_hooks
+from mpgroups.plans.root_check import check_at_root
 from mpgroups.plans.space_and_groups import parallelize_space_and_groups
 from mpgroups.plans.spatial_plan import spatialize, unspatialize
 from mpgroups.plans.styles import ChannelLocal, NoParallel, ParallelLayer
@@ -261,10 +262,11 @@ def convert_channels(
     plan: dict | str | None,
     sync_module_states: bool,
     *,
-    distribute: bool = True,
+    finish: bool = True,
 ) -> nn.Module:
-    """:func:`parallelize` with a channel plan; ``distribute=False`` leaves the parameters
-    plain tensors (a composed plan converts more layers first, then distributes them)."""
+    """:func:`parallelize` with a channel plan; ``finish=False`` leaves out the root check
+    and the parameters' DTensors (a composed plan converts more layers first, then checks
+    over all its ranks and distributes)."""
     pg = resolve_process_group(process_group)
     if isinstance(plan, str):
         if plan != "auto":
@@ -368,22 +370,9 @@ def convert_channels(
             else:
                 handle = module.register_forward_pre_hook(_needs_whole(tracker, name))
             tracker.handles.append(handle)
-    if size > 1:
-        guards = []
-        for name, module in model.named_modules():
-            guard = getattr(module, "input_guard", None)
-            if isinstance(guard, InputGuard):
-                # Named by its place too: identical layers on different paths differ, so
-                # ranks that took different branches never pair one's with another's.
-                guard.site_id = fingerprint(guard.site_id, name)
-                guards.append(guard)
-        root = RootCheck(type(model).__name__, pg, guards)
-        handle = model.register_forward_pre_hook(root, prepend=True, with_kwargs=True)
-        tracker.handles.append(handle)
-        handle = model.register_forward_hook(root.finish, prepend=True, always_call=True)
-        tracker.handles.append(handle)
-        if distribute:
-            distribute_model_state(model, pg, process_group)
+    if size > 1 and finish:
+        tracker.handles.extend(check_at_root(model, pg, ("input_guard",)))
+        distribute_model_state(model, pg, process_group)
     model._mpgroups_tracker = tracker
     model._mpgroups_styled = styled
     return model

@@ -18,8 +18,8 @@ two plans composed:
 4. the parameters become DTensors on ``mesh["gp"]`` (``Shard`` where the channel plan splits
    them), their gradients summed over ``sp`` in the graph.
 
-Each forward checks its input twice at the root: the rows over ``sp``, the rest over
-``gp``. ``unparallelize`` undoes both.
+Each forward checks its input once at the root, over every rank of the mesh: the rows
+balanced over ``sp``, the rest alike everywhere. ``unparallelize`` undoes both plans.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from torch import nn
 
 from mpgroups.comm.spatial_groups import mesh_group, resolve_spatial_split
 from mpgroups.plans.dtensor_model import distribute_model_state
+from mpgroups.plans.root_check import check_at_root
 from mpgroups.plans.spatial_plan import convert_rows, split_flow, sync_state
+from mpgroups.sharding.spatial import BlockGrid
 
 __all__ = ["parallelize_space_and_groups"]
 
@@ -47,12 +49,17 @@ def parallelize_space_and_groups(
             that cannot be made (as ``parallelize`` raises them).
     """
     rows_mesh, groups_mesh = mesh["sp"], mesh["gp"]
+    every_rank = mesh_group(mesh)
     if sync_module_states:
-        sync_state(model, mesh_group(mesh))
+        sync_state(model, every_rank)
     _, rows_split = resolve_spatial_split(rows_mesh)
     flow = split_flow(model, rows_split)
-    model = convert_channels(model, groups_mesh, "auto", False, distribute=False)
-    model = convert_rows(model, rows_mesh, flow)
+    model = convert_channels(model, groups_mesh, "auto", False, finish=False)
+    model = convert_rows(model, rows_mesh, flow, root_check=False)
+    # One check over every rank: a bad batch on one rank raises on all of them, where a
+    # check per mesh dim would leave the ranks of the other lines going on
+    grid = BlockGrid(dims=(2, None), shape=tuple(mesh.shape))
+    model._mpgroups_spatial = check_at_root(model, every_rank, ("input_guard", "rows_guard"), grid)
     groups = groups_mesh.get_group()
     if groups.size() > 1:
         distribute_model_state(model, groups, groups_mesh)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpgroups.comm.checks import RootCheck, check_same_call, fingerprint
+from mpgroups.comm.checks import check_same_call
 from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.spatial_groups import SpatialSplit, resolve_spatial_split
 from mpgroups.comm.spatial_transfer import gather_spatial
@@ -39,6 +39,7 @@ from mpgroups.layers.spatial_dropout import SpatialDropout
 from mpgroups.layers.spatial_upsample import SpatialUpsample
 from mpgroups.plans.global_batch import _GlobalBatchNorm, sync_batch_norms
 from mpgroups.plans.hooks import move_hooks
+from mpgroups.plans.root_check import check_at_root
 from mpgroups.plans.tree import PlanError, replace_module
 
 __all__ = [
@@ -289,11 +290,13 @@ def split_flow(model: nn.Module, split: SpatialSplit | None) -> tuple[set[str], 
     )
 
 
-def convert_rows(model: nn.Module, process_group, flow: tuple[set[str], ...]) -> nn.Module:
+def convert_rows(
+    model: nn.Module, process_group, flow: tuple[set[str], ...], *, root_check: bool = True
+) -> nn.Module:
     """Give every module ``flow`` names (:func:`split_flow`) a block of rows of
-    ``process_group``, gather at its chain ends, and check at the root once per forward;
-    returns the root. Group-parallel convs (a model split both ways) get their rows split in
-    place (:func:`~mpgroups.layers.spatial_channel.split_rows_of`)."""
+    ``process_group``, gather at its chain ends, and (``root_check``) check at the root once
+    per forward; returns the root. Group-parallel convs (a model split both ways) get their
+    rows split in place (:func:`~mpgroups.layers.spatial_channel.split_rows_of`)."""
     group, split = resolve_spatial_split(process_group)
     fed, ends, untraced = flow
     convertible = (*SPATIAL_TWINS, *_BATCH_NORMS, nn.GroupNorm, nn.InstanceNorm1d,
@@ -335,16 +338,8 @@ def convert_rows(model: nn.Module, process_group, flow: tuple[set[str], ...]) ->
                 f"every global pooling, nn.Flatten or nn.Linear the split rows reach"
             )
     handles = []
-    if split is not None:
-        guards = []
-        for name, module in model.named_modules():
-            if isinstance(module, SpatialLayer) and hasattr(module, "rows_guard"):
-                # Named by its place: identical layers on different paths never pair.
-                module.rows_guard.site_id = fingerprint(module.rows_guard.site_id, name)
-                guards.append(module.rows_guard)
-        root = RootCheck(type(model).__name__, group, guards, split=split.grid)
-        handles.append(model.register_forward_pre_hook(root, prepend=True, with_kwargs=True))
-        handles.append(model.register_forward_hook(root.finish, prepend=True, always_call=True))
+    if split is not None and root_check:
+        handles = check_at_root(model, group, ("rows_guard",), split.grid)
     model._mpgroups_spatial = handles
     return model
 

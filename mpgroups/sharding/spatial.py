@@ -52,15 +52,17 @@ def row_blocks(size: int, world_size: int) -> tuple[Slice, ...]:
 
 @dataclass(frozen=True)
 class BlockGrid:
-    """How the ranks of a group tile a split tensor: ``shape[i]`` ranks along ``dims[i]``,
-    group rank ``r`` at the row-major coordinate of ``shape`` (a 1-D split: rank ``r`` holds
-    block ``r`` of dim 2; a ``P_h × P_w`` grid: rank ``h·P_w + w`` holds block ``h`` of dim 2
-    and block ``w`` of dim 3), each block ``torch.tensor_split``'s.
+    """How the ranks of a group tile a split tensor: ``shape[i]`` ranks along mesh axis
+    ``i``, which splits tensor dim ``dims[i]`` (``None``: an axis whose ranks hold the same
+    blocks, such as the channel groups' of a model split both ways). Group rank ``r`` sits
+    at the row-major coordinate of ``shape``: a 1-D split gives rank ``r`` block ``r`` of
+    dim 2; a ``P_h × P_w`` grid gives rank ``h·P_w + w`` block ``h`` of dim 2 and block ``w``
+    of dim 3; each block is ``torch.tensor_split``'s.
 
-    What the input checks exchange per rank is its block's size along ``dims``: an int for
-    one dim, a tuple for several (``-1``: a rank that sent no tensor)."""
+    What the input checks exchange per rank is its block's size along the split dims: an
+    int for one dim, a tuple for several (``-1``: a rank that sent no tensor)."""
 
-    dims: tuple[int, ...]
+    dims: tuple[int | None, ...]
     shape: tuple[int, ...]
 
     @property
@@ -71,29 +73,36 @@ class BlockGrid:
         return count
 
     @property
+    def split_dims(self) -> tuple[int, ...]:
+        """The tensor dims split, in mesh order."""
+        return tuple(d for d in self.dims if d is not None)
+
+    @property
     def checked_dims(self) -> int | tuple[int, ...]:
         """The ``channel_dim`` of the input checks: one dim, or the tuple of them."""
-        return self.dims[0] if len(self.dims) == 1 else self.dims
+        dims = self.split_dims
+        return dims[0] if len(dims) == 1 else dims
 
     def coordinate(self, rank: int) -> tuple[int, ...]:
-        """Group rank ``rank``'s block index along each of ``dims``."""
+        """Group rank ``rank``'s index along each mesh axis."""
         coordinate = []
         for ranks in reversed(self.shape):
             rank, index = divmod(rank, ranks)
             coordinate.append(index)
         return tuple(reversed(coordinate))
 
-    def _sizes(self, sent: list) -> list[tuple[int, ...] | None]:
-        return [None if s == -1 else (s if isinstance(s, tuple) else (s,)) for s in sent]
+    def _axes(self) -> list[int]:
+        return [axis for axis, dim in enumerate(self.dims) if dim is not None]
 
     def totals(self, sent: list) -> tuple[int, ...]:
-        """The whole tensor's size along each of ``dims``, from what every rank holds: along
-        dim ``i``, the blocks of the ranks at coordinate 0 along every other dim."""
-        sizes = self._sizes(sent)
+        """The whole tensor's size along each split dim, from what every rank holds: along
+        the dim of mesh axis ``a``, the blocks of the ranks at coordinate 0 on every other
+        axis."""
+        sizes = [None if s == -1 else (s if isinstance(s, tuple) else (s,)) for s in sent]
         totals = []
-        for axis in range(len(self.dims)):
+        for index, axis in enumerate(self._axes()):
             line = [
-                s[axis]
+                s[index]
                 for r, s in enumerate(sizes)
                 if s is not None
                 and all(c == 0 for i, c in enumerate(self.coordinate(r)) if i != axis)
@@ -106,11 +115,14 @@ class BlockGrid:
         tensor: its record says what it sent)."""
         if any(s == -1 for s in sent):
             return sent
-        totals = self.totals(sent)
-        blocks = [row_blocks(t, ranks) for t, ranks in zip(totals, self.shape, strict=True)]
+        axes = self._axes()
+        blocks = [
+            row_blocks(t, self.shape[a]) for t, a in zip(self.totals(sent), axes, strict=True)
+        ]
         expected = []
         for rank in range(len(sent)):
-            own = [blocks[axis][c] for axis, c in enumerate(self.coordinate(rank))]
+            coordinate = self.coordinate(rank)
+            own = [blocks[i][coordinate[a]] for i, a in enumerate(axes)]
             sizes = tuple(stop - start for start, stop in own)
             expected.append(sizes[0] if len(sizes) == 1 else sizes)
         return expected
