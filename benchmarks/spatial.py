@@ -1,13 +1,17 @@
 """Space: the U-Nets under ``plan="spatial"`` against one process, step time and activation
-memory per rank, at two input sizes, P = 1, 2, 4.
+memory per rank, at two input sizes, P = 1, 2, 4; and a ResNeXt bottleneck split by rows,
+by channel groups, and both ways.
 
-For each U-Net (``mpgroups.models.UNet``: 2-D, and 3-D) and input size, P ranks of one
-thread each (P = 4: two ranks per core on a 2-core machine) train it split along dim 2 and
-one process trains the plain model:
+For each model and input size, P ranks of one thread each (P = 4: two ranks per core on a
+2-core machine) train it in each of its layouts and one process trains the plain model.
+The layouts: ``rows`` (dim 2 over P ranks), ``grid`` (a 2 × P/2 ``("sp_h", "sp_w")`` mesh:
+dims 2 and 3), ``groups`` (``plan="auto"``: channel groups over P ranks) and ``both`` (a
+P/2 × 2 ``("sp", "gp")`` mesh: rows and channel groups). Per layout:
 
 * **step**: forward, backward and an SGD step, medians of ``--reps`` after ``--warmup``;
 * **activation bytes per rank**: what one training forward saves for backward
   (``activation_memory.saved_bytes``: distinct storages, parameters apart), the largest rank;
+  and the **parameter bytes** a rank holds;
 * **halo and all-reduce bytes** of a step and the time inside them on this machine;
 * **NVLink 4 projection**: the slowest rank's work outside the exchanges and checks, plus
   each exchange priced α–β (a point-to-point halo message at one latency and the link's
@@ -36,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from activation_memory import saved_bytes  # noqa: E402
+from cases import Bottleneck  # noqa: E402
 from comm_model import LINKS, collective_seconds  # noqa: E402
 from harness import (  # noqa: E402
     HERE,
@@ -55,29 +60,53 @@ from mpgroups.models import UNet  # noqa: E402
 
 DEFAULT_OUT = HERE / "out" / "spatial"
 WORLD_SIZES = (1, 2, 4)
-# name: (UNet arguments, batch, channels, (smaller size, larger size)); quick sizes apart
+# name: (model, arguments, batch, channels, (smaller size, larger size), layouts); quick
+# sizes apart
 CASES = {
-    "unet2d": (dict(dims=2, levels=2, up="transpose", norm="batch", width=8), 2, 2,
-               ((96, 96), (192, 192))),
-    "unet3d": (dict(dims=3, levels=2, up="upsample", norm="instance", width=4), 1, 2,
-               ((24, 24, 24), (40, 40, 40))),
+    "unet2d": ("unet", dict(dims=2, levels=2, up="transpose", norm="batch", width=8), 2, 2,
+               ((96, 96), (192, 192)), ("rows", "grid")),
+    "unet3d": ("unet", dict(dims=3, levels=2, up="upsample", norm="instance", width=4), 1, 2,
+               ((24, 24, 24), (40, 40, 40)), ("rows",)),
+    # ResNeXt-50's stage-1 bottleneck (256 → 128 (G=32) → 256)
+    "resnext_block": ("bottleneck", dict(inplanes=256, planes=64), 2, 256, ((28, 28), (56, 56)),
+                      ("rows", "groups", "both")),
 }  # fmt: skip
-QUICK_SIZES = {"unet2d": ((16, 8), (32, 8)), "unet3d": ((16, 8, 8), (32, 8, 8))}
+QUICK_SIZES = {
+    "unet2d": ((16, 8), (32, 8)),
+    "unet3d": ((16, 8, 8), (32, 8, 8)),
+    "resnext_block": ((8, 8), (16, 8)),
+}
+QUICK_BLOCK = dict(inplanes=64, planes=16)  # width 32, G=32
 
 
-def _model(options: dict, world: int):
+def _model(kind: str, options: dict, world: int, layout: str):
+    """``(model, where the input's rows split)`` for ``layout`` over the default group."""
     torch.manual_seed(0)
-    plain = UNet(**options)
+    plain = UNet(**options) if kind == "unet" else Bottleneck(**options)
     if world == 1:
-        return plain
-    return mpgroups.parallelize(copy.deepcopy(plain), None, plan="spatial")
+        return plain, None
+    if layout == "groups":
+        return mpgroups.parallelize(copy.deepcopy(plain), None, plan="auto"), False
+    from torch.distributed.device_mesh import init_device_mesh
+
+    where = None
+    if layout == "grid":
+        where = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("sp_h", "sp_w"))
+    elif layout == "both":
+        where = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("sp", "gp"))
+    model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
+    return model, where["sp"] if layout == "both" else where
 
 
-def _rank_run(rank: int, world: int, options: dict, shape: tuple, reps: int, warmup: int) -> dict:
-    model = _model(options, world)
+def _rank_run(
+    rank: int, world: int, kind: str, options: dict, layout: str, shape: tuple, reps: int,
+    warmup: int,
+) -> dict:  # fmt: skip
+    model, rows = _model(kind, options, world, layout)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    block = mpgroups.spatial_shard(x) if world > 1 else x
+    block = mpgroups.spatial_shard(x, rows) if world > 1 and rows is not False else x
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    params = sum(_local(p).numel() * p.element_size() for p in model.parameters())
 
     def step() -> None:
         optimizer.zero_grad()
@@ -108,10 +137,16 @@ def _rank_run(rank: int, world: int, options: dict, shape: tuple, reps: int, war
     return {
         "step": summary(times),
         "activations": max_over_ranks(memory, world),
+        "parameters": max_over_ranks(params, world),
         "local": summary(local),
         "checks": comm.count(kind="check"),
         "ops": ops,
     }
+
+
+def _local(tensor):
+    """What this rank holds of ``tensor`` (a DTensor's local part)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _projected(row: dict, world: int) -> float:
@@ -135,35 +170,50 @@ def _volume(size) -> int:
     return volume
 
 
+def _layouts(world: int, layouts: tuple[str, ...]) -> tuple[str, ...]:
+    """The layouts a case runs at ``world`` ranks (a mesh needs 2 × 2 at least)."""
+    if world == 1:
+        return ("one",)
+    return tuple(layout for layout in layouts if layout in ("rows", "groups") or world >= 4)
+
+
 def measure(name: str, args) -> dict:
-    options, batch, channels, sizes = CASES[name]
+    kind, options, batch, channels, sizes, layouts = CASES[name]
     if args.quick:
         sizes = QUICK_SIZES[name]
+        if kind == "bottleneck":
+            options, channels = QUICK_BLOCK, QUICK_BLOCK["inplanes"]
     rows = {}
     for size in sizes:
         shape = (batch, channels, *size)
         for world in args.world_sizes:
-            row = run_ranks(
-                _rank_run, world, options, shape, args.reps, args.warmup,
-                threads=1, timeout=args.timeout, what=f"{name} {size} P={world}",
-            )  # fmt: skip
-            row["projected_nvlink4"] = _projected(row, world) if world > 1 else None
-            rows[f"{'x'.join(map(str, size))}/P={world}"] = {**row, "size": size, "world": world}
+            for layout in _layouts(world, layouts):
+                row = run_ranks(
+                    _rank_run, world, kind, options, layout, shape, args.reps, args.warmup,
+                    threads=1, timeout=args.timeout, what=f"{name} {size} P={world} {layout}",
+                )  # fmt: skip
+                row["projected_nvlink4"] = _projected(row, world) if world > 1 else None
+                key = f"{'x'.join(map(str, size))}/P={world}/{layout}"
+                rows[key] = {**row, "size": size, "world": world, "layout": layout}
     return {"options": options, "batch": batch, "channels": channels, "rows": rows}
 
 
 def budget(case: dict) -> dict:
-    """Per P, the largest input volume whose activation bytes per rank fit the one-device
-    bytes at the larger size (a + b·volume through the two sizes)."""
+    """Per P and layout, the largest input volume whose activation bytes per rank fit the
+    one-device bytes at the larger size (a + b·volume through the two sizes)."""
     rows = list(case["rows"].values())
     big = max(rows, key=lambda r: _volume(r["size"]))
     limit = next(r["activations"] for r in rows if r["world"] == 1 and r["size"] == big["size"])
     result = {}
-    for world in sorted({r["world"] for r in rows}):
-        points = sorted((_volume(r["size"]), r["activations"]) for r in rows if r["world"] == world)
+    for world, layout in dict.fromkeys((r["world"], r["layout"]) for r in rows):
+        points = sorted(
+            (_volume(r["size"]), r["activations"])
+            for r in rows
+            if (r["world"], r["layout"]) == (world, layout)
+        )
         (v0, b0), (v1, b1) = points[0], points[-1]
         slope = (b1 - b0) / (v1 - v0)
-        result[str(world)] = (limit - (b0 - slope * v0)) / slope
+        result[f"{world}/{layout}"] = (limit - (b0 - slope * v0)) / slope
     return result
 
 
@@ -171,39 +221,43 @@ def table_lines(result: dict) -> list[str]:
     lines = [
         f"`{result['command']}`",
         "",
-        "| U-Net | input | P | step ms (p25–p75) | vs 1 process | activations per rank MiB "
-        "| / one device | halo MiB per step | all-reduce MiB | in communication | NVLink 4 "
-        "projected ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | input | P | layout | step ms (p25–p75) | vs 1 process | activations per "
+        "rank MiB | / one device | parameters per rank / one device | halo MiB per step | "
+        "all-reduce MiB | in communication | NVLink 4 projected ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, case in result["cases"].items():
         rows = case["rows"]
         for row in rows.values():
             size = "x".join(map(str, row["size"]))
-            one = rows[f"{size}/P=1"]
+            one = rows[f"{size}/P=1/one"]
             step = row["step"]["median"]
             halo = sum(row["ops"].get("halo_exchange", []))
             reduce = sum(row["ops"].get("all_reduce", []))
             projected = row["projected_nvlink4"]
             lines.append(
-                f"| {name} | {size} | {row['world']} | {ms(step)} ({ms(row['step']['p25'])}–"
-                f"{ms(row['step']['p75'])}) | {one['step']['median'] / step:.2f}× | "
-                f"{mib(row['activations'])} | {row['activations'] / one['activations']:.3f} | "
-                f"{mib(halo)} | {mib(reduce)} | {1 - row['local']['median'] / step:.0%} | "
+                f"| {name} | {size} | {row['world']} | {row['layout']} | {ms(step)} "
+                f"({ms(row['step']['p25'])}–{ms(row['step']['p75'])}) | "
+                f"{one['step']['median'] / step:.2f}× | {mib(row['activations'])} | "
+                f"{row['activations'] / one['activations']:.3f} | "
+                f"{row['parameters'] / one['parameters']:.3f} | {mib(halo)} | {mib(reduce)} | "
+                f"{1 - row['local']['median'] / step:.0%} | "
                 f"{'–' if projected is None else ms(projected)} |"
             )
     lines += [
         "",
         "Largest input volume whose activations per rank fit one device's at the larger size "
-        "(fitted a + b·volume per P), relative to one device:",
+        "(fitted a + b·volume per P and layout), relative to one device:",
         "",
-        "| U-Net | " + " | ".join(f"P = {w}" for w in result["world_sizes"]) + " |",
-        "|---|" + "---|" * len(result["world_sizes"]),
+        "| model | P and layout | largest volume / one device's |",
+        "|---|---|---|",
     ]
     for name, case in result["cases"].items():
         fits = case["budget"]
-        ratios = [f"{fits[str(w)] / fits['1']:.2f}×" for w in result["world_sizes"]]
-        lines.append(f"| {name} | " + " | ".join(ratios) + " |")
+        for key, volume in fits.items():
+            if key != "1/one":
+                world, layout = key.split("/")
+                lines.append(f"| {name} | {world}, {layout} | {volume / fits['1/one']:.2f}× |")
     return lines
 
 
@@ -217,14 +271,21 @@ def plot(result: dict, path: Path) -> None:
     figure, (memory, speed) = plt.subplots(1, 2, figsize=(10, 4))
     for name, case in result["cases"].items():
         sizes = sorted({tuple(r["size"]) for r in case["rows"].values()})
-        for size in sizes:
-            label = f"{name} {'x'.join(map(str, size))}"
-            rows = [case["rows"][f"{'x'.join(map(str, size))}/P={w}"] for w in worlds]
-            one = rows[0]
-            memory.plot(worlds, [r["activations"] / one["activations"] for r in rows],
-                        marker="o", label=label)  # fmt: skip
-            speed.plot(worlds, [one["step"]["median"] / r["step"]["median"] for r in rows],
-                       marker="o", label=label)  # fmt: skip
+        layouts = dict.fromkeys(r["layout"] for r in case["rows"].values() if r["world"] > 1)
+        for size, layout in ((size, layout) for size in sizes for layout in layouts):
+            label = f"{name} {'x'.join(map(str, size))} {layout}"
+            keyed = {(r["world"], r["layout"]): r for r in case["rows"].values()
+                     if tuple(r["size"]) == size}  # fmt: skip
+            one = keyed[(1, "one")]
+            points = [(w, keyed[(w, layout)]) for w in worlds if (w, layout) in keyed]
+            points = [(1, one), *points]
+            marker = {"rows": "o", "grid": "s", "groups": "^", "both": "D"}[layout]
+            memory.plot([w for w, _ in points],
+                        [r["activations"] / one["activations"] for _, r in points],
+                        marker=marker, label=label)  # fmt: skip
+            speed.plot([w for w, _ in points],
+                       [one["step"]["median"] / r["step"]["median"] for _, r in points],
+                       marker=marker, label=label)  # fmt: skip
     memory.plot(worlds, [1 / w for w in worlds], "k--", label="1/P")
     memory.set(xlabel="ranks P", ylabel="activation bytes per rank / one device", xticks=worlds)
     speed.set(xlabel="ranks P (P = 4: two per core)", ylabel="speedup vs one process",
@@ -232,7 +293,7 @@ def plot(result: dict, path: Path) -> None:
     for axis in (memory, speed):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.suptitle("plan='spatial' on this machine (gloo, one thread per rank)")
+    figure.suptitle("rows, grid, groups and both on this machine (gloo, one thread per rank)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

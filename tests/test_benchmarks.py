@@ -560,19 +560,25 @@ def test_whole_model_benchmark_compares_both_objectives(tmp_path):
 
 
 def test_spatial_benchmark_reports_memory_and_the_budget(tmp_path):
-    """The 2-D U-Net at two tiny sizes, one process and P = 2: the table, the plot, activation
-    bytes per rank below one device's, and a budget that grows with P."""
+    """The 2-D U-Net at two tiny sizes, one process and P = 2 (rows): the table, the plot,
+    activation bytes per rank below one device's, parameters whole on every rank, and a
+    budget that grows with P."""
     import spatial
 
     assert spatial.main(["--quick", "--cases", "unet2d", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "spatial.json").read_text())
     rows = data["cases"]["unet2d"]["rows"]
-    assert {(row["world"], tuple(row["size"])) for row in rows.values()} == {
-        (world, size) for world in (1, 2) for size in ((16, 8), (32, 8))
+    assert {(row["world"], tuple(row["size"]), row["layout"]) for row in rows.values()} == {
+        (world, size, "rows" if world > 1 else "one")
+        for world in (1, 2)
+        for size in ((16, 8), (32, 8))
     }
     for size in ("16x8", "32x8"):
-        assert rows[f"{size}/P=2"]["activations"] < 0.6 * rows[f"{size}/P=1"]["activations"]
-        assert sum(rows[f"{size}/P=2"]["ops"]["halo_exchange"]) > 0
-    assert data["cases"]["unet2d"]["budget"]["2"] > 1.5 * data["cases"]["unet2d"]["budget"]["1"]
+        split, one = rows[f"{size}/P=2/rows"], rows[f"{size}/P=1/one"]
+        assert split["activations"] < 0.6 * one["activations"]
+        assert split["parameters"] == one["parameters"]  # whole on every rank
+        assert sum(split["ops"]["halo_exchange"]) > 0
+    budget = data["cases"]["unet2d"]["budget"]
+    assert budget["2/rows"] > 1.5 * budget["1/one"]
     assert (tmp_path / "spatial.png").stat().st_size > 0
-    assert "| unet2d | 32x8 | 2 |" in (tmp_path / "spatial.md").read_text()
+    assert "| unet2d | 32x8 | 2 | rows |" in (tmp_path / "spatial.md").read_text()

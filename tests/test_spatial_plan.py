@@ -155,7 +155,7 @@ def test_spatial_plan_trains_as_one_device(pool, kind, world_size):
     pool.run(_train, world_size, kind)
 
 
-@pytest.mark.parametrize("kind", ["unet2d-transpose", "unet2d-upsample", "unet3d", "classifier"])
+@pytest.mark.parametrize("kind", ["unet2d-transpose", "unet3d", "classifier"])
 def test_spatial_plan_on_a_2x2_grid_trains_as_one_device(pool, kind):
     pool.run(_train, 4, kind, torch.float64, "grid")
 
@@ -165,7 +165,7 @@ def test_rows_and_channel_groups_split_both_ways_train_as_one_device(pool, kind)
     pool.run(_train, 4, kind, torch.float64, "sp-gp")
 
 
-@pytest.mark.parametrize("kind, world_size", [("unet2d-transpose", 4), ("unet3d", 2)])
+@pytest.mark.parametrize("kind, world_size", [("unet2d-transpose", 2), ("unet3d", 4)])
 def test_spatial_plan_trains_as_one_device_in_float32(pool, kind, world_size):
     pool.run(_train, world_size, kind, torch.float32)
 
@@ -277,6 +277,8 @@ def _habits(ctx, mesh: str | None) -> None:
     close(copy.deepcopy(model)(block))  # an EMA's copy shares the groups
     close(model(block.contiguous(memory_format=torch.channels_last)))
     close(model(block.transpose(2, 3).contiguous().transpose(2, 3)))  # non-contiguous
+    if mesh == "grid":
+        return  # the rest as on rows: what differs is in the layers, tested on the grid
     # torch.compile (eager backend: dynamo's graphs around the exchanges), on a small stack
     torch.manual_seed(1)
     stack = nn.Sequential(nn.Conv2d(x.shape[1], 4, 3, padding=1, groups=2), nn.ReLU())
