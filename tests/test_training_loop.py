@@ -117,8 +117,8 @@ def _clipped_training(ctx, kind: str, optimizer: str) -> None:
 # Every kind at P = 2 and 4, each size with one optimizer and each optimizer at one size
 # (alternating from kind to kind); the memory objective's plan (a sharded trunk:
 # reduce-scatters and all-gathers) once with each.
-_OPTIMIZERS = ("sgd-momentum", "adamw")
-CLIPPED = [(k, p, _OPTIMIZERS[(i + p // 2) % 2]) for i, k in enumerate(KINDS) for p in (2, 4)]
+_NAMES = ("sgd-momentum", "adamw")
+CLIPPED = [(k, p, _NAMES[(i + p // 2) % 2]) for i, k in enumerate(KINDS) for p in (2, 4)]
 CLIPPED += [("auto-memory", 2, "adamw"), ("auto-memory", 4, "sgd-momentum")]
 
 
