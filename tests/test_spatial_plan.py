@@ -338,6 +338,36 @@ def _loop(ctx, mesh: str | None, path: str) -> dict:
     return {key: value.clone() for key, value in plain_state.items()}
 
 
+def _channel_dropouts(ctx) -> str:
+    """Between layers whose channels gp splits: a channel dropout's mask is the same for
+    any rows (taken as it is); an elementwise one is refused by name."""
+    where = spatial_grid(("sp", "gp"))
+
+    def stack(dropout):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(16, 32, 1), nn.ReLU(), dropout, nn.Conv2d(32, 32, 3, padding=1, groups=8),
+            nn.Conv2d(32, 16, 1),
+        ).double()  # fmt: skip
+
+    plain = stack(nn.Dropout2d(0.3))
+    model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
+    x = torch.randn(2, 16, 9, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    expected = _own_block(ctx, plain(x), "sp-gp")
+    torch.manual_seed(3)  # every rank and the device draw one mask
+    out = model(mpgroups.spatial_shard(x, where["sp"]))
+    torch.testing.assert_close(out, expected, rtol=TOLERANCE, atol=TOLERANCE)
+    with pytest.raises(PlanError) as info:
+        mpgroups.parallelize(stack(nn.Dropout(0.3)), where, plan="spatial")
+    return str(info.value)
+
+
+def test_channel_dropouts_split_both_ways_and_an_elementwise_one_is_refused(pool):
+    message = pool.run(_channel_dropouts, 4)[0]
+    assert "'2' (an nn.Dropout between layers whose channels" in message
+
+
 @pytest.mark.parametrize("mesh", [None, "grid", "sp-gp"], ids=["rows", "grid", "sp-gp"])
 def test_adamw_gradscaler_and_dcp_see_one_device(pool, tmp_path, mesh):
     """The loop users write, unchanged: AdamW under a GradScaler trains as one device, and
@@ -381,10 +411,24 @@ class _Untraceable(nn.Module):
         return self.conv(x) if x.shape[2] > 4 else x
 
 
+class _Gate(nn.Module):
+    """Squeeze-and-excitation: a whole-image gate brought back onto the split rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(2, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * torch.sigmoid(self.fc(self.pool(y)))
+
+
 def _refusals(ctx) -> list[str]:
     messages = []
     unknown = nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4))
-    for model in (unknown, _Functional(), _LayerScale(), _Subsample(), _Untraceable()):
+    models = (unknown, _Functional(), _LayerScale(), _Subsample(), _Untraceable(), _Gate())
+    for model in models:
         with pytest.raises(PlanError) as info:
             mpgroups.parallelize(model, ctx.process_group, plan="spatial")
         messages.append(str(info.value))
@@ -393,13 +437,16 @@ def _refusals(ctx) -> list[str]:
 
 def test_spatial_plan_refuses_what_would_see_only_its_rows(pool):
     """An unknown module, functional pooling, a container's own parameters, indexing along
-    the rows, a forward torch.fx cannot trace: each would compute on a block as on the whole."""
+    the rows, a forward torch.fx cannot trace: each would compute on a block as on the whole;
+    a gate gathered from the whole image and brought back onto the rows, whose gradient
+    would be each rank's share."""
     messages = pool.run(_refusals, 2)[0]
     assert "'1' (LayerNorm)" in messages[0]
     assert "adaptive_avg_pool2d" in messages[1]
     assert "_LayerScale''s own parameters (gamma)" in messages[2]
     assert "indexing" in messages[3] and "slice(None, None, 2)" in messages[3]
     assert "tracing it with torch.fx" in messages[4]
+    assert "computed after 'pool'" in messages[5] and "back onto the split rows" in messages[5]
 
 
 class _Switchable(nn.Module):

@@ -32,6 +32,7 @@ from mpgroups.comm.collectives import broadcast_tensors_
 from mpgroups.comm.spatial_groups import SpatialSplit, resolve_spatial_split
 from mpgroups.comm.spatial_transfer import gather_spatial
 from mpgroups.layers import spatial_conv, spatial_norm, spatial_pool
+from mpgroups.layers.channel_modules import ShardedDropout
 from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
 from mpgroups.layers.spatial_base import SpatialLayer
 from mpgroups.layers.spatial_channel import SplitRowsConv, split_rows_of, whole_rows_of
@@ -184,6 +185,7 @@ def _split_flow(
             f"traceable part"
         ) from error
     split, fed, ends, whole_fed, doubtful = set(), set(), set(), set(), []
+    gathered: dict = {}  # node: the chain end its whole value comes from
     for node in graph.nodes:
         if node.op == "placeholder":
             split.add(node)
@@ -191,13 +193,28 @@ def _split_flow(
         if not any(n in split for n in node.all_input_nodes):
             if node.op == "call_module":
                 whole_fed.add(id(model.get_submodule(node.target)))
+            sources = [gathered[n] for n in node.all_input_nodes if n in gathered]
+            if sources:
+                gathered[node] = sources[0]
             continue
+        # A value gathered at a chain end back on the split rows (a squeeze-and-excitation
+        # gate): every rank's gradient of it would be its rows' share, summed nowhere
+        back = [gathered[n] for n in node.all_input_nodes if n in gathered]
+        if back:
+            raise PlanError(
+                f"plan='spatial': {type(model).__name__}'s forward brings the whole value "
+                f"computed after '{back[0]}' (gathered from every rank's rows) back onto the "
+                f"split rows at '{node.name}' (a squeeze-and-excitation gate, say); its "
+                f"gradient would be each rank's rows' share, summed nowhere. Not supported yet: "
+                f"split the model before that block, or keep the block on one device"
+            )
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             if isinstance(module, _CHAIN_ENDS) and not (
                 type(module) in _ADAPTIVE and _keeps_rows_split(module, spatial)
             ):
                 ends.add(id(module))
+                gathered[node] = node.target
                 continue
             fed.add(id(module))
         elif node.op in ("call_function", "call_method"):
@@ -326,6 +343,17 @@ def convert_rows(
             model = replace_module(model, name, twin)
         elif kind in _BATCH_NORMS:
             sync_batch_norms(module, group)
+        elif isinstance(module, ShardedDropout):
+            # A channel dropout's mask is per sample and channel: the same for any rows. An
+            # elementwise one's would be drawn for this rank's rows as if they were the whole.
+            if module.kind is nn.Dropout:
+                raise PlanError(
+                    f"plan='spatial' over ('sp', 'gp'): '{name}' (an nn.Dropout between layers "
+                    f"whose channels the channel plan splits) cannot take a block of rows yet "
+                    f"(its mask would be drawn for this rank's rows as if they were the whole "
+                    f"image); place it where the channels are whole (after the block), or use "
+                    f"nn.Dropout2d"
+                )
         elif isinstance(module, _CHANNEL_CONVS):
             if split is not None and len(split.dims) > 1:
                 raise PlanError("group-parallel convs take split rows, not a 2-D grid")
