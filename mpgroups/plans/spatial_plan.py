@@ -200,7 +200,7 @@ def _split_flow(
         # A value gathered at a chain end back on the split rows (a squeeze-and-excitation
         # gate): every rank's gradient of it would be its rows' share, summed nowhere
         back = [gathered[n] for n in node.all_input_nodes if n in gathered]
-        if back:
+        if back and node.op != "output":  # (returning both side by side is no merge)
             raise PlanError(
                 f"plan='spatial': {type(model).__name__}'s forward brings the whole value "
                 f"computed after '{back[0]}' (gathered from every rank's rows) back onto the "
