@@ -338,6 +338,38 @@ def _loop(ctx, mesh: str | None, path: str) -> dict:
     return {key: value.clone() for key, value in plain_state.items()}
 
 
+def _gates(ctx, mesh: str | None) -> None:
+    """Squeeze-and-excitation on the split rows: the gate's gradient summed where it meets
+    them, so every gradient is one device's (found by review: each rank's share before)."""
+    torch.manual_seed(0)
+    channels = 8 if mesh == "sp-gp" else 3
+    if mesh == "sp-gp":
+        where = spatial_grid(("sp", "gp"))
+        rows = where["sp"]
+        plain = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), _Gate(8)).double()
+    else:
+        where = rows = spatial_grid() if mesh == "grid" else ctx.process_group
+        plain = _Gate(3).double()
+    model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
+    x = torch.randn(2, channels, 7, 5, dtype=torch.float64)
+    out = plain(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    split_out = model(mpgroups.spatial_shard(x, rows))
+    torch.testing.assert_close(split_out, _own_block(ctx, out, mesh).detach(), rtol=TOLERANCE,
+                               atol=TOLERANCE)  # fmt: skip
+    split_out.backward(_own_block(ctx, grad, mesh))
+    grads = mpgroups.full_grad_dict(model)
+    for name, parameter in plain.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, rtol=TOLERANCE, atol=TOLERANCE,
+                                   msg=name)  # fmt: skip
+
+
+@pytest.mark.parametrize("mesh", [None, "grid", "sp-gp"], ids=["rows", "grid", "sp-gp"])
+def test_a_squeeze_and_excitation_gate_has_one_device_gradients(pool, mesh):
+    pool.run(_gates, 2 if mesh is None else 4, mesh)
+
+
 def _channel_dropouts(ctx) -> str:
     """Between layers whose channels gp splits: a channel dropout's mask is the same for
     any rows (taken as it is); an elementwise one is refused by name."""
@@ -412,22 +444,26 @@ class _Untraceable(nn.Module):
 
 
 class _Gate(nn.Module):
-    """Squeeze-and-excitation: a whole-image gate brought back onto the split rows."""
+    """Squeeze-and-excitation: a whole-image gate brought back onto the split rows
+    (``also_returned``: the gate returned besides, a use the plan cannot sum)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 2, also_returned: bool = False) -> None:
         super().__init__()
-        self.conv, self.pool = nn.Conv2d(2, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Conv2d(2, 2, 1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1)
+        self.also_returned = also_returned
 
     def forward(self, x):
         y = self.conv(x)
-        return y * torch.sigmoid(self.fc(self.pool(y)))
+        gate = torch.sigmoid(self.fc(self.pool(y)))
+        return (y * gate, gate) if self.also_returned else y * gate
 
 
 def _refusals(ctx) -> list[str]:
     messages = []
     unknown = nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(4))
-    models = (unknown, _Functional(), _LayerScale(), _Subsample(), _Untraceable(), _Gate())
+    models = (unknown, _Functional(), _LayerScale(), _Subsample(), _Untraceable())
+    models += (_Gate(also_returned=True),)
     for model in models:
         with pytest.raises(PlanError) as info:
             mpgroups.parallelize(model, ctx.process_group, plan="spatial")
@@ -438,15 +474,15 @@ def _refusals(ctx) -> list[str]:
 def test_spatial_plan_refuses_what_would_see_only_its_rows(pool):
     """An unknown module, functional pooling, a container's own parameters, indexing along
     the rows, a forward torch.fx cannot trace: each would compute on a block as on the whole;
-    a gate gathered from the whole image and brought back onto the rows, whose gradient
-    would be each rank's share."""
+    a gate gathered from the whole image, brought back onto the rows and returned as well,
+    whose gradient the plan cannot sum where it meets the rows only."""
     messages = pool.run(_refusals, 2)[0]
     assert "'1' (LayerNorm)" in messages[0]
     assert "adaptive_avg_pool2d" in messages[1]
     assert "_LayerScale''s own parameters (gamma)" in messages[2]
     assert "indexing" in messages[3] and "slice(None, None, 2)" in messages[3]
     assert "tracing it with torch.fx" in messages[4]
-    assert "computed after 'pool'" in messages[5] and "back onto the split rows" in messages[5]
+    assert "computed after 'pool'" in messages[5] and "at 'mul'" in messages[5]
 
 
 class _Switchable(nn.Module):

@@ -16,7 +16,8 @@ GroupNorm, InstanceNorm, ``nn.Upsample``, ``nn.Dropout``. Kept as they are: elem
 activations, the channel dropouts, ``nn.Identity``, and containers (their own code, a skip
 connection's ``torch.cat`` on channels or an addition, runs on the block as it would on the
 whole). Any other module fed split rows is refused by name, since nothing says it may see a
-block instead of the whole.
+block instead of the whole. A whole value brought back onto the rows (a squeeze-and-
+excitation gate) has its gradient summed over the ranks where it meets them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpgroups.comm.checks import check_same_call
-from mpgroups.comm.collectives import broadcast_tensors_
+from mpgroups.comm.collectives import broadcast_tensors_, copy_to_ranks
 from mpgroups.comm.spatial_groups import SpatialSplit, resolve_spatial_split
 from mpgroups.comm.spatial_transfer import gather_spatial
 from mpgroups.layers import spatial_conv, spatial_norm, spatial_pool
@@ -165,7 +166,8 @@ def _split_flow(
 ) -> tuple[set[int], set[int], set[int]]:
     """Which leaf modules the traced forward feeds the split rows (``ids``), which of them
     end the chain there (a global pooling, ``nn.Flatten``, ``nn.Linear``: their input is
-    gathered, their output whole), and which it never calls. The split follows every
+    gathered, their output whole), which it never calls, and which make a gate's value
+    (:func:`_gate_module`). The split follows every
     tensor computed from the model's inputs until a chain end: what is computed after one
     from its output alone is whole again and left as it is.
 
@@ -173,7 +175,8 @@ def _split_flow(
         PlanError: a forward ``torch.fx`` cannot trace (nothing it does could be checked); a
             function called on split rows that may not treat a block as the whole; a
             container's own parameter used on them (its gradient would be each rank's
-            share); a module called both on split rows and on whole tensors.
+            share); a module called both on split rows and on whole tensors; a whole value
+            brought back onto the rows otherwise than a gate (:func:`_gate_module`).
     """
     try:
         graph = torch.fx.symbolic_trace(model).graph
@@ -184,7 +187,7 @@ def _split_flow(
             f"{str(error).splitlines()[0][:200]}); make the forward traceable, or split its "
             f"traceable part"
         ) from error
-    split, fed, ends, whole_fed, doubtful = set(), set(), set(), set(), []
+    split, fed, ends, whole_fed, doubtful, gates = set(), set(), set(), set(), [], set()
     gathered: dict = {}  # node: the chain end its whole value comes from
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -197,17 +200,9 @@ def _split_flow(
             if sources:
                 gathered[node] = sources[0]
             continue
-        # A value gathered at a chain end back on the split rows (a squeeze-and-excitation
-        # gate): every rank's gradient of it would be its rows' share, summed nowhere
-        back = [gathered[n] for n in node.all_input_nodes if n in gathered]
-        if back and node.op != "output":  # (returning both side by side is no merge)
-            raise PlanError(
-                f"plan='spatial': {type(model).__name__}'s forward brings the whole value "
-                f"computed after '{back[0]}' (gathered from every rank's rows) back onto the "
-                f"split rows at '{node.name}' (a squeeze-and-excitation gate, say); its "
-                f"gradient would be each rank's rows' share, summed nowhere. Not supported yet: "
-                f"split the model before that block, or keep the block on one device"
-            )
+        if node.op != "output":  # (returning both side by side is no merge)
+            for whole in (n for n in node.all_input_nodes if n in gathered):
+                gates.add(id(_gate_module(model, whole, node, gathered)))
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             if isinstance(module, _CHAIN_ENDS) and not (
@@ -251,7 +246,52 @@ def _split_flow(
             f"plan='spatial': {names} are called both on split rows and on whole tensors; "
             f"a module holds one layout: use two modules"
         )
-    return fed, ends, ignored
+    return fed, ends, ignored, gates
+
+
+def _gate_module(model: nn.Module, whole, merge, gathered: dict) -> nn.Module:
+    """The module whose output sums its gradient over the ranks where ``whole`` (a value
+    computed after a chain end, the same on every rank) meets the split rows at ``merge``
+    (a squeeze-and-excitation gate): the last module before ``merge`` on ``whole``'s path.
+    Each rank's gradient there is its rows' share; summed at that module's output, every
+    module and gather before it sees the whole gradient, the same on every rank. The
+    functions between it and ``merge`` compute the same values on every rank, so their
+    backward is the same linear map on every rank and the sum may come before them.
+
+    Raises:
+        PlanError: a path this cannot make right (a value used elsewhere too, a module
+            called more than once, a function of several whole values).
+    """
+    node, path = whole, []
+    while node.op != "call_module":
+        inputs = [n for n in node.all_input_nodes if n in gathered]
+        if len(inputs) != 1:
+            break
+        path.append(node)
+        node = inputs[0]
+    refuse = node.op != "call_module"
+    for step in [node, *path]:
+        others = [user for user in step.users if user is not merge and user not in path]
+        refuse = refuse or bool(others)
+    if not refuse:
+        module = model.get_submodule(node.target)
+        calls = [n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target]
+        refuse = len(calls) > 1
+    if refuse:
+        raise PlanError(
+            f"plan='spatial': {type(model).__name__}'s forward brings the whole value "
+            f"computed after '{gathered[whole]}' (gathered from every rank's rows) back onto "
+            f"the split rows at '{merge.name}'; its gradient must be summed over the ranks "
+            f"where it meets them, which the plan can do only after a module that makes that "
+            f"value alone, called once, through functions of it alone (a squeeze-and-"
+            f"excitation gate); rewrite '{whole.name}' so, or gather the rows first"
+        )
+    return module
+
+
+def _sum_gate_grads(module: nn.Module, args, output):
+    """A gate's value, whose gradient is summed over the rows' group (see _gate_module)."""
+    return copy_to_ranks(output, module._mpgroups_gate_group)
 
 
 def _keeps_rows_split(pool: nn.Module, split: SpatialSplit | None) -> bool:
@@ -298,7 +338,7 @@ def sync_state(model: nn.Module, group) -> None:
 
 def split_flow(model: nn.Module, split: SpatialSplit | None) -> tuple[set[str], ...]:
     """:func:`_split_flow`'s modules by name (every name of each): ``(fed, ends, never
-    called)``, names that stay valid while modules are replaced in place."""
+    called, gates)``, names that stay valid while modules are replaced in place."""
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
@@ -315,7 +355,7 @@ def convert_rows(
     per forward; returns the root. Group-parallel convs (a model split both ways) get their
     rows split in place (:func:`~mpgroups.layers.spatial_channel.split_rows_of`)."""
     group, split = resolve_spatial_split(process_group)
-    fed, ends, untraced = flow
+    fed, ends, untraced, gates = flow
     convertible = (*SPATIAL_TWINS, *_BATCH_NORMS, nn.GroupNorm, nn.InstanceNorm1d,
                    nn.InstanceNorm2d, nn.InstanceNorm3d)  # fmt: skip
     made: dict[int, nn.Module] = {}
@@ -328,6 +368,9 @@ def convert_rows(
             module._mpgroups_spatial_hook = module.register_forward_pre_hook(
                 _gather_input, prepend=True
             )
+        if name in gates and split is not None and not hasattr(module, "_mpgroups_gate_hook"):
+            module._mpgroups_gate_group = split.group
+            module._mpgroups_gate_hook = module.register_forward_hook(_sum_gate_grads)
         # A layer the traced forward never called (another path, picked at run time) is
         # converted as if it were fed the rows: fed whole tensors, its check would raise.
         untraced_layer = name in untraced and isinstance(module, convertible)
@@ -385,6 +428,10 @@ def unspatialize(model: nn.Module) -> nn.Module:
         if handle is not None:
             handle.remove()
             del module._mpgroups_spatial_end
+        handle = module.__dict__.pop("_mpgroups_gate_hook", None)
+        if handle is not None:
+            handle.remove()
+            del module._mpgroups_gate_group
         if isinstance(module, _GlobalBatchNorm):
             module.__class__ = next(c for c in _BATCH_NORMS if isinstance(module, c))
             del module._replicas
