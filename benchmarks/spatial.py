@@ -56,6 +56,7 @@ from harness import (  # noqa: E402
 from harness import parser as benchmark_parser  # noqa: E402
 
 import mpgroups  # noqa: E402
+from mpgroups.layers.dtensor_state import local_tensor  # noqa: E402
 from mpgroups.models import UNet  # noqa: E402
 
 DEFAULT_OUT = HERE / "out" / "spatial"
@@ -106,7 +107,7 @@ def _rank_run(
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     block = mpgroups.spatial_shard(x, rows) if world > 1 and rows is not False else x
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    params = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+    params = sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
 
     def step() -> None:
         optimizer.zero_grad()
@@ -142,11 +143,6 @@ def _rank_run(
         "checks": comm.count(kind="check"),
         "ops": ops,
     }
-
-
-def _local(tensor):
-    """What this rank holds of ``tensor`` (a DTensor's local part)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _projected(row: dict, world: int) -> float:

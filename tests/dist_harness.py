@@ -295,3 +295,16 @@ def spatial_grid(names: tuple[str, str] = ("sp_h", "sp_w")):
     if names not in _GRIDS:
         _GRIDS[names] = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
     return _GRIDS[names]
+
+
+def own_block(ctx: RankContext, whole, mesh: str | None = None):
+    """This rank's block of ``whole`` (which every rank holds): its rows over ``ctx``'s
+    ranks; on the 2 × 2 ``"grid"``, rows block ``h`` and columns block ``w`` of rank
+    ``(h, w)``; on the 2 × 2 ``"sp-gp"`` mesh, rows block ``h`` (channels whole)."""
+    import torch
+
+    if mesh is None:
+        return torch.tensor_split(whole, ctx.world_size, dim=2)[ctx.rank]
+    h, w = divmod(ctx.rank, 2)
+    rows = torch.tensor_split(whole, 2, dim=2)[h]
+    return rows if mesh == "sp-gp" else torch.tensor_split(rows, 2, dim=3)[w]

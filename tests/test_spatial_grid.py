@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from dist_harness import spatial_grid
+from dist_harness import own_block, spatial_grid
 from test_spatial import (
     PLAIN,
     SPATIAL,
@@ -31,12 +31,6 @@ from mpgroups.sharding.spatial import HaloTooWideError
 _grid = spatial_grid
 
 
-def _own(ctx, whole: torch.Tensor) -> torch.Tensor:
-    """Rank ``(h, w)``'s block of ``whole``: rows block ``h``, columns block ``w``."""
-    h, w = divmod(ctx.rank, 2)
-    return torch.tensor_split(torch.tensor_split(whole, 2, dim=2)[h], 2, dim=3)[w]
-
-
 def _sizes(dims: int) -> tuple[int, ...]:
     return (15, 7, 5)[:dims]  # 8 + 7 rows, 4 + 3 columns
 
@@ -50,8 +44,10 @@ def _step_against(ctx, plain: nn.Module, layer: nn.Module, x) -> None:
     expected.backward(grad)
     x = x.clone().requires_grad_()
     out = layer(spatial_shard(x, _grid()))
-    torch.testing.assert_close(out, _own(ctx, expected).detach(), rtol=TOLERANCE, atol=TOLERANCE)
-    out.backward(_own(ctx, grad))
+    torch.testing.assert_close(
+        out, own_block(ctx, expected, "grid").detach(), rtol=TOLERANCE, atol=TOLERANCE
+    )
+    out.backward(own_block(ctx, grad, "grid"))
     torch.testing.assert_close(x.grad, reference_x.grad, rtol=TOLERANCE, atol=TOLERANCE)
     for name, parameter in plain.named_parameters():
         got = dict(layer.named_parameters())[name].grad
@@ -176,7 +172,7 @@ def _dropout(ctx) -> None:
     expected = nn.Dropout(0.4)(x)
     torch.manual_seed(11)
     out = SpatialDropout(0.4, process_group=_grid())(spatial_shard(x, _grid()))
-    assert torch.equal(out, _own(ctx, expected))
+    assert torch.equal(out, own_block(ctx, expected, "grid"))
 
 
 def test_grid_dropout_keeps_its_block_of_the_one_device_mask(pool):
@@ -194,7 +190,7 @@ def _transfers(ctx) -> None:
     weights = torch.randn_like(whole)
     x = whole.clone().requires_grad_()
     block = spatial_shard(x, grid)
-    assert torch.equal(block, _own(ctx, whole))
+    assert torch.equal(block, own_block(ctx, whole, "grid"))
     back = gather_spatial(block * 2, process_group=grid)
     assert torch.equal(back, whole * 2)
     (back * weights).sum().backward()
@@ -202,7 +198,7 @@ def _transfers(ctx) -> None:
     # scatter from global rank 3 (at (1, 1)) and gather onto it
     source = whole.clone().requires_grad_() if ctx.rank == 3 else None
     scattered = scatter_spatial(source, src=3, process_group=grid)
-    assert torch.equal(scattered, _own(ctx, whole))
+    assert torch.equal(scattered, own_block(ctx, whole, "grid"))
     gathered = gather_spatial(scattered, 3, process_group=grid)
     if ctx.rank == 3:
         assert torch.equal(gathered, whole)
@@ -224,7 +220,7 @@ def _bad_blocks(ctx, problem: str) -> str:
 
     kernel = 5 if problem == "small" else 3
     layer = SpatialConv2d(3, 4, kernel, padding=kernel // 2, process_group=_grid())
-    block = _own(ctx, torch.empty(2, 3, 10, 6))
+    block = own_block(ctx, torch.empty(2, 3, 10, 6), "grid")
     shape = list(block.shape)
     if problem == "columns" and ctx.rank == 1:
         shape[3] += 1

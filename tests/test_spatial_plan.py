@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_harness import spatial_grid
+from dist_harness import own_block, spatial_grid
 from models import Bottleneck, TinyResNeXt
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
@@ -64,16 +64,6 @@ def _loss(out, target, whole_numel: int, group, split: bool):
     return part, whole
 
 
-def _own_block(ctx, whole, mesh: str | None = None):
-    """This rank's block of ``whole``: rows; on the 2 × 2 grid rows and columns; on the
-    ``("sp", "gp")`` mesh rows over sp (the output's channels are whole)."""
-    if mesh is None:
-        return torch.tensor_split(whole, ctx.world_size, dim=2)[ctx.rank]
-    h, w = divmod(ctx.rank, 2)
-    rows = torch.tensor_split(whole, 2, dim=2)[h]
-    return rows if mesh == "sp-gp" else torch.tensor_split(rows, 2, dim=3)[w]
-
-
 def _train(ctx, kind: str, dtype: torch.dtype = torch.float64, mesh: str | None = None) -> None:
     """``mesh``: ``None`` (ctx's group splits the rows: ``STEPS`` steps), ``"grid"`` (2 × 2,
     rows and columns) or ``"sp-gp"`` (2 × 2, rows and channel groups): ``MESH_STEPS``."""
@@ -115,7 +105,7 @@ def _train(ctx, kind: str, dtype: torch.dtype = torch.float64, mesh: str | None 
             out = m(inputs)
             goal = target
             if split and split_output:
-                goal = _own_block(ctx, target, mesh)
+                goal = own_block(ctx, target, mesh)
             part, whole = _loss(out, goal, target.numel(), loss_group, split and split_output)
             part.backward()
             norm = torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.5)
@@ -223,7 +213,7 @@ def _one_check_per_forward(ctx, grid: bool) -> dict:
         x = torch.randn(2, 2, rows, columns, dtype=torch.float64)
         with mpgroups.CommCounter() as comm:
             out = model(mpgroups.spatial_shard(x, where))
-        own = _own_block(ctx, plain(x), "grid" if grid else None)
+        own = own_block(ctx, plain(x), "grid" if grid else None)
         torch.testing.assert_close(out, own, rtol=TOLERANCE, atol=TOLERANCE)
         counts.setdefault(rows, []).append(comm.count("input_check", kind="check"))
     # a rank with a row (a column) too many: the root raises on every rank, before any halo
@@ -264,7 +254,7 @@ def _split_setup(ctx, mesh: str | None):
 def _habits(ctx, mesh: str | None) -> None:
     where, rows_group, plain, x = _split_setup(ctx, mesh)
     model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
-    expected = _own_block(ctx, plain(x), mesh).detach()
+    expected = own_block(ctx, plain(x), mesh).detach()
     block = mpgroups.spatial_shard(x, rows_group)
 
     def close(out, tolerance=TOLERANCE):
@@ -285,7 +275,7 @@ def _habits(ctx, mesh: str | None) -> None:
     stack = nn.Sequential(*stack, nn.MaxPool2d(3, 1, 1)).double()
     split = mpgroups.parallelize(copy.deepcopy(stack), where, plan="spatial")
     compiled = torch.compile(split, backend="eager")(block)
-    own = _own_block(ctx, stack(x), mesh)
+    own = own_block(ctx, stack(x), mesh)
     torch.testing.assert_close(compiled, own, rtol=TOLERANCE, atol=TOLERANCE)
     # a bad batch on one rank that the loop catches, then the loop goes on in step
     from mpgroups.comm.checks import InputMismatchError
@@ -356,9 +346,9 @@ def _gates(ctx, mesh: str | None) -> None:
     grad = torch.randn_like(out)
     out.backward(grad)
     split_out = model(mpgroups.spatial_shard(x, rows))
-    torch.testing.assert_close(split_out, _own_block(ctx, out, mesh).detach(), rtol=TOLERANCE,
+    torch.testing.assert_close(split_out, own_block(ctx, out, mesh).detach(), rtol=TOLERANCE,
                                atol=TOLERANCE)  # fmt: skip
-    split_out.backward(_own_block(ctx, grad, mesh))
+    split_out.backward(own_block(ctx, grad, mesh))
     grads = mpgroups.full_grad_dict(model)
     for name, parameter in plain.named_parameters():
         torch.testing.assert_close(grads[name], parameter.grad, rtol=TOLERANCE, atol=TOLERANCE,
@@ -386,7 +376,7 @@ def _channel_dropouts(ctx) -> str:
     model = mpgroups.parallelize(copy.deepcopy(plain), where, plan="spatial")
     x = torch.randn(2, 16, 9, 5, dtype=torch.float64)
     torch.manual_seed(3)
-    expected = _own_block(ctx, plain(x), "sp-gp")
+    expected = own_block(ctx, plain(x), "sp-gp")
     torch.manual_seed(3)  # every rank and the device draw one mask
     out = model(mpgroups.spatial_shard(x, where["sp"]))
     torch.testing.assert_close(out, expected, rtol=TOLERANCE, atol=TOLERANCE)

@@ -55,7 +55,7 @@ from mpgroups.comm.collectives import (
 from mpgroups.comm.counter import record
 from mpgroups.comm.process_groups import host_group, rank_and_world_size
 from mpgroups.sharding.layout import NOT_PICKLABLE
-from mpgroups.sharding.spatial import BlockGrid, row_blocks
+from mpgroups.sharding.spatial import BlockGrid
 
 __all__ = [
     "BAD_SHAPE",
@@ -63,7 +63,6 @@ __all__ = [
     "InputGuard",
     "InputMismatchError",
     "RootCheck",
-    "balanced_blocks",
     "channel_counts",
     "check_same_call",
     "check_across_ranks",
@@ -226,9 +225,9 @@ def channel_counts(
 ) -> list[int | tuple[int, ...]]:
     """Each rank's channel count (-1 where it has none) from the exchanged records; for a
     tuple of dims (a block of a grid), each rank's sizes along them."""
+    dims = channel_dim if isinstance(channel_dim, tuple) else (channel_dim,)
     counts = []
     for rec in records:
-        dims = channel_dim if isinstance(channel_dim, tuple) else (channel_dim,)
         indices = [_channel_index(rec, dim) for dim in dims]
         if None in indices:
             counts.append(-1)
@@ -599,14 +598,6 @@ def _check_now(root: RootCheck, module, tensors: list[Tensor]) -> None:
     compiled graph."""
     x, record = root._record(module, tensors)
     root._agree(root.guard.start(x, **record)())
-
-
-def balanced_blocks(sent: list[int]) -> list[int]:
-    """What each rank should hold of ``sum(sent)`` rows split as ``torch.tensor_split``
-    does (``sent`` itself when a rank sent no tensor: its record says what it sent)."""
-    if min(sent) < 0:
-        return sent
-    return [stop - start for start, stop in row_blocks(sum(sent), len(sent))]
 
 
 class RootCheck:

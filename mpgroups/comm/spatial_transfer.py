@@ -23,7 +23,6 @@ from torch import Tensor
 from mpgroups.comm.checks import (
     InputGuard,
     Problem,
-    balanced_blocks,
     channel_counts,
     tensor_problem,
 )
@@ -39,7 +38,7 @@ from mpgroups.comm.process_groups import group_rank, host_group, resolve_process
 from mpgroups.comm.spatial_groups import GRID_DIM_NAMES, check_grid
 from mpgroups.comm.transfer import receiving_end, source_meta
 from mpgroups.sharding.layout import ChannelShards
-from mpgroups.sharding.spatial import row_blocks
+from mpgroups.sharding.spatial import BlockGrid, row_blocks
 
 __all__ = ["gather_spatial", "scatter_spatial", "spatial_shard"]
 
@@ -205,7 +204,7 @@ def gather_spatial(
     if pg is None or pg.size() == 1:
         return y
     dst = group_rank(pg, dst, group_dst, "dst")
-    world = pg.size()
+    blocks = BlockGrid(dims=(dim,), shape=(pg.size(),))
     guard = InputGuard(
         f"gather_spatial(dim={dim}, group_dst={dst})",
         ("gather_spatial", dim, dst),
@@ -215,13 +214,10 @@ def gather_spatial(
     )
 
     records = guard(
-        y,
-        problem=_problem(y, dim),
-        expected_channels=balanced_blocks,
-        channels_note=lambda sent: [f"balanced blocks of {sum(sent)} rows"] * world,
+        y, problem=_problem(y, dim), expected_channels=blocks.expected, channels_note=blocks.note
     )
     if records is not None:
-        total = sum(channel_counts(records, dim))
+        (total,) = blocks.totals(channel_counts(records, dim))
     else:
         total = sum_over_ranks(y.shape[dim], host_group(pg))
     shards = _spatial_shards(total, pg)
