@@ -31,7 +31,10 @@ from mpgroups.comm.spatial_groups import resolve_spatial_split
 from mpgroups.layers.base import SharesProcessGroup
 from mpgroups.sharding.spatial import ConvRows, HaloPlan, HaloTooWideError, RowMap, halo_plan
 
-__all__ = ["SpatialLayer", "pointwise_rows"]
+__all__ = ["SPATIAL_STATE", "SpatialLayer", "pointwise_rows"]
+
+# What a layer holds for its split besides its torch.nn self: what undoing the split drops
+SPATIAL_STATE = ("row_split", "rows", "_channels", "_plans", "_totals", "rows_guard", "_row_scales")
 
 _PLANS_KEPT = 16  # input sizes a layer keeps the plan of
 _TOTALS_KEPT = 64  # as many as an input guard keeps agreed signatures: they evict alike
@@ -138,10 +141,9 @@ class SpatialLayer(SharesProcessGroup):
     @outside_graphs
     def _exchanges(self, totals: tuple[int, ...]) -> list[Exchange]:
         """``(plan, dim, group)`` of each split dim's halo exchange for these totals."""
-        plans = self._plans.get(totals)
+        plans, axes = self._plans.get(totals), self.row_split.axes
         if plans is None:
             plans = []
-            axes = self.row_split.axes
             for rows, total, (dim, group) in zip(self.rows, totals, axes, strict=True):
                 try:
                     plans.append(halo_plan(rows, total, group.size(), dist.get_rank(group)))
@@ -153,7 +155,6 @@ class SpatialLayer(SharesProcessGroup):
             if len(self._plans) >= _PLANS_KEPT:
                 del self._plans[next(iter(self._plans))]
             self._plans[totals] = plans
-        axes = self.row_split.axes
         return [(plan, dim, group) for plan, (dim, group) in zip(plans, axes, strict=True)]
 
     def _window(self, x: Tensor, weight: Tensor | None = None, fill: float = 0.0):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from mpgroups.comm.collectives import copy_to_ranks_together
-from mpgroups.layers.spatial_base import SpatialLayer
+from mpgroups.layers.spatial_base import SPATIAL_STATE, SpatialLayer
 from mpgroups.sharding.spatial import ConvRows
 
 __all__ = ["SplitRowsConv", "split_rows_of", "whole_rows_of"]
@@ -101,7 +101,7 @@ def whole_rows_of(layer) -> None:
     layer.__class__ = layer.__dict__.pop("_mpgroups_plain_type")
     layer.padding, pads = layer.__dict__.pop("_mpgroups_own_padding")
     layer._reversed_padding_repeated_twice = list(pads)
-    for attr in ("row_split", "rows", "_channels", "_plans", "_totals", "rows_guard"):
+    for attr in SPATIAL_STATE:
         layer.__dict__.pop(attr, None)
 
 

@@ -42,7 +42,7 @@ def parallelize_space_and_groups(
 ) -> nn.Module:
     """See the module docstring; returns the converted root. ``convert_channels``:
     ``parallelize``'s conversion by a channel plan (``(model, group, plan, sync,
-    distribute=...) -> model``), which this plan builds on.
+    finish=...) -> model``), which this plan builds on.
 
     Raises:
         PlanError: a module the spatial plan refuses on the split rows, or a channel plan

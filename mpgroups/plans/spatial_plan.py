@@ -35,7 +35,7 @@ from mpgroups.comm.spatial_transfer import gather_spatial
 from mpgroups.layers import spatial_conv, spatial_norm, spatial_pool
 from mpgroups.layers.channel_modules import ShardedDropout
 from mpgroups.layers.conv import GroupParallelConv1d, GroupParallelConv2d, GroupParallelConv3d
-from mpgroups.layers.spatial_base import SpatialLayer
+from mpgroups.layers.spatial_base import SPATIAL_STATE, SpatialLayer
 from mpgroups.layers.spatial_channel import SplitRowsConv, split_rows_of, whole_rows_of
 from mpgroups.layers.spatial_dropout import SpatialDropout
 from mpgroups.layers.spatial_upsample import SpatialUpsample
@@ -444,8 +444,7 @@ def unspatialize(model: nn.Module) -> nn.Module:
             )
             plain = plain_type.__new__(plain_type)
             plain.__dict__.update(module.__dict__)
-            for attr in ("process_group", "row_split", "rows", "_channels", "_plans", "_totals",
-                         "rows_guard", "_row_scales"):  # fmt: skip
+            for attr in ("process_group", *SPATIAL_STATE):
                 plain.__dict__.pop(attr, None)
             restored[id(module)] = plain
             model = replace_module(model, name, plain)
